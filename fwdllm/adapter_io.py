@@ -1,0 +1,125 @@
+"""LoRA adapters as GGUF files, in the exact form llama.cpp loads.
+
+One writer and one reader, used by convert (PEFT bridge, lora-init), the edge
+engine (perturbation adapters in /dev/shm) and the aggregator (checkpoints).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import gguf
+import numpy as np
+
+from fwdllm.contract import TARGETS, LoraLayout, LoraTarget
+
+def base_shapes(model_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """Base weight name -> (n_out, n_in) for every 2-D ``blk.*`` weight.
+
+    Reads only the GGUF header and tensor infos (memory-mapped), so it is cheap
+    even for a 7B file.
+    """
+    reader = gguf.GGUFReader(str(model_path))
+    out: dict[str, tuple[int, int]] = {}
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            n_in, n_out = (int(x) for x in t.shape)  # ggml order: ne0 = n_in
+            out[t.name] = (n_out, n_in)
+    return out
+
+
+def model_architecture(model_path: str | os.PathLike) -> str:
+    """``general.architecture`` of a GGUF file."""
+    reader = gguf.GGUFReader(str(model_path))
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise ValueError(f"{model_path}: GGUF has no general.architecture")
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def write_adapter(
+    path: str | os.PathLike,
+    layout: LoraLayout,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    alpha: float | None = None,
+    arch: str = "llama",
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a llama.cpp LoRA GGUF atomically (temp file + rename).
+
+    ``tensors`` may hold any subset of the layout's names (a perturbation only
+    touches some); all are stored as float32 so that +-eps steps are not rounded
+    away.  ``alpha`` defaults to the layout's; pass 0 to make llama.cpp use the
+    user scale verbatim.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shapes = layout.shapes()
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_string("general.type", "adapter")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", float(layout.alpha if alpha is None else alpha))
+        for k, v in (metadata or {}).items():
+            writer.add_string(k, v)
+        for name in shapes:
+            if name in tensors:
+                writer.add_tensor(name, np.ascontiguousarray(tensors[name], dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[LoraLayout, dict[str, np.ndarray]]:
+    """Read a LoRA GGUF into (layout, float32 tensors).
+
+    Raises ``ValueError`` for files that are not LoRA adapters.
+    """
+    reader = gguf.GGUFReader(str(path))
+
+    def field_value(key: str) -> object | None:
+        f = reader.fields.get(key)
+        if f is None:
+            return None
+        part = f.parts[f.data[0]]
+        return bytes(part).decode() if f.types and f.types[0] == gguf.GGUFValueType.STRING else part[0]
+
+    if field_value("general.type") != "adapter" or field_value("adapter.type") != "lora":
+        raise ValueError(f"{path}: not a LoRA adapter GGUF (general.type/adapter.type)")
+    alpha = float(field_value("adapter.lora.alpha") or 0.0)
+    tensors: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            raise ValueError(f"{path}: tensor {t.name} is {t.tensor_type.name}; fwdllm adapters are F32/F16")
+        shape = tuple(int(x) for x in reversed(t.shape))
+        tensors[t.name] = np.array(t.data, dtype=np.float32).reshape(shape)
+    stems = {v: k for k, v in TARGETS.items()}
+    targets: list[LoraTarget] = []
+    rank = 0
+    for name, a in tensors.items():
+        if not name.endswith(".lora_a"):
+            continue
+        base = name[: -len(".lora_a")]
+        parts = base.split(".")
+        b = tensors.get(base + ".lora_b")
+        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in stems or b is None:
+            raise ValueError(f"{path}: unexpected LoRA tensor {name}")
+        rank = a.shape[0]
+        targets.append(LoraTarget(int(parts[1]), stems[parts[2]], a.shape[1], b.shape[0]))
+    if not targets:
+        raise ValueError(f"{path}: adapter has no lora_a/lora_b tensors")
+    order = list(TARGETS)
+    targets.sort(key=lambda t: (t.layer, order.index(t.target)))
+    return LoraLayout(rank=rank, alpha=alpha, targets=tuple(targets)), tensors
