@@ -1,0 +1,1 @@
+"""Server side: federated rounds, FwdLLM strategies, checkpoints and evaluation."""

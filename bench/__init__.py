@@ -1,0 +1,1 @@
+"""Benchmarks: round timing, convergence, memory, communication, gradient fidelity."""

