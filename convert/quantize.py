@@ -1,0 +1,53 @@
+"""Quantization through llama.cpp's own ``llama_model_quantize``.
+
+Using the engine's quantizer (not a reimplementation) guarantees the blocks
+are exactly what llama.cpp's kernels expect, and that the per-tensor type mix
+(e.g. Q6_K for the output matrix) is the one real GGUF releases use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from convert.gguf_in import open_gguf
+from convert.gguf_out import atomic_output
+from fwdllm.errors import UserError
+
+#: User-facing quant names -> llama_ftype values (llama.h).
+QUANTS: dict[str, int] = {"F16": 1, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q4_K_M": 15}
+
+
+def ftype_of(quant: str) -> int:
+    """The llama_ftype for a quant name; a one-line UserError if unknown."""
+    try:
+        return QUANTS[quant.upper()]
+    except KeyError:
+        raise UserError(f"unknown quant type {quant!r}; choose from {', '.join(QUANTS)}") from None
+
+
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str, nthread: int | None = None) -> Path:
+    """Quantize GGUF ``src`` into ``dst`` with llama.cpp and return ``dst``.
+
+    Already-quantized sources are allowed (``allow_requantize``): the model
+    store makes its Q4_0 variant from a published Q4_1 file, which loses a
+    little accuracy versus quantizing from F16 but needs no F16 download.
+    ``dst`` appears only if quantization succeeded.
+    """
+    import llama_cpp
+
+    from fwdllm.log import quiet_llama
+
+    ftype = ftype_of(quant)
+    src, dst = Path(src), Path(dst)
+    open_gguf(src)  # clear errors for missing, foreign or truncated files
+    quiet_llama()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    params.nthread = nthread or len(os.sched_getaffinity(0))
+    with atomic_output(dst) as tmp:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise UserError(f"llama.cpp could not quantize {src} to {quant} (truncated or unsupported GGUF?)")
+    return dst
