@@ -70,3 +70,35 @@ def inspect_cmd(file: Path, as_json: bool) -> None:
 
     info = describe(file)
     click.echo(json.dumps(info, indent=1) if as_json else format_description(info))
+
+
+def _targets(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+@convert.command("lora-init")
+@click.argument("base", type=_GGUF_IN)
+@click.argument("out", type=_OUT)
+@click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA rank r.")
+@click.option("--alpha", type=float, default=16.0, show_default=True,
+              help="LoRA alpha; llama.cpp scales B@A by alpha/rank.")
+@click.option("--targets", default="q,v", show_default=True, callback=_targets,
+              help="Comma-separated weights to adapt: q,k,v,o,gate,up,down.")
+@click.option("--layers", default=None, help="Layers to adapt, e.g. 0-5 or 0,2,4 (default: all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random A matrices.")
+def lora_init(base: Path, out: Path, rank: int, alpha: float, targets: list[str], layers: str | None,
+              seed: int) -> None:
+    """Write a fresh F32 LoRA for BASE: A small random, B zero.
+
+    The adapted model starts out identical to BASE; training moves B (and A).
+
+    \b
+    Example:
+      fwdllm convert lora-init smollm2.gguf lora.gguf --rank 8 --alpha 16 --targets q,v --layers 0-5
+    """
+    from convert.lora import init_lora, parse_layers, write_lora
+
+    layout, tensors = init_lora(base, rank, alpha, targets, seed, parse_layers(layers))
+    write_lora(out, layout, tensors, base)
+    click.echo(f"{out}: rank {rank}, alpha {alpha:g}, targets {','.join(layout.target_names)}, "
+               f"{len(layout.layers)} layers, {layout.n_params} params")

@@ -12,8 +12,10 @@ from click.testing import CliRunner
 
 from convert.cli import convert
 from convert.describe import describe
+from convert.lora import init_lora, write_lora
 from convert.quantize import quantize
 from convert.synth import synth_vocab, write_synth
+from fwdllm.adapter_io import read_adapter
 from fwdllm.errors import UserError
 from fwdllm.log import quiet_llama
 
@@ -124,3 +126,51 @@ def test_bad_inputs_give_one_line_errors_and_no_output(tmp_path: Path, tiny_mode
     res = CliRunner().invoke(convert, ["inspect", str(truncated)])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trunc.gguf", "x.gguf"]
+
+
+def test_lora_init_loads_in_llama_cpp_and_is_a_no_op(tmp_path: Path, tiny_model: Path) -> None:
+    out = tmp_path / "lora.gguf"
+    res = CliRunner().invoke(
+        convert, ["lora-init", str(tiny_model), str(out), "--rank", "4", "--alpha", "8", "--targets", "v,q",
+                  "--layers", "0-2", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    layout, tensors = read_adapter(out)
+    assert (layout.rank, layout.alpha, layout.target_names, layout.layers) == (4, 8.0, ("q", "v"), (0, 1, 2))
+    a = tensors["blk.0.attn_q.weight.lora_a"]
+    assert a.shape == (4, 256) and a.dtype == np.float32 and 0 < np.abs(a).max() <= 1 / 16
+    assert not tensors["blk.2.attn_v.weight.lora_b"].any() and tensors["blk.2.attn_v.weight.lora_b"].shape == (128, 4)
+    same_layout, same = init_lora(tiny_model, 4, 8, ["q", "v"], 3, [0, 1, 2])
+    assert same_layout == layout and all(np.array_equal(same[k], tensors[k]) for k in tensors)
+    info = json.loads(CliRunner().invoke(convert, ["inspect", str(out), "--json"]).output)
+    assert (info["type"], info["rank"], info["alpha"], info["targets"]) == ("adapter", 4, 8.0, ["q", "v"])
+    assert info["n_params"] == layout.n_params
+    # B = 0: llama.cpp's logits with the adapter equal the base model's
+    prompt = b"the movie was great"
+    base = _llama(tiny_model, logits_all=True)
+    tuned = _llama(tiny_model, logits_all=True, lora_path=str(out))
+    toks = base.tokenize(prompt)
+    base.eval(toks)
+    tuned.eval(toks)
+    np.testing.assert_allclose(np.asarray(tuned.scores[: len(toks)]), np.asarray(base.scores[: len(toks)]), atol=1e-5)
+    # ... and a non-zero B really is applied
+    moved = {k: (v if k.endswith("lora_a") else np.full_like(v, 0.5)) for k, v in tensors.items()}
+    write_lora(out, layout, moved, tiny_model)
+    tuned = _llama(tiny_model, logits_all=True, lora_path=str(out))
+    tuned.eval(toks)
+    assert np.abs(np.asarray(tuned.scores[: len(toks)]) - np.asarray(base.scores[: len(toks)])).max() > 0.1
+
+
+def test_lora_init_bad_input(tmp_path: Path, tiny_model: Path) -> None:
+    out = tmp_path / "lora.gguf"
+    for args, msg in [
+        (["--targets", "q,x"], "unknown LoRA target"),
+        (["--layers", "2-9"], "base model has no tensor blk.4.attn_q.weight"),
+        (["--layers", "a-b"], "bad --layers"),
+    ]:
+        res = CliRunner().invoke(convert, ["lora-init", str(tiny_model), str(out), *args])
+        assert res.exit_code == 2 and msg in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    lora = init_lora(tiny_model, 2, 2, ["q"], 0)
+    write_lora(out, *lora, tiny_model)
+    res = CliRunner().invoke(convert, ["lora-init", str(out), str(tmp_path / "b.gguf")])
+    assert res.exit_code == 2 and "is a LoRA adapter" in res.output
+    assert [p.name for p in tmp_path.iterdir()] == ["lora.gguf"]

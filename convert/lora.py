@@ -1,0 +1,102 @@
+"""Fresh LoRA adapters matched to a base GGUF, and checks that an adapter fits.
+
+A fresh adapter starts as PEFT does: A small random, B zero, so the adapted
+model equals the base model at step 0 while perturbations of B still move the
+output.  Stored as F32 (by :func:`fwdllm.adapter_io.write_adapter`) so that
++-eps perturbations are not rounded away.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from convert.gguf_in import field, open_gguf
+from fwdllm.adapter_io import base_shapes, write_adapter
+from fwdllm.contract import LoraLayout
+from fwdllm.errors import UserError
+
+
+def base_model_shapes(base_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """:func:`base_shapes` of a LLaMA model GGUF, with user-facing errors."""
+    reader = open_gguf(base_path)
+    arch = field(reader, "general.architecture")
+    if field(reader, "general.type", "model") == "adapter":
+        raise UserError(f"{base_path}: is a LoRA adapter, expected a base model")
+    if arch != "llama":
+        raise UserError(f"{base_path}: architecture {arch!r}, fwdllm supports 'llama'")
+    return base_shapes(base_path)
+
+
+def parse_layers(spec: str | None) -> list[int] | None:
+    """``"0-5"``, ``"0,2,4"`` or ``"0-3,8"`` -> layer ids; None/"" -> all."""
+    if not spec:
+        return None
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UserError(f"bad --layers {spec!r}; use e.g. 0-5 or 0,2,4") from None
+    return out
+
+
+def layout_for_base(
+    base_path: str | os.PathLike,
+    rank: int,
+    alpha: float,
+    targets: Iterable[str],
+    layers: Iterable[int] | None = None,
+) -> LoraLayout:
+    """The LoRA layout for ``base_path``; bad targets/layers -> UserError."""
+    shapes = base_model_shapes(base_path)
+    try:
+        return LoraLayout.for_base(shapes, rank, alpha, targets, layers)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def check_fits(layout: LoraLayout, base_path: str | os.PathLike, what: str) -> None:
+    """Raise a UserError unless every adapted weight exists in the base with
+    the adapter's shape (adapters for another model load but compute garbage
+    or crash in llama.cpp)."""
+    shapes = base_model_shapes(base_path)
+    for t in layout.targets:
+        have = shapes.get(t.base_name)
+        if have != (t.n_out, t.n_in):
+            raise UserError(
+                f"{what} does not fit {base_path}: {t.base_name} is {have}, adapter expects {(t.n_out, t.n_in)}"
+            )
+
+
+def init_lora(
+    base_path: str | os.PathLike,
+    rank: int,
+    alpha: float,
+    targets: Iterable[str],
+    seed: int,
+    layers: Iterable[int] | None = None,
+) -> tuple[LoraLayout, dict[str, np.ndarray]]:
+    """A fresh adapter for ``base_path``: A ~ U(-1/sqrt(n_in), 1/sqrt(n_in))
+    (PEFT's kaiming-uniform default), B = 0, float32.
+
+    Deterministic for a seed (each tensor has its own numpy stream keyed by
+    its position in the layout).
+    """
+    layout = layout_for_base(base_path, rank, alpha, targets, layers)
+    tensors: dict[str, np.ndarray] = {}
+    for i, t in enumerate(layout.targets):
+        bound = 1.0 / np.sqrt(t.n_in)
+        rng = np.random.default_rng([seed, i])
+        tensors[t.a_name] = rng.uniform(-bound, bound, (layout.rank, t.n_in)).astype(np.float32)
+        tensors[t.b_name] = np.zeros((t.n_out, layout.rank), np.float32)
+    return layout, tensors
+
+
+def write_lora(out: str | os.PathLike, layout: LoraLayout, tensors: Mapping[str, np.ndarray], base: str | os.PathLike) -> Path:
+    """Write an adapter GGUF, recording which base file it was made for."""
+    return write_adapter(out, layout, tensors, metadata={"fwdllm.base_model": Path(base).name})
