@@ -1,11 +1,455 @@
-"""Placeholder: the ZeroMQ edge worker (`fwdllm client run`) lands with the federation work."""
+"""The edge worker (``fwdllm client run``): join an aggregator and score seeds.
+
+Seeds down, scalars up.  The aggregator sends a ``Task`` (round, seeds, eps,
+mask, batch seed); the worker evaluates its local batch at ``adapter +- eps *
+direction(seed)`` and sends back two losses per seed.  After each round the
+aggregator broadcasts the step as ``Update`` (seeds + coefficients + lr); the
+worker replays it through :class:`Replica` and must land on the announced
+adapter hash.  A worker that is behind, diverged or new asks for a
+``Snapshot`` instead.
+
+Liveness is Paranoid-Pirate style: both sides send ``Heartbeat`` every
+``heartbeat_s``; scoring runs in a background thread so heartbeats keep
+flowing during a long forward pass.  When the aggregator is silent for
+``liveness`` intervals the worker closes its socket, waits (exponential
+backoff) and reconnects with a fresh socket and a new ``Join``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import click
+import numpy as np
+import zmq
 
+from fwdllm.contract import (
+    Bye,
+    Error,
+    Heartbeat,
+    Join,
+    LoraLayout,
+    Message,
+    PerturbMask,
+    ProtocolError,
+    Refuse,
+    Result,
+    Snapshot,
+    SnapshotRequest,
+    Task,
+    Update,
+    Welcome,
+    adapter_sha256,
+    combine,
+)
 from fwdllm.errors import UserError
+from fwdllm.optim import Optimizer, OptimizerSpec
+
+log = logging.getLogger("fwdllm.client")
+
+#: Snapshots carry the whole adapter and optimizer state; the aggregator is
+#: trusted, so the worker accepts large frames (the server side is strict).
+CLIENT_MAX_MSG = 1 << 30
+LIVENESS = 5  # missed heartbeats before the peer counts as gone
+
+
+# --------------------------------------------------------------------------- #
+# The replicated training state
+# --------------------------------------------------------------------------- #
+
+
+class Replica:
+    """Adapter + optimizer + version, replayable from ``Update`` messages.
+
+    The aggregator and every worker hold one; they stay bit-identical because
+    they run the same :func:`~fwdllm.contract.combine` and the same optimizer
+    step on the same (seeds, coeffs, lr).
+    """
+
+    def __init__(self, layout: LoraLayout, tensors: dict[str, np.ndarray], optimizer: Optimizer, version: int) -> None:
+        layout.check(tensors)
+        self.layout = layout
+        self.tensors = {n: np.array(tensors[n], dtype=np.float32) for n in layout.shapes()}
+        self.optimizer = optimizer
+        self.version = version
+        self.sha = adapter_sha256(layout, self.tensors)
+
+    def apply(self, update: Update) -> str:
+        """Replay one step; returns the new hash (compare with the Update's)."""
+        grad = combine(update.seeds, update.coeffs, self.layout, PerturbMask.from_dict(update.mask), update.dist)
+        self.optimizer.step(self.tensors, grad, update.lr)
+        self.version = update.version
+        self.sha = adapter_sha256(self.layout, self.tensors)
+        return self.sha
+
+    def to_bytes(self) -> bytes:
+        """``npz`` of tensors, optimizer state, version and layout (no pickle)."""
+        arrays: dict[str, np.ndarray] = {f"t/{n}": a for n, a in self.tensors.items()}
+        arrays.update({f"o/{k}": a for k, a in self.optimizer.state_arrays().items()})
+        arrays["version"] = np.array(self.version, dtype=np.int64)
+        arrays["layout"] = np.frombuffer(json.dumps(self.layout.to_dict()).encode(), dtype=np.uint8)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, spec: OptimizerSpec) -> "Replica":
+        """Inverse of :meth:`to_bytes`; ``ValueError`` on anything malformed."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            layout = LoraLayout.from_dict(json.loads(arrays["layout"].tobytes()))
+            tensors = {k[2:]: a for k, a in arrays.items() if k.startswith("t/")}
+            opt = Optimizer(spec)
+            opt.load_state_arrays({k[2:]: a for k, a in arrays.items() if k.startswith("o/")})
+            return cls(layout, tensors, opt, int(arrays["version"]))
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"bad snapshot: {e}") from None
+
+
+# --------------------------------------------------------------------------- #
+# The worker
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class Scorer:
+    """The worker's compute side: a task-bound session over local examples.
+
+    ``score(replica, task)`` returns the Result for ``task``; it runs in a
+    background thread.
+    """
+
+    session: Any  # edge_client.session.EdgeSession
+    examples: list
+    task_name: str
+
+    def score(self, layout: LoraLayout, tensors: dict[str, np.ndarray], task: Task) -> Result:
+        from edge_client.tasks import sample_batch
+
+        batch = sample_batch(self.examples, task.batch_size, task.batch_seed)
+        self.session.set_lora(layout, tensors)
+        r = self.session.perturbed(
+            batch,
+            [int(s) for s in task.seeds],
+            task.eps,
+            PerturbMask.from_dict(task.mask),
+            task.dist,
+            task.one_sided,
+        )
+        return Result(
+            round=task.round,
+            seeds=np.asarray(r.seeds, dtype=np.uint32),
+            loss_plus=np.asarray(r.loss_plus, dtype=np.float64),
+            loss_minus=np.asarray(r.loss_minus, dtype=np.float64),
+            n_tokens=int(r.n_tokens),
+            seconds=float(r.seconds),
+        )
+
+
+class EventLog:
+    """Machine-readable JSONL trace of what the worker did (hashes per round)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._f = open(path, "a", buffering=1) if path else None
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        if self._f:
+            self._f.write(json.dumps({"event": event, "t": round(time.time(), 3), **fields}) + "\n")
+
+
+class Worker:
+    """One DEALER connection at a time; reconnects with backoff until ``Bye``."""
+
+    def __init__(
+        self,
+        connect: str,
+        client_id: str,
+        make_join: Callable[["Scorer | None"], Join],
+        scorer: "Scorer | None",
+        scorer_for: Callable[[str], Scorer],
+        events: EventLog,
+        give_up_s: float = 600.0,
+    ) -> None:
+        self.connect = connect
+        self.client_id = client_id
+        self.make_join = make_join
+        self.scorer = scorer
+        self.scorer_for = scorer_for
+        self.events = events
+        self.give_up_s = give_up_s
+        self.ctx = zmq.Context.instance()
+        self.replica: Replica | None = None
+        self.spec: OptimizerSpec | None = None
+        self.heartbeat_s = 1.0
+        self.pending: Task | None = None  # waiting for a snapshot or for the thread
+        self.busy: threading.Thread | None = None
+        self.results: "queue.Queue[Result | BaseException]" = queue.Queue()
+        self.snap_asked = False
+        self.done: str | None = None
+
+    # -- connection management ------------------------------------------- #
+
+    def run(self) -> None:
+        """Serve until the aggregator says Bye; raise UserError if refused or lost."""
+        backoff = 0.5
+        last_contact = time.monotonic()
+        while self.done is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, CLIENT_MAX_MSG)
+            sock.connect(self.connect)
+            try:
+                if self._session(sock):
+                    backoff = 0.5
+                    last_contact = time.monotonic()
+            finally:
+                sock.close(0)
+            if self.done is not None:
+                break
+            if time.monotonic() - last_contact > self.give_up_s:
+                raise UserError(f"no aggregator at {self.connect} for {self.give_up_s:.0f} s; giving up")
+            log.warning("aggregator silent; reconnecting in %.1f s", backoff)
+            self.events("reconnect", backoff=backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 8.0)
+        log.info("done: %s", self.done)
+
+    def _session(self, sock: zmq.Socket) -> bool:
+        """One connection's life; returns True if the server ever answered."""
+        self.snap_asked = False
+        self._send(sock, self.make_join(self.scorer))
+        answered = False
+        now = time.monotonic()
+        alive_until = now + self.heartbeat_s * LIVENESS
+        next_hb = now + self.heartbeat_s
+        while self.done is None:
+            wait = 0.05 if self.busy else max(0.0, min(next_hb, alive_until) - time.monotonic())
+            if sock.poll(int(wait * 1000) + 1):
+                frames = sock.recv_multipart()
+                alive_until = time.monotonic() + self.heartbeat_s * LIVENESS
+                answered = True
+                self._handle(sock, frames)
+            self._collect(sock)
+            now = time.monotonic()
+            if now >= next_hb:
+                self._send(sock, Heartbeat())
+                next_hb = now + self.heartbeat_s
+            if now >= alive_until:
+                return answered
+        return answered
+
+    def _send(self, sock: zmq.Socket, msg: Message) -> None:
+        sock.send_multipart(msg.to_frames())
+
+    # -- messages -------------------------------------------------------- #
+
+    def _handle(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+        try:
+            msg = Message.from_frames(frames)
+        except ProtocolError as e:
+            log.warning("bad frame from aggregator: %s", e)
+            return
+        if isinstance(msg, Welcome):
+            self._welcome(sock, msg)
+        elif isinstance(msg, Refuse):
+            self.events("refused", reason=msg.reason)
+            raise UserError(f"aggregator refused this client: {msg.reason}")
+        elif isinstance(msg, Snapshot):
+            self._snapshot(sock, msg)
+        elif isinstance(msg, Task):
+            self.pending = msg
+            self._start(sock)
+        elif isinstance(msg, Update):
+            self._update(sock, msg)
+        elif isinstance(msg, Bye):
+            self.done = msg.reason or "bye"
+        elif isinstance(msg, Error) and msg.code == "join":
+            # A restarted aggregator that our socket silently reconnected to.
+            self._send(sock, self.make_join(self.scorer))
+        elif isinstance(msg, Error):
+            log.warning("aggregator rejected our last message: %s", msg.reason)
+            self.events("error", reason=msg.reason)
+
+    def _welcome(self, sock: zmq.Socket, msg: Welcome) -> None:
+        cfg = msg.config
+        self.heartbeat_s = msg.heartbeat_s
+        self.spec = OptimizerSpec.from_dict(cfg["optimizer"])
+        if self.scorer is None:
+            self.scorer = self.scorer_for(str(cfg["task"]))
+            # The Join that got us here was made before the task was known
+            # (no --task): re-join with real capabilities.
+            self._send(sock, self.make_join(self.scorer))
+        elif self.scorer.task_name != cfg["task"]:
+            raise UserError(f"this client trains task {self.scorer.task_name!r} but the aggregator runs {cfg['task']!r}")
+        self.events("welcome", run_id=msg.run_id, version=cfg.get("version"))
+        r = self.replica
+        if r is None or r.version != cfg.get("version") or r.sha != cfg.get("adapter_sha256"):
+            self._ask_snapshot(sock)
+
+    def _ask_snapshot(self, sock: zmq.Socket) -> None:
+        if not self.snap_asked:
+            self.snap_asked = True
+            self._send(sock, SnapshotRequest())
+
+    def _snapshot(self, sock: zmq.Socket, msg: Snapshot) -> None:
+        self.snap_asked = False
+        assert self.spec is not None
+        try:
+            replica = Replica.from_bytes(msg.state, self.spec)
+        except ValueError as e:
+            log.warning("%s", e)
+            return
+        if replica.sha != msg.adapter_sha256 or replica.version != msg.version:
+            log.warning("snapshot does not match its own hash/version; ignored")
+            return
+        self.replica = replica
+        self.events("snapshot", version=replica.version, sha=replica.sha, bytes=len(msg.state))
+        self._start(sock)
+
+    def _update(self, sock: zmq.Socket, msg: Update) -> None:
+        r = self.replica
+        if r is None or msg.version <= r.version:
+            return
+        if msg.version != r.version + 1:
+            self._ask_snapshot(sock)
+            return
+        sha = r.apply(msg)
+        match = sha == msg.adapter_sha256
+        self.events("update", round=msg.round, version=r.version, sha=sha, match=match)
+        if not match:
+            log.warning("adapter hash mismatch after round %d; pulling a snapshot", msg.round)
+            self.replica = None
+            self._ask_snapshot(sock)
+
+    # -- scoring in the background -------------------------------------- #
+
+    def _start(self, sock: zmq.Socket) -> None:
+        """Start the pending task if the replica is at its version."""
+        task, r = self.pending, self.replica
+        if task is None or self.busy is not None or self.scorer is None:
+            return
+        if r is None or r.version != task.version or r.sha != task.adapter_sha256:
+            if r is None or r.version <= task.version:
+                self._ask_snapshot(sock)
+            else:
+                self.pending = None  # a stale task; the server has moved on
+            return
+        self.pending = None
+        tensors = {n: a.copy() for n, a in r.tensors.items()}
+        scorer, layout = self.scorer, r.layout
+
+        def work() -> None:
+            try:
+                self.results.put(scorer.score(layout, tensors, task))
+            except BaseException as e:  # reported by the main thread
+                self.results.put(e)
+
+        self.busy = threading.Thread(target=work, name=f"score-r{task.round}", daemon=True)
+        self.busy.start()
+
+    def _collect(self, sock: zmq.Socket) -> None:
+        try:
+            out = self.results.get_nowait()
+        except queue.Empty:
+            return
+        self.busy = None
+        if isinstance(out, BaseException):
+            raise out
+        self._send(sock, out)
+        self.events("result", round=out.round, seeds=len(out.seeds), seconds=round(out.seconds, 3))
+        self._start(sock)
+
+
+# --------------------------------------------------------------------------- #
+# CLI
+# --------------------------------------------------------------------------- #
+
+
+def _mem_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 0
 
 
 @click.command("run")
-def run_cmd() -> None:
-    """Join an aggregator and train (not implemented yet)."""
-    raise UserError("fwdllm client run is not implemented yet")
+@click.option("--connect", required=True, metavar="URL", help="Aggregator address, e.g. tcp://10.0.0.5:5555.")
+@click.option("--model", "model_name", required=True, help="Base GGUF path or model-store name (same file as the aggregator).")
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="This device's private training data.")
+@click.option("--task", "task_name", default=None, help="Task preset or spec file (default: the aggregator's task).")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for llama.cpp (default: all cores).")
+@click.option("--client-id", default=None, help="Stable name of this device (default: HOST-PID).")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=16, show_default=True, help="Sequences per llama.cpp batch.")
+@click.option("--events", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Append a JSONL trace (updates and adapter hashes per round) here.")
+@click.option("--give-up", "give_up_s", type=float, default=600.0, show_default=True, help="Exit after this many seconds without an aggregator.")
+def run_cmd(
+    connect: str,
+    model_name: str,
+    data_path: str,
+    task_name: str | None,
+    threads: int | None,
+    client_id: str | None,
+    max_batch: int,
+    events: Path | None,
+    give_up_s: float,
+) -> None:
+    """Join an aggregator and train: score seeds on local data, send scalars.
+
+    Only seeds and a few scalars cross the network each round; the raw data
+    never leaves the device.  The worker keeps going until the aggregator ends
+    the run, and survives aggregator restarts by reconnecting with backoff.
+
+    \b
+    Example:
+      fwdllm client run --connect tcp://10.0.0.5:5555 --model smollm2-135m \\
+          --data my_reviews.tsv --task sst2 --threads 2
+    """
+    from edge_client.session import EdgeSession
+    from edge_client.tasks import load_task, read_examples
+    from fwdllm.log import quiet_llama
+    from fwdllm.models import model_sha256, resolve_model
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s client %(message)s")
+    logging.getLogger("fwdllm").setLevel(logging.INFO)
+    quiet_llama()
+    model = resolve_model(model_name)
+    sha = model_sha256(model)
+    cid = client_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    def scorer_for(name: str) -> Scorer:
+        task = load_task(name)
+        examples = read_examples(task, data_path)
+        return Scorer(EdgeSession(model, task, n_threads=threads, max_batch=max_batch), examples, task.name)
+
+    def make_join(s: Scorer | None) -> Join:
+        return Join(
+            client_id=cid,
+            model_sha256=sha,
+            tokens_per_s=float(s.session.tokens_per_second()) if s else 0.0,
+            mem_bytes=_mem_bytes(),
+            max_batch=max_batch,
+            n_examples=len(s.examples) if s else 0,
+        )
+
+    # Knowing the task up front lets the first Join carry real capabilities.
+    worker = Worker(connect, cid, make_join, scorer_for(task_name) if task_name else None, scorer_for, EventLog(events), give_up_s)
+    try:
+        worker.run()
+    finally:
+        if worker.scorer is not None:
+            worker.scorer.session.close()
+
+
+if __name__ == "__main__":
+    run_cmd()

@@ -1,0 +1,138 @@
+"""The run directory: configuration, per-round checkpoints and metrics.
+
+Layout of ``RUN_DIR``::
+
+    run.json        the run's fixed configuration (model hash, task, layout,
+                    optimizer, strategy, run seed); written once
+    state.npz       the authoritative checkpoint: adapter tensors, optimizer
+                    state, version (= rounds finished), strategy state,
+                    elapsed seconds.  Replaced atomically after every round.
+    adapter.gguf    the same adapter as a llama.cpp LoRA (written just before
+                    state.npz, so it is never older than the checkpoint)
+    metrics.jsonl   one JSON line per round (round 0 = before training)
+
+Crash safety: every file is written to a temporary name and renamed, and the
+Update of round r is broadcast only after round r's checkpoint is on disk, so
+a restarted aggregator never applies a round twice and no client is ever
+ahead of it.  ``--resume`` trims metrics lines newer than the checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_client.worker import Replica
+from fwdllm.adapter_io import write_adapter
+from fwdllm.contract import LoraLayout
+from fwdllm.optim import OptimizerSpec
+
+RUN_JSON = "run.json"
+STATE = "state.npz"
+ADAPTER = "adapter.gguf"
+METRICS = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What a run is; a resumed run must reuse it unchanged."""
+
+    run_id: str
+    model: str
+    model_sha256: str
+    task: str  # preset name or spec path, as given
+    task_name: str
+    dev: str | None
+    dev_limit: int | None
+    rounds: int
+    eval_every: int
+    layout: dict[str, Any]
+    optimizer: dict[str, Any]
+    strategy: dict[str, Any]
+
+    @property
+    def lora_layout(self) -> LoraLayout:
+        return LoraLayout.from_dict(self.layout)
+
+    @property
+    def optimizer_spec(self) -> OptimizerSpec:
+        return OptimizerSpec.from_dict(self.optimizer)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a synced temp file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_config(run_dir: Path, cfg: RunConfig) -> None:
+    atomic_write(run_dir / RUN_JSON, json.dumps(asdict(cfg), indent=2).encode())
+
+
+def read_config(run_dir: Path) -> RunConfig:
+    return RunConfig(**json.loads((run_dir / RUN_JSON).read_text()))
+
+
+def save(run_dir: Path, replica: Replica, strategy_state: dict[str, Any], elapsed_s: float) -> None:
+    """Checkpoint after a finished round: adapter.gguf, then state.npz."""
+    write_adapter(run_dir / ADAPTER, replica.layout, replica.tensors)
+    meta = {"strategy": strategy_state, "elapsed_s": elapsed_s}
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        replica=np.frombuffer(replica.to_bytes(), dtype=np.uint8),
+        meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+    )
+    atomic_write(run_dir / STATE, buf.getvalue())
+
+
+def load(run_dir: Path, spec: OptimizerSpec) -> tuple[Replica, dict[str, Any], float]:
+    """(replica, strategy state, elapsed seconds) of the last finished round."""
+    with np.load(run_dir / STATE, allow_pickle=False) as z:
+        replica = Replica.from_bytes(z["replica"].tobytes(), spec)
+        meta = json.loads(z["meta"].tobytes())
+    return replica, meta["strategy"], float(meta["elapsed_s"])
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(run_dir / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """All complete metrics lines (a torn last line from a crash is skipped)."""
+    path = run_dir / METRICS
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def trim_metrics(run_dir: Path, version: int) -> None:
+    """Keep only lines of finished rounds; at version 0 nothing is kept, so
+    the before-training evaluation is redone."""
+    keep = [r for r in read_metrics(run_dir) if version > 0 and r["round"] <= version]
+    atomic_write(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in keep).encode())

@@ -1,0 +1,84 @@
+"""Model-free federation: a synthetic objective for protocol and load tests.
+
+:class:`QuadraticScorer` plugs into the real :class:`~edge_client.worker.Worker`
+in place of llama.cpp, so a test or a load bench exercises the genuine
+socket, heartbeat, snapshot and update code with clients that cost
+microseconds: the "loss" is ``mean((theta - target)^2)`` over the perturbed
+tensors, evaluated exactly at ``theta +- eps * direction(seed)``.
+:func:`synthetic_run` makes a matching run (layout, config, replica) without
+any GGUF file.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aggregator.checkpoint import RunConfig
+from aggregator.strategy import StrategySpec
+from edge_client.worker import Replica
+from fwdllm.contract import LoraLayout, PerturbMask, Result, Task, direction
+from fwdllm.optim import Optimizer, OptimizerSpec
+
+FAKE_MODEL_SHA = "f" * 64
+
+
+def synthetic_layout(n_layers: int = 2, dim: int = 16, rank: int = 4) -> LoraLayout:
+    shapes = {f"blk.{i}.attn_{t}.weight": (dim, dim) for i in range(n_layers) for t in ("q", "v")}
+    return LoraLayout.for_base(shapes, rank=rank, alpha=float(rank), targets=("q", "v"))
+
+
+def synthetic_run(rounds: int, optimizer: OptimizerSpec, strategy: StrategySpec, layout: LoraLayout | None = None,
+                  model_sha: str = FAKE_MODEL_SHA) -> tuple[RunConfig, Replica]:
+    """A RunConfig + round-0 Replica (A random, B zero) for a model-free run."""
+    layout = layout or synthetic_layout()
+    rng = np.random.default_rng(0)
+    tensors = {n: (rng.standard_normal(s) * 0.1 if n.endswith("lora_a") else np.zeros(s)).astype(np.float32)
+               for n, s in layout.shapes().items()}
+    cfg = RunConfig(
+        run_id=uuid.uuid4().hex[:12], model="synthetic", model_sha256=model_sha, task="synthetic",
+        task_name="synthetic", dev=None, dev_limit=None, rounds=rounds, eval_every=rounds,
+        layout=layout.to_dict(), optimizer=asdict(optimizer), strategy=strategy.to_dict(),
+    )
+    return cfg, Replica(layout, tensors, Optimizer(optimizer), version=0)
+
+
+@dataclass
+class QuadraticScorer:
+    """Worker scorer for ``L(theta) = mean((theta - target)^2)`` over masked tensors.
+
+    ``target`` is 1.0 everywhere, so training moves B away from zero and the
+    loss must fall.  ``delay_s`` simulates compute time; ``noise`` (seeded
+    by the task's batch seed) simulates data noise.
+    """
+
+    task_name: str = "synthetic"
+    delay_s: float = 0.0
+    noise: float = 0.0
+
+    def loss(self, tensors: dict[str, np.ndarray], names: list[str], batch_seed: int) -> float:
+        sq = sum(float(np.sum((tensors[n].astype(np.float64) - 1.0) ** 2)) for n in names)
+        size = sum(tensors[n].size for n in names)
+        jitter = np.random.default_rng(batch_seed).standard_normal() * self.noise
+        return sq / size + jitter
+
+    def score(self, layout: LoraLayout, tensors: dict[str, np.ndarray], task: Task) -> Result:
+        t0 = time.perf_counter()
+        mask = PerturbMask.from_dict(task.mask)
+        names = mask.names(layout)
+        plus, minus = [], []
+        base = self.loss(tensors, names, task.batch_seed)
+        for seed in task.seeds:
+            v = direction(int(seed), layout, mask, task.dist)
+            plus.append(self.loss({n: tensors[n] + task.eps * v[n] for n in names}, names, task.batch_seed))
+            minus.append(base if task.one_sided else
+                         self.loss({n: tensors[n] - task.eps * v[n] for n in names}, names, task.batch_seed))
+        time.sleep(self.delay_s)
+        return Result(round=task.round, seeds=np.asarray(task.seeds, dtype=np.uint32),
+                      loss_plus=np.array(plus), loss_minus=np.array(minus),
+                      n_tokens=len(task.seeds), seconds=time.perf_counter() - t0)
+

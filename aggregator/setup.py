@@ -1,0 +1,107 @@
+"""Creating or resuming a run: config, initial adapter, strategy, evaluator."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from aggregator import checkpoint
+from aggregator.checkpoint import RunConfig
+from aggregator.strategy import Strategy, StrategySpec, make_strategy
+from edge_client.worker import Replica
+from fwdllm.errors import UserError
+from fwdllm.optim import Optimizer, OptimizerSpec
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q", "v")
+    init_seed: int = 0
+
+
+def new_run(
+    out: Path,
+    model: Path,
+    model_sha: str,
+    task: str,
+    dev: Path | None,
+    dev_limit: int | None,
+    rounds: int,
+    eval_every: int,
+    lora: LoraSpec,
+    optimizer: OptimizerSpec,
+    strategy: StrategySpec,
+) -> tuple[RunConfig, Replica]:
+    """Write run.json and the round-0 checkpoint in a fresh ``out``."""
+    from convert.lora import init_lora
+    from edge_client.tasks import load_task
+
+    if (out / checkpoint.STATE).exists() or (out / checkpoint.RUN_JSON).exists():
+        raise UserError(f"{out} already holds a run; continue it with --resume {out} or pick another --out")
+    try:
+        layout, tensors = init_lora(model, lora.rank, lora.alpha, lora.targets, lora.init_seed)
+    except ValueError as e:
+        raise UserError(f"cannot build the LoRA: {e}") from None
+    if not strategy.mask.names(layout):
+        raise UserError(f"perturbation mask {strategy.mask.to_dict()} selects no tensor of the LoRA")
+    cfg = RunConfig(
+        run_id=uuid.uuid4().hex[:12],
+        model=str(model),
+        model_sha256=model_sha,
+        task=task,
+        task_name=load_task(task).name,
+        dev=str(dev) if dev else None,
+        dev_limit=dev_limit,
+        rounds=rounds,
+        eval_every=eval_every,
+        layout=layout.to_dict(),
+        optimizer=asdict(optimizer),
+        strategy=strategy.to_dict(),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    replica = Replica(layout, tensors, Optimizer(optimizer), version=0)
+    checkpoint.write_config(out, cfg)
+    checkpoint.save(out, replica, {}, 0.0)
+    checkpoint.trim_metrics(out, 0)
+    return cfg, replica
+
+
+def resume_run(run_dir: Path, model_sha: str) -> tuple[RunConfig, Replica, dict[str, Any], float]:
+    """Load the last finished round of ``run_dir``."""
+    if not (run_dir / checkpoint.STATE).exists():
+        raise UserError(f"{run_dir} has no checkpoint ({checkpoint.STATE}); nothing to resume")
+    cfg = checkpoint.read_config(run_dir)
+    if model_sha != cfg.model_sha256:
+        raise UserError(f"model sha256 {model_sha[:16]}... is not the run's base model {cfg.model_sha256[:16]}...")
+    replica, strategy_state, elapsed = checkpoint.load(run_dir, cfg.optimizer_spec)
+    checkpoint.trim_metrics(run_dir, replica.version)
+    return cfg, replica, strategy_state, elapsed
+
+
+def strategy_for(cfg: RunConfig, state: dict[str, Any]) -> Strategy:
+    strategy = make_strategy(StrategySpec.from_dict(cfg.strategy))
+    strategy.load_state_dict(state)
+    return strategy
+
+
+def evaluator(cfg: RunConfig, model: Path, threads: int | None):  # noqa: ANN201 - Evaluate callable
+    """A dev-set evaluator on ``model`` (the run's base, maybe moved) and the run's task, or None."""
+    if not cfg.dev:
+        return None
+    from edge_client.session import EdgeSession
+    from edge_client.tasks import load_task, read_examples
+
+    task = load_task(cfg.task)
+    examples = read_examples(task, cfg.dev, limit=cfg.dev_limit)
+    session = EdgeSession(model, task, n_threads=threads)
+
+    def evaluate(replica: Replica) -> dict[str, float]:
+        session.set_lora(replica.layout, replica.tensors)
+        r = session.evaluate(examples)
+        return {"dev_loss": r.loss, "dev_accuracy": r.accuracy, "dev_n": r.n, "eval_s": round(r.seconds, 3)}
+
+    return evaluate

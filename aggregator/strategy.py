@@ -1,0 +1,271 @@
+"""Training algorithms as strategy objects; the socket loop is not the algorithm.
+
+The server (:mod:`aggregator.server`) owns sockets, heartbeats, deadlines,
+checkpoints and byte accounting.  A :class:`Strategy` owns *what* is computed:
+which seeds, how many, on which data, who does what, and when a round has
+enough perturbations to step.  The loop drives one round like this::
+
+    cfg = strategy.begin(round, participants)   # RoundConfig: mask, eps, dist, one_sided
+    for every idle live client c:               # right after begin, and after each of c's results
+        work = strategy.next_work(c)            # Work (seeds + batch) or None = nothing for c now
+        -> Task to c
+    on a Result from c:  strategy.add(c, work, scored)
+    on c dying/leaving:  strategy.drop(c, work)  # work outstanding, never scored
+    the round ends as soon as strategy.ready(), or when no work is outstanding
+    and next_work() has nothing more for anyone, or at the round deadline;
+    then step = strategy.step()                 # seeds + coefficients of the gradient estimate
+    -> Optimizer.step(combine(step.seeds, step.coeffs, ...)) -> Update to everyone
+
+What this supports without touching the loop (issue 7 adds them in
+``aggregator/strategies_fwdllm.py`` and registers them in :data:`STRATEGIES`):
+
+* **Variable perturbations per round / variance-controlled pacing**: keep
+  returning new :class:`Work` from ``next_work`` until the stopping rule in
+  ``ready()`` holds (e.g. the variance of the aggregated estimate falls under a
+  threshold).  Results still in flight when ``ready()`` turns true are dropped
+  as late by round id.
+* **Discriminative seed sampling**: ``next_work`` may draw many candidate seeds
+  and hand out the best ones.  The previous round's gradient estimate is
+  ``combine(prev.seeds, prev.coeffs)`` - keep ``prev`` (a :class:`Step`) in the
+  strategy state; the loop passes every finished step to ``committed``.
+* **Throughput-proportional load**: :class:`ClientView` carries the
+  ``tokens_per_s`` each client measured and sent in ``Join``; size each
+  ``Work`` (number of seeds, batch size) from it.
+* **Block-cyclic schedules**: ``begin`` returns the round's
+  :class:`~fwdllm.contract.PerturbMask` (e.g. one block of layers per round).
+
+Rules a strategy must keep, because ``--resume`` promises a bit-identical
+trajectory: everything it decides is a pure function of the run seed, the
+round, the participants (sorted by client id, their ``slot``), the scalars it
+was given and its own state; and ``state_dict()`` / ``load_state_dict()``
+round-trip that state exactly (JSON; Python floats survive JSON exactly).
+``step()`` must not depend on the *arrival order* of results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from fwdllm.contract import PerturbMask
+
+
+def derive_seed(run_seed: int, *path: int | str) -> int:
+    """A uint32 that is a pure function of ``(run_seed, *path)``.
+
+    Used for perturbation seeds and data-batch seeds so that a resumed run
+    hands out exactly what the uninterrupted run would have.
+    """
+    key = ":".join(str(p) for p in (run_seed, *path)).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
+
+
+@dataclass(frozen=True)
+class ClientView:
+    """What a strategy may know about a participant of the current round."""
+
+    client_id: str
+    slot: int  # position among the round's participants, sorted by client_id
+    tokens_per_s: float
+    n_examples: int
+    max_batch: int
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """Settings shared by every task of one round (and by its Update)."""
+
+    mask: PerturbMask
+    eps: float
+    dist: str = "gaussian"
+    one_sided: bool = False
+
+
+@dataclass(frozen=True)
+class Work:
+    """One task's content: score ``seeds`` on a batch drawn with ``batch_seed``."""
+
+    seeds: tuple[int, ...]
+    batch_size: int
+    batch_seed: int
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A client's answer to one :class:`Work`.
+
+    ``projected`` is the directional-derivative estimate per seed,
+    ``(L+ - L-) / 2eps`` (central) or ``(L+ - L0) / eps`` (one-sided);
+    ``loss`` is the batch loss at the current adapter (its estimate from the
+    perturbed evaluations for central differences).
+    """
+
+    seeds: np.ndarray
+    projected: np.ndarray
+    loss: float
+    n_tokens: int
+    seconds: float
+    forward_passes: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """The round's gradient estimate ``sum_k coeffs[k] * direction(seeds[k])``."""
+
+    seeds: np.ndarray  # uint32
+    coeffs: np.ndarray  # float64
+    info: dict[str, Any] = field(default_factory=dict)  # goes into metrics.jsonl
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seeds": [int(s) for s in self.seeds], "coeffs": [float(c) for c in self.coeffs]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Step":
+        return cls(np.array(d["seeds"], dtype=np.uint32), np.array(d["coeffs"], dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """CLI-level knobs shared by strategies (each reads what it needs)."""
+
+    name: str = "zo-sgd"
+    run_seed: int = 0
+    k: int = 16  # perturbations per round (all clients together)
+    eps: float = 1e-2
+    batch_size: int = 8
+    mask: PerturbMask = PerturbMask(parts="b")
+    dist: str = "gaussian"
+    one_sided: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # strategy-specific options
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "run_seed": self.run_seed,
+            "k": self.k,
+            "eps": self.eps,
+            "batch_size": self.batch_size,
+            "mask": self.mask.to_dict(),
+            "dist": self.dist,
+            "one_sided": self.one_sided,
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StrategySpec":
+        return cls(**{**d, "mask": PerturbMask.from_dict(d["mask"]), "extra": dict(d.get("extra", {}))})
+
+
+class Strategy(ABC):
+    """Base class; see the module docstring for the protocol the loop follows."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, spec: StrategySpec) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    def begin(self, round: int, participants: list[ClientView]) -> RoundConfig:
+        """Start ``round`` (1-based) with these live clients, sorted by id."""
+
+    @abstractmethod
+    def next_work(self, client: ClientView) -> Work | None:
+        """Work for an idle client, or None when there is nothing for it now."""
+
+    @abstractmethod
+    def add(self, client: ClientView, work: Work, scored: Scored) -> None:
+        """Record a client's scalars for ``work``."""
+
+    def drop(self, client: ClientView, work: Work | None) -> None:
+        """``client`` left the round; ``work`` (if any) will never be scored."""
+
+    def ready(self) -> bool:
+        """Stop the round now, even if work is outstanding (pacing rules)."""
+        return False
+
+    @abstractmethod
+    def step(self) -> Step:
+        """The round's gradient estimate; called once, with >= 1 result in."""
+
+    def committed(self, round: int, step: Step) -> None:
+        """The loop applied ``step`` as round ``round`` (keep it if you need it)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state that must survive a restart between rounds."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`."""
+
+
+def projected_mean(results: dict[int, list[float]], order: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Average the per-seed projections scored by several clients.
+
+    ``results`` maps seed -> projections; ``order`` fixes the canonical seed
+    order (so the sum in :func:`fwdllm.contract.combine` never depends on
+    arrival order).  Returns (seeds, mean projection) for seeds with results.
+    """
+    seeds = [s for s in order if results.get(s)]
+    means = [float(np.mean(np.array(results[s], dtype=np.float64))) for s in seeds]
+    return np.array(seeds, dtype=np.uint32), np.array(means, dtype=np.float64)
+
+
+class ZOSGD(Strategy):
+    """Plain zeroth-order SGD (MeZO-style): a fixed K perturbations per round.
+
+    The K seeds of round r are split evenly over the participants (slot i
+    gets seeds i, i+n, ...), each scores its share on one local batch, and
+    the estimate is ``g = 1/K' * sum_k proj_k * u_k`` over the K' seeds that
+    came back.  A dead client's seeds are simply missing from the sum.
+    """
+
+    name = "zo-sgd"
+
+    def __init__(self, spec: StrategySpec) -> None:
+        super().__init__(spec)
+        self._plan: dict[str, Work] = {}
+        self._order: list[int] = []
+        self._proj: dict[int, list[float]] = {}
+
+    def begin(self, round: int, participants: list[ClientView]) -> RoundConfig:
+        s = self.spec
+        seeds = [derive_seed(s.run_seed, "seed", round, k) for k in range(s.k)]
+        n = max(1, min(len(participants), s.k))
+        self._order = seeds
+        self._proj = {}
+        self._plan = {
+            c.client_id: Work(
+                seeds=tuple(seeds[c.slot :: n]),
+                batch_size=min(s.batch_size, c.max_batch) if c.max_batch > 0 else s.batch_size,
+                batch_seed=derive_seed(s.run_seed, "batch", round, c.client_id),
+            )
+            for c in participants[:n]
+        }
+        return RoundConfig(mask=s.mask, eps=s.eps, dist=s.dist, one_sided=s.one_sided)
+
+    def next_work(self, client: ClientView) -> Work | None:
+        return self._plan.pop(client.client_id, None)
+
+    def add(self, client: ClientView, work: Work, scored: Scored) -> None:
+        for seed, p in zip(scored.seeds, scored.projected):
+            self._proj.setdefault(int(seed), []).append(float(p))
+
+    def step(self) -> Step:
+        seeds, proj = projected_mean(self._proj, self._order)
+        coeffs = proj / max(1, len(seeds))
+        return Step(seeds, coeffs, info={"perturbations": int(len(seeds))})
+
+
+STRATEGIES: dict[str, Callable[[StrategySpec], Strategy]] = {ZOSGD.name: ZOSGD}
+
+
+def make_strategy(spec: StrategySpec) -> Strategy:
+    """Instantiate the strategy named in ``spec`` (ValueError if unknown)."""
+    try:
+        return STRATEGIES[spec.name](spec)
+    except KeyError:
+        raise ValueError(f"unknown strategy {spec.name!r}; choose from {', '.join(STRATEGIES)}") from None
