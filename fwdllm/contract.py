@@ -587,6 +587,9 @@ class Error(Message):
 
     TYPE: ClassVar[str] = "error"
     reason: str
+    #: machine-readable kind: "join" (unknown peer: send Join first),
+    #: "frame" (malformed/oversized/unknown version), "result" (not your task)
+    code: str = ""
 
 
 @dataclass(frozen=True)
