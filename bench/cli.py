@@ -2,6 +2,11 @@
 
 import click
 
+from bench.comm import comm
+from bench.convergence import convergence
+from bench.fidelity import fidelity
+from bench.memory import memory
+from bench.round import round_cmd
 from bench.throughput import throughput
 
 
@@ -9,7 +14,16 @@ from bench.throughput import throughput
 def bench() -> None:
     """Measure fwdllm: ratios are taken side by side in one run, because
     absolute times on shared machines are noisy.
+
+    \b
+    Examples:
+      fwdllm bench round --synth llama2-7b --quick
+      fwdllm bench convergence --task sst2
+      fwdllm bench memory --model smollm2-135m
+      fwdllm bench comm -k 16
+      fwdllm bench fidelity --k-max 256
     """
 
 
-bench.add_command(throughput)
+for _cmd in (throughput, round_cmd, convergence, memory, comm, fidelity):
+    bench.add_command(_cmd)

@@ -1,0 +1,114 @@
+"""``fwdllm bench comm``: bytes per client per round, up and down.
+
+fwdllm's numbers are the encoded sizes of the real messages
+(:meth:`fwdllm.contract.Message.to_frames`, summed frame lengths; ZeroMQ adds
+a few bytes of framing per frame): a ``Task`` and the round's ``Update`` go
+down, a ``Result`` goes up.  The baselines move tensors, so their bytes are
+the float32 payload of what they must ship:
+
+* FedAvg-LoRA (FwdLLM's code base, backprop): every participant downloads the
+  global LoRA and uploads its trained LoRA.
+* FedCyBGD (arXiv 2406.11187) with LoRA: the trainable layers are split into
+  one block per client; the round's client downloads the blocks updated since
+  its last turn (all others: ``(N-1)/N`` of the adapter once every client has
+  had a turn) and uploads only its own block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+
+from bench.common import figure, out_option, save_figure, write_result
+
+
+def message_bytes(msg) -> int:  # noqa: ANN001 - fwdllm.contract.Message
+    return sum(len(f) for f in msg.to_frames())
+
+
+def fwdllm_bytes(n_seeds: int, k_total: int, batch_size: int = 8) -> dict[str, int]:
+    """Encoded Task + Update (down) and Result (up) of one client scoring
+    ``n_seeds`` of a ``k_total``-seed central-difference round."""
+    from fwdllm.contract import PerturbMask, Result, Task, Update
+
+    rng = np.random.default_rng(0)
+    sha = "ab" * 32
+    mask = PerturbMask(parts="b").to_dict()
+    seeds = rng.integers(0, 2**32, n_seeds, dtype=np.uint32)
+    task = Task(round=1234, version=1234, adapter_sha256=sha, seeds=seeds, mask=mask, eps=1e-2,
+                batch_size=batch_size, batch_seed=int(rng.integers(0, 2**32)))
+    losses = rng.uniform(0.1, 2.0, (2, n_seeds))
+    result = Result(round=1234, seeds=seeds, loss_plus=losses[0], loss_minus=losses[1], n_tokens=4321, seconds=12.5)
+    update = Update(round=1234, version=1235, lr=1e-3, adapter_sha256=sha,
+                    seeds=rng.integers(0, 2**32, k_total, dtype=np.uint32), coeffs=rng.normal(size=k_total), mask=mask)
+    return {"task": message_bytes(task), "update": message_bytes(update), "result": message_bytes(result)}
+
+
+def lora_layout(model: str, rank: int, targets: tuple[str, ...]):  # noqa: ANN201 - LoraLayout
+    from convert.lora import layout_for_base
+    from fwdllm.models import resolve_model
+
+    return layout_for_base(resolve_model(model), rank, 2.0 * rank, targets)
+
+
+@click.command("comm")
+@click.option("--model", default="smollm2-135m", show_default=True, help="model whose LoRA shapes are used")
+@click.option("--rank", type=int, default=8, show_default=True)
+@click.option("--targets", default="q,v", show_default=True)
+@click.option("-k", "--k", "k", type=int, default=16, show_default=True, help="perturbations per round")
+@click.option("--clients", type=int, default=4, show_default=True, help="clients per round (= FedCyBGD blocks)")
+@out_option
+def comm(model: str, rank: int, targets: str, k: int, clients: int, out_dir: Path) -> None:
+    """Bytes per client per round: fwdllm's seeds and scalars vs dense LoRA vs block upload.
+
+    \b
+    Example:
+      fwdllm bench comm --model smollm2-135m -k 16 --clients 4
+    """
+    from fwdllm.errors import UserError
+
+    if k < 1 or clients < 1:
+        raise UserError("-k and --clients must be >= 1")
+    layout = lora_layout(model, rank, tuple(t for t in targets.split(",") if t))
+    lora = layout.n_params * 4
+    n_layers = len(layout.layers)
+    blocks = min(clients, n_layers)
+    block = lora * (n_layers // blocks) // n_layers  # one block of layers' LoRA (the smallest block)
+    per_client = -(-k // clients)
+    solo, shared = fwdllm_bytes(k, k), fwdllm_bytes(per_client, k)
+    rows = [
+        [f"fwdllm, 1 client x {k} seeds", solo["task"] + solo["update"], solo["result"]],
+        [f"fwdllm, {clients} clients x {per_client} seeds", shared["task"] + shared["update"], shared["result"]],
+        ["FedAvg-LoRA (dense f32)", lora, lora],
+        [f"FedCyBGD-LoRA ({blocks} blocks)", lora - block, block],
+    ]
+    table = [[name, down, up, up / rows[0][2], down / rows[0][1]] for name, down, up in rows]
+    write_result(
+        out_dir,
+        "comm",
+        {"model": model, "rank": rank, "targets": targets, "k": k, "clients": clients, "lora_params": layout.n_params,
+         "fwdllm_messages": {"solo": solo, "shared": shared}},
+        {
+            f"Bytes per client per round ({model}, LoRA r={rank} on {targets}: {layout.n_params} params, K={k})": (
+                ["scheme", "down B", "up B", "up / fwdllm", "down / fwdllm"],
+                table,
+            ),
+            "fwdllm messages (bytes)": (
+                ["client share", "Task", "Update", "Result"],
+                [[f"{k} seeds", solo["task"], solo["update"], solo["result"]],
+                 [f"{per_client} seeds", shared["task"], shared["update"], shared["result"]]],
+            ),
+        },
+    )
+    fig, (ax,) = figure(1)
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r[1] for r in rows], 0.4, label="down")
+    ax.bar(x + 0.2, [r[2] for r in rows], 0.4, label="up")
+    ax.axhline(1024, color="r", ls=":", label="1 KiB goal")
+    ax.set_yscale("log")
+    ax.set_xticks(x, [r[0] for r in rows], rotation=15, fontsize=7)
+    ax.set_ylabel("bytes per client per round")
+    ax.legend()
+    save_figure(fig, out_dir, "comm")

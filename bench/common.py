@@ -1,0 +1,166 @@
+"""What every bench shares: results files, tables, plots, peak memory, provenance.
+
+A bench result is one JSON object (``RESULTS_DIR/<bench>.json``) that names the
+commit and machine it came from, because numbers without provenance cannot be
+compared later; the table printed on stdout is the same data for humans.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import click
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 1024**3
+
+
+def out_option(fn: Callable) -> Callable:
+    """``--out RESULTS_DIR`` (default ``results/``), shared by every bench."""
+    return click.option(
+        "--out",
+        "out_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=Path("results"),
+        show_default=True,
+        help="directory for <bench>.json and <bench>.png",
+    )(fn)
+
+
+def threads_option(fn: Callable) -> Callable:
+    return click.option("--threads", type=int, default=2, show_default=True, help="llama.cpp / torch threads")(fn)
+
+
+def task_options(fn: Callable) -> Callable:
+    """``--task`` (a built-in preset, its default data) and ``--label-words``
+    (override the verbalizer, e.g. for a synthetic model whose tiny
+    vocabulary merges the presets' words into one first token)."""
+    fn = click.option("--label-words", default=None, help="comma-separated verbalizer override")(fn)
+    return click.option("--task", type=click.Choice(["sst2", "agnews"]), default="sst2", show_default=True)(fn)
+
+
+def bench_task(task: str, label_words: str | None):  # noqa: ANN201 - TaskSpec
+    from edge_client.tasks import load_task
+
+    words = tuple(w for w in label_words.split(",")) if label_words else None
+    return load_task(task, label_words=words)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM): counts mmapped file pages
+    that were touched as well as anonymous memory, which is what a phone's
+    memory budget sees."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not in /proc/self/status")  # pragma: no cover - Linux only
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance() -> dict[str, Any]:
+    """Commit (``+dirty`` when the bench files differ from it) and machine."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "commit": commit,
+        "machine": f"{cores}-core CPU, {cpu_name()}",
+        "gpu": "none",
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-markdown table (pastes into bench/README.md as is)."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    body = [[cell(v) for v in r] for r in rows]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def write_result(out_dir: Path, name: str, data: dict[str, Any], tables: dict[str, tuple[list, list]]) -> Path:
+    """Print every table, then write ``<name>.json`` with provenance and tables."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prov = provenance()
+    click.echo(f"# {name}  (commit {prov['commit']}, {prov['machine']})")
+    for title, (headers, rows) in tables.items():
+        click.echo(f"\n{title}\n{format_table(headers, rows)}")
+    path = out_dir / f"{name}.json"
+    payload = {"bench": name, **prov, **data, "tables": {t: {"headers": h, "rows": r} for t, (h, r) in tables.items()}}
+    path.write_text(json.dumps(payload, indent=1, default=float))
+    click.echo(f"\nwrote {path} and {out_dir / (name + '.png')}")
+    return path
+
+
+def figure(n_panels: int = 1):  # noqa: ANN201 - matplotlib types
+    """A matplotlib figure on the Agg backend (benches run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, n_panels, figsize=(5.5 * n_panels, 4), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, out_dir: Path, name: str) -> Path:  # noqa: ANN001
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_child(module: str, args: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run ``python -m <module>`` with ``args`` as JSON on stdin; return the
+    JSON object it prints last.  Used where peaks of memory must not mix."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module],
+        input=json.dumps(args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        raise click.ClickException(f"{module} failed (rc {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1])
+
+
+def child_main(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Entry point of a ``run_child`` worker: JSON args in, JSON (+ peak RSS) out."""
+    args = json.loads(sys.stdin.read())
+    result = fn(args)
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    print(json.dumps(result, default=float), flush=True)

@@ -1,0 +1,174 @@
+"""``fwdllm bench convergence``: accuracy vs forward passes, bytes and wall time.
+
+fwdllm's strategies run through the real path: ``fwdllm simulate`` (an
+aggregator and N client processes over ZeroMQ on 127.0.0.1, INT4 GGUF in
+llama.cpp), whose ``metrics.jsonl`` gives per round the forward passes, the
+bytes per client each way, the wall time and the dev accuracy.  The backprop
+baselines (:mod:`bench.baselines`) train on the very shard files simulate
+writes (same ``write_shards`` call, same seed) and are scored on the same dev
+rows, with the same prompt, verbalizer and loss.
+
+Units: a *forward pass* is one batch through the model (a perturbed
+evaluation is one; a backprop step is one forward plus a backward of about
+twice its cost, so the backprop curves are optimistic on that axis).  The
+backprop baselines are evaluated in torch on the dequantized weights, the ZO
+runs by llama.cpp on the INT4 file; round 0 of each row shows the gap.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bench.common import REPO, bench_task, figure, out_option, save_figure, task_options, threads_option, write_result
+
+
+def task_ref(task: str, label_words: str | None, out_dir: Path) -> str:
+    """What ``simulate --task`` gets: the preset name, or (verbalizer
+    override) a spec file keeping the preset's name so its data split stays."""
+    if not label_words:
+        return task
+    from edge_client.tasks import default_data
+
+    spec = bench_task(task, label_words).to_dict()
+    spec.update(train=str(default_data(task, "train")), dev=str(default_data(task, "dev")))
+    path = out_dir / f"{task}-task.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def run_simulate(model: str, strategy: str, run_dir: Path, task: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
+    """One ``fwdllm simulate`` run; returns its metrics records."""
+    from aggregator.checkpoint import read_metrics
+
+    args = [sys.executable, "-c", "from aggregator.cli import simulate; simulate()", "--model", model,
+            "--strategy", strategy, "--out", str(run_dir), "--task", task]
+    for k, v in opts.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise click.ClickException(f"simulate {strategy} failed:\n{(proc.stderr or proc.stdout)[-2000:]}")
+    return read_metrics(run_dir)
+
+
+def curve(records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Cumulative forward passes, bytes per client (down+up) and wall time at
+    every evaluated round."""
+    out: dict[str, list[float]] = {"round": [], "forward_passes": [], "bytes": [], "wall_s": [], "accuracy": []}
+    fwd = nbytes = wall = 0.0
+    for r in sorted(records, key=lambda r: r["round"]):
+        if r["round"] > 0:
+            fwd += r["forward_passes"]
+            nbytes += r["bytes_down_per_client"] + r["bytes_up_per_client"]
+            wall = r.get("wall_s", wall + r.get("round_s", 0.0))
+        if r.get("dev_accuracy") is not None:
+            for k, v in (("round", r["round"]), ("forward_passes", fwd), ("bytes", nbytes), ("wall_s", wall),
+                         ("accuracy", r["dev_accuracy"])):
+                out[k].append(float(v))
+    return out
+
+
+def passes_to(c: dict[str, list[float]], target: float) -> float | None:
+    """Forward passes at the first evaluation reaching ``target`` accuracy."""
+    return next((f for f, a in zip(c["forward_passes"], c["accuracy"]) if a >= target), None)
+
+
+@click.command("convergence")
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--strategies", default="zo-sgd", show_default=True,
+              help="fwdllm strategies (simulate --strategy), comma-separated; 'all' = every registered one")
+@click.option("--baselines", default="fedavg-lora,fedcybgd", show_default=True, help="backprop baselines ('' = none)")
+@click.option("--clients", type=int, default=4, show_default=True)
+@click.option("--shard-size", type=int, default=500, show_default=True)
+@click.option("--rounds", type=int, default=30, show_default=True, help="rounds of the ZO strategies")
+@click.option("--bp-rounds", type=int, default=12, show_default=True, help="rounds of the backprop baselines")
+@click.option("--local-steps", type=int, default=2, show_default=True, help="backprop steps per client per round")
+@click.option("-k", "--k", "k", type=int, default=16, show_default=True)
+@click.option("-b", "--batch-size", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="ZO learning rate (simulate --lr)")
+@click.option("--bp-lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate of the baselines")
+@click.option("--dev-limit", type=int, default=200, show_default=True)
+@click.option("--eval-every", type=int, default=10, show_default=True, help="ZO rounds between evaluations")
+@click.option("--bp-eval-every", type=int, default=3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@task_options
+@threads_option
+@out_option
+def convergence(model, strategies, baselines, clients, shard_size, rounds, bp_rounds, local_steps, k, batch_size, lr,  # noqa: ANN001
+                bp_lr, dev_limit, eval_every, bp_eval_every, seed, task, label_words, threads, out_dir: Path) -> None:
+    """Accuracy vs forward passes / bytes / wall time: fwdllm strategies vs backprop baselines.
+
+    \b
+    Examples:
+      fwdllm bench convergence --model smollm2-135m --task sst2
+      fwdllm bench convergence --strategies all --rounds 60 --task agnews
+      fwdllm bench convergence --baselines fedavg-lora --bp-rounds 20
+    """
+    from aggregator.simulate import write_shards
+    from aggregator.strategy import STRATEGIES
+    from bench.baselines import BACKPROP, BackpropConfig, TorchLora, run_backprop
+    from edge_client.tasks import default_data, read_examples
+    from fwdllm.errors import UserError
+    from fwdllm.models import resolve_model
+
+    names = sorted(STRATEGIES) if strategies == "all" else [s for s in strategies.split(",") if s]
+    bps = [b for b in baselines.split(",") if b]
+    bad = [s for s in names if s not in STRATEGIES] + [b for b in bps if b not in BACKPROP]
+    if bad:
+        raise UserError(f"unknown strategy/baseline {bad}; strategies: {sorted(STRATEGIES)}, baselines: {BACKPROP}")
+    path = resolve_model(model)
+    runs = out_dir / "convergence-runs"
+    if runs.exists() and any(runs.iterdir()):
+        raise UserError(f"{runs} is not empty; pick another --out or remove it")
+    ref = task_ref(task, label_words, runs)
+    curves: dict[str, dict[str, list[float]]] = {}
+    opts = dict(clients=clients, shard_size=shard_size, rounds=rounds, k=k, batch_size=batch_size, lr=lr,
+                dev_limit=dev_limit, eval_every=eval_every, seed=seed, threads=1)
+    for s in names:
+        click.echo(f"simulate --strategy {s} ({rounds} rounds)", err=True)
+        curves[s] = curve(run_simulate(str(path), s, runs / s, ref, opts))
+    if bps:
+        spec = bench_task(task, label_words)
+        shards = [read_examples(spec, p) for p in write_shards(ref, runs / "bp-shards", clients, shard_size, None, seed)]
+        dev = read_examples(spec, default_data(spec.name, "dev"), limit=dev_limit)
+        tl = TorchLora(path, spec, threads=threads, seed=seed)
+        start = tl.state()
+        cfg = BackpropConfig(rounds=bp_rounds, local_steps=local_steps, batch_size=batch_size, lr=bp_lr,
+                             eval_every=bp_eval_every, seed=seed)
+        for b in bps:
+            click.echo(f"{b} ({bp_rounds} rounds, backprop)", err=True)
+            tl.load(start)
+            curves[b] = curve(run_backprop(b, tl, shards, dev, cfg, on_record=lambda r: click.echo(r, err=True)))
+    ceiling = max(curves["fedavg-lora"]["accuracy"]) if "fedavg-lora" in curves else None
+    rows = []
+    for name, c in curves.items():
+        rows.append([name, c["accuracy"][0], c["accuracy"][-1], max(c["accuracy"]), int(c["round"][-1]),
+                     int(c["forward_passes"][-1]), int(c["bytes"][-1]), c["wall_s"][-1],
+                     passes_to(c, 0.95 * ceiling) if ceiling else None])
+    write_result(
+        out_dir,
+        "convergence",
+        {"model": str(path), "task": task, "options": {**opts, "bp_rounds": bp_rounds, "local_steps": local_steps,
+                                                        "bp_lr": bp_lr}, "ceiling": ceiling, "curves": curves},
+        {f"{task} dev accuracy ({dev_limit} rows), {path.name}, {clients} clients": (
+            ["method", "acc@0", "final acc", "best acc", "rounds", "forward passes", "bytes/client (down+up)",
+             "wall s", "passes to 95% of FedAvg-LoRA best"],
+            rows,
+        )},
+    )
+    fig, axes = figure(3)
+    for name, c in curves.items():
+        for ax, key in zip(axes, ("forward_passes", "bytes", "wall_s")):
+            ax.plot([max(x, 1) if key == "bytes" else x for x in c[key]], c["accuracy"], "o-", label=name)
+    for ax, label in zip(axes, ("forward passes (batches)", "bytes per client, cumulative", "wall seconds")):
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"{task} dev accuracy")
+    axes[1].set_xscale("log")
+    axes[0].legend(fontsize=8)
+    save_figure(fig, out_dir, "convergence")

@@ -1,0 +1,132 @@
+"""``fwdllm bench fidelity``: how well K seeds' scalars reconstruct the gradient.
+
+The aggregated estimate ``G_K = (1/K) sum_k p_k v_k`` (``fwdllm.contract.combine``
+of the seeds and the projections ``p_k`` that ``EdgeSession.perturbed`` measured
+on the INT4 GGUF in llama.cpp) is compared by cosine with the exact gradient of
+the same loss on the same tokens (``bench/torch_ref.py``: the GGUF dequantized
+in torch, autograd).  The same seeds are reused as K grows (prefixes of one
+list), so the curve is one estimator getting more samples.
+
+Two references separate the two error sources:
+
+* ``exact scalars``: ``G_K`` built from torch's exact ``g . v_k`` - the pure
+  sampling error of a K-direction estimate in ``d`` dimensions;
+* theory: for i.i.d. unit-variance directions ``E|G_K|^2 = |g|^2 (K+d+1)/K``
+  and ``E[G_K . g] = |g|^2``, hence ``cos ~ sqrt(K / (K + d + 1))``
+  (``~ sqrt(K/d)`` for ``K << d``); this is the curve plotted.
+
+The gap between llama.cpp's curve and the exact-scalar curve is what INT4
+arithmetic and the finite difference cost.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+import numpy as np
+
+from bench.common import bench_task, figure, out_option, save_figure, task_options, threads_option, write_result
+
+
+def cosine(a: dict[str, np.ndarray], b: dict[str, np.ndarray], names: list[str]) -> float:
+    x = np.concatenate([a[n].ravel().astype(np.float64) for n in names])
+    y = np.concatenate([b[n].ravel().astype(np.float64) for n in names])
+    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y) + 1e-300))
+
+
+def k_grid(k_max: int) -> list[int]:
+    """1, 2, 4, ... up to k_max (k_max itself included)."""
+    ks = [2**i for i in range(int(math.log2(k_max)) + 1)]
+    return ks if ks[-1] == k_max else ks + [k_max]
+
+
+@click.command("fidelity")
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--k-max", type=int, default=256, show_default=True, help="largest K (seeds 1..K, prefixes reused)")
+@click.option("-b", "--batch", type=int, default=8, show_default=True)
+@click.option("--eps", type=float, default=1e-2, show_default=True)
+@click.option("--rank", type=int, default=8, show_default=True)
+@click.option("--parts", type=click.Choice(["a", "b", "both"]), default="b", show_default=True)
+@click.option("--dist", type=click.Choice(["gaussian", "rademacher"]), default="gaussian", show_default=True)
+@task_options
+@threads_option
+@out_option
+def fidelity(model, k_max, batch, eps, rank, parts, dist, task, label_words, threads, out_dir: Path) -> None:  # noqa: ANN001
+    """Cosine(aggregated ZO gradient on INT4 llama.cpp, exact torch gradient) vs K.
+
+    \b
+    Examples:
+      fwdllm bench fidelity --model smollm2-135m --k-max 256
+      fwdllm bench fidelity --model smollm2-135m --k-max 64 --parts b
+    """
+    from tqdm import tqdm
+
+    from bench.torch_ref import TorchRef, directional, random_lora
+    from convert.lora import layout_for_base
+    from edge_client.session import EdgeSession
+    from edge_client.tasks import default_data, read_examples
+    from fwdllm.contract import PerturbMask, combine, direction
+    from fwdllm.errors import UserError
+
+    if k_max < 1:
+        raise UserError("--k-max must be >= 1")
+    spec = bench_task(task, label_words)
+    examples = read_examples(spec, default_data(spec.name, "train"), limit=batch)
+    mask = PerturbMask(parts=parts)
+    seeds = list(range(1, k_max + 1))
+    with EdgeSession(model, spec, n_threads=threads, max_batch=batch) as session:
+        layout = layout_for_base(session.model_path, rank, 2.0 * rank, ("q", "v"))
+        session.set_lora(layout, random_lora(layout, 0))
+        prepared = session.prepare(examples)
+        ref = TorchRef(session.model_path, n_threads=threads)
+        torch_loss, grads = ref.loss_and_grad(
+            layout, session.tensors, prepared.seqs, prepared.targets, spec.kind, session.label_ids
+        )
+        del ref
+        proj = np.concatenate([
+            session.perturbed(examples, seeds[i : i + 8], eps, mask, dist).projected
+            for i in tqdm(range(0, k_max, 8), desc="perturbed scoring", unit="8 seeds")
+        ])
+        llama_loss = session.evaluate(examples).loss
+    names = mask.names(layout)
+    d = sum(int(np.prod(layout.shapes()[n])) for n in names)
+    exact = np.array([directional(grads, direction(s, layout, mask, dist)) for s in seeds])
+    rows = []
+    for k in tqdm(k_grid(k_max), desc="combine", unit="K"):
+        g_llama = combine(seeds[:k], proj[:k] / k, layout, mask, dist)
+        g_exact = combine(seeds[:k], exact[:k] / k, layout, mask, dist)
+        rows.append([k, cosine(g_llama, grads, names), cosine(g_exact, grads, names), math.sqrt(k / (k + d + 1)),
+                     math.sqrt(k / d)])
+    pearson = float(np.corrcoef(proj, exact)[0, 1]) if k_max > 1 else float("nan")
+    sign = float(np.mean(np.sign(proj) == np.sign(exact)))
+    write_result(
+        out_dir,
+        "fidelity",
+        {"model": str(model), "d": d, "eps": eps, "parts": parts, "dist": dist, "batch": len(prepared.seqs),
+         "torch_loss": torch_loss, "llama_loss": llama_loss, "pearson_scalars": pearson, "sign_agreement": sign,
+         "projected": proj.tolist(), "exact": exact.tolist()},
+        {
+            f"cos(G_K, exact grad), {Path(str(model)).name}, d={d}, eps={eps:g}, {dist}": (
+                ["K", "llama.cpp INT4", "exact scalars", "sqrt(K/(K+d+1))", "sqrt(K/d)"],
+                rows,
+            ),
+            "Per-seed scalars": (
+                ["loss llama.cpp", "loss torch", "pearson(p, g.v)", "sign agreement"],
+                [[llama_loss, torch_loss, pearson, sign]],
+            ),
+        },
+    )
+    fig, (ax,) = figure(1)
+    ks = [r[0] for r in rows]
+    ax.plot(ks, [r[1] for r in rows], "o-", label="llama.cpp INT4 scalars")
+    ax.plot(ks, [r[2] for r in rows], "s--", label="exact torch scalars")
+    ax.plot(ks, [r[3] for r in rows], "k:", label="theory sqrt(K/(K+d+1))")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("K (perturbations)")
+    ax.set_ylabel("cosine with exact gradient")
+    ax.set_title(f"d={d}", fontsize=9)
+    ax.legend(fontsize=8)
+    save_figure(fig, out_dir, "fidelity")

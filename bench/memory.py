@@ -1,0 +1,141 @@
+"""``fwdllm bench memory``: peak RSS of an edge client vs torch backprop-LoRA.
+
+Each side runs in its own subprocess, so each VmHWM is that side's alone:
+
+* edge - :class:`EdgeSession` in one of the engine's loading modes, a LoRA on
+  q,v, then ``rounds`` perturbed rounds of K seeds (what a device does);
+* torch - the backprop-LoRA baseline of :mod:`bench.baselines` (the GGUF
+  dequantized to float32, PEFT LoRA on q,v, AdamW) taking ``steps`` steps.
+
+Goals (issue 8): edge RSS <= 1.15x the GGUF file, and >= 4x below backprop.
+The torch side is skipped, with its float32 weight size as a lower bound,
+when those weights alone exceed this machine's available memory.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bench.common import (
+    GIB,
+    bench_task,
+    child_main,
+    figure,
+    out_option,
+    run_child,
+    save_figure,
+    task_options,
+    threads_option,
+    write_result,
+)
+from bench.round import MODES, synth_model
+
+
+def edge_worker(args: dict[str, Any]) -> dict[str, Any]:
+    """Load in ``mode``, then perturbed rounds; the parent reads VmHWM."""
+    from bench.torch_ref import random_lora
+    from convert.lora import layout_for_base
+    from edge_client.session import EdgeSession
+    from edge_client.tasks import default_data, read_examples
+    from fwdllm.contract import PerturbMask
+
+    mmap, repack = MODES[args["mode"]]
+    task = bench_task(args["task"], args["label_words"])
+    t0 = time.perf_counter()
+    session = EdgeSession(args["model"], task, n_threads=args["threads"], max_batch=args["batch"], mmap=mmap, repack=repack)
+    load_s = time.perf_counter() - t0
+    layout = layout_for_base(session.model_path, args["rank"], 2.0 * args["rank"], ("q", "v"))
+    session.set_lora(layout, random_lora(layout, 0))
+    examples = read_examples(task, default_data(task.name, "train"), limit=args["batch"])
+    t0 = time.perf_counter()
+    tokens = 0
+    for r in range(args["rounds"]):
+        res = session.perturbed(examples, range(r * args["k"] + 1, (r + 1) * args["k"] + 1), 1e-2, PerturbMask("b"))
+        tokens += res.n_tokens
+    work_s = time.perf_counter() - t0
+    session.close()
+    return {"side": f"edge ({args['mode']})", "load_s": load_s, "work_s": work_s, "tok_s": tokens / work_s}
+
+
+def f32_weight_bytes(path: Path) -> int:
+    """Bytes of every tensor of a GGUF at float32: what the torch side must hold."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return sum(int(t.n_elements) * 4 for t in reader.tensors)
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0  # pragma: no cover
+
+
+@click.command("memory")
+@click.option("--model", default="smollm2-135m", show_default=True, help="GGUF path or store name")
+@click.option("--synth", default=None, help="use a synthetic preset instead (e.g. llama2-7b), made on first use")
+@click.option("--modes", default="default,no-repack,no-mmap", show_default=True, help="edge loading modes")
+@click.option("-k", "--k", "k", type=int, default=4, show_default=True, help="seeds per edge round")
+@click.option("--rounds", type=int, default=2, show_default=True, help="edge rounds")
+@click.option("--steps", type=int, default=2, show_default=True, help="torch backprop steps")
+@click.option("-b", "--batch", type=int, default=8, show_default=True)
+@click.option("--rank", type=int, default=8, show_default=True)
+@click.option("--no-torch", is_flag=True, help="edge side only")
+@task_options
+@threads_option
+@out_option
+def memory(model, synth, modes, k, rounds, steps, batch, rank, no_torch, task, label_words, threads, out_dir) -> None:  # noqa: ANN001
+    """Peak RSS: edge client (perturbed rounds) vs torch backprop-LoRA, one subprocess each.
+
+    \b
+    Examples:
+      fwdllm bench memory --model smollm2-135m
+      fwdllm bench memory --synth llama2-7b --modes no-mmap --no-torch
+    """
+    from fwdllm.errors import UserError
+    from fwdllm.models import resolve_model
+
+    names = [m for m in modes.split(",") if m]
+    if not names or any(m not in MODES for m in names):
+        raise UserError(f"--modes: choose from {', '.join(MODES)}")
+    path = synth_model(synth) if synth else resolve_model(model)
+    size = path.stat().st_size
+    common = dict(model=str(path), task=task, label_words=label_words, batch=batch, rank=rank, threads=threads)
+    runs = [run_child("bench.memory", {**common, "mode": m, "k": k, "rounds": rounds}) for m in names]
+    need = f32_weight_bytes(path)
+    torch_note = ""
+    if not no_torch and need < 0.8 * mem_available():
+        runs.append(run_child("bench.baselines", {**common, "steps": steps}))
+    elif not no_torch:
+        torch_note = f"torch backprop-LoRA skipped: float32 weights alone need {need / GIB:.1f} GiB"
+    torch_rss = next((r["peak_rss_bytes"] for r in runs if r["side"].startswith("torch")), need)
+    rows = [[r["side"], r["peak_rss_bytes"] / GIB, r["peak_rss_bytes"] / size, torch_rss / r["peak_rss_bytes"],
+             r["load_s"], r["work_s"]] for r in runs]
+    if torch_note:
+        rows.append(["torch backprop-LoRA (f32 weights, lower bound, not run)", need / GIB, need / size, 1.0, "-", "-"])
+    write_result(
+        out_dir,
+        "memory",
+        {"model": str(path), "size_bytes": size, "f32_weight_bytes": need, "runs": runs, "note": torch_note},
+        {f"Peak RSS, {path.name} ({size / GIB:.3f} GiB file); goals: edge <= 1.15x file, >= 4x below torch": (
+            ["side", "peak RSS GiB", "RSS / file", "torch / this", "load s", "work s"],
+            rows,
+        )},
+    )
+    fig, (ax,) = figure(1)
+    ax.bar([r[0] for r in rows], [r[1] for r in rows])
+    ax.axhline(size / GIB, color="k", ls="--", label="GGUF size")
+    ax.axhline(1.15 * size / GIB, color="r", ls=":", label="1.15x goal")
+    ax.set_ylabel("peak RSS (GiB)")
+    ax.tick_params(axis="x", labelsize=7, rotation=15)
+    ax.legend(fontsize=8)
+    save_figure(fig, out_dir, "memory")
+
+
+if __name__ == "__main__":
+    child_main(edge_worker)
