@@ -52,9 +52,14 @@ def run_simulate(model: str, strategy: str, run_dir: Path, task: str, opts: dict
     for k, v in opts.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
+    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    done = any(r["round"] == opts["rounds"] for r in records)
+    if proc.returncode != 0 and not done:
         raise click.ClickException(f"simulate {strategy} failed:\n{(proc.stderr or proc.stdout)[-2000:]}")
-    return read_metrics(run_dir)
+    if proc.returncode != 0:  # finished every round, then tripped on shutdown: keep the metrics, say so
+        click.echo(f"warning: simulate {strategy} exited {proc.returncode} after its last round: "
+                   f"{(proc.stderr or proc.stdout).strip().splitlines()[-1]}", err=True)
+    return records
 
 
 def curve(records: list[dict[str, Any]]) -> dict[str, list[float]]:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 # The tiny model's vocabulary splits " negative"/" positive" into a shared
@@ -107,3 +108,20 @@ def test_memory_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     sides = [r["side"] for r in data["runs"]]
     assert sides == ["edge (no-mmap)", "torch backprop-LoRA"]
     assert all(r["peak_rss_bytes"] > 0 for r in data["runs"])
+
+
+@pytest.mark.slow
+def test_convergence_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
+    from bench.convergence import convergence
+
+    _invoke(convergence, ["--model", str(tiny_model), "--clients", "2", "--shard-size", "16", "--rounds", "2",
+                          "-k", "2", "-b", "2", "--dev-limit", "8", "--eval-every", "1", "--bp-rounds", "2",
+                          "--local-steps", "1", "--bp-eval-every", "1", "--out", str(tmp_path), *WORDS])
+    data = _result(tmp_path, "convergence")
+    curves = data["curves"]
+    assert set(curves) == {"zo-sgd", "fedavg-lora", "fedcybgd"}
+    assert curves["zo-sgd"]["forward_passes"] == [0, 4, 8]  # K=2 central per round
+    assert curves["fedavg-lora"]["forward_passes"] == [0, 2, 4]  # 2 clients x 1 local step
+    assert curves["fedcybgd"]["forward_passes"] == [0, 1, 2]
+    # FedCyBGD uploads one of two blocks; FedAvg-LoRA the whole adapter, down and up
+    assert curves["fedcybgd"]["bytes"][1] == 0.75 * curves["fedavg-lora"]["bytes"][1]
