@@ -26,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "lora_alpha": 16.0,
     "targets": "q,v",
     "parts": "b",
+    "one_sided": True,
 }
 
 
@@ -58,11 +59,15 @@ def training_options(f: Callable) -> Callable:
         click.option("--targets", default=DEFAULTS["targets"], show_default=True, help=f"LoRA targets, from {','.join(TARGETS)}."),
         click.option("--parts", type=click.Choice(PARTS), default=DEFAULTS["parts"], show_default=True, help="Which LoRA factor to perturb (B starts at zero)."),
         click.option("--dist", type=click.Choice(DISTRIBUTIONS), default="gaussian", show_default=True, help="Perturbation distribution."),
-        click.option("--one-sided", is_flag=True, help="Forward differences (K+1 passes) instead of central (2K)."),
+        click.option("--one-sided/--central", default=DEFAULTS["one_sided"], show_default=True,
+                     help="Forward differences (K+1 passes: the O(eps) term is zero-mean) or central (2K)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Run seed: perturbations, batches, LoRA init."),
     ]
     return functools.reduce(lambda g, o: o(g), reversed(opts), f)
 
+
+#: How simulate passes each boolean training option on to ``serve``.
+BOOL_FLAGS = {"one_sided": ("--one-sided", "--central")}
 
 TRAINING_KEYS = (
     "task dev dev_limit eval_every strategy k eps batch_size lr optimizer momentum schedule warmup "
@@ -97,7 +102,7 @@ def _specs(kw: dict[str, Any], rounds: int) -> tuple[OptimizerSpec, StrategySpec
 
 def _dev_file(task: str, dev: Path | None) -> Path | None:
     """--dev, else the task's default dev split, else no evaluation."""
-    from edge_client.tasks import default_data, load_task
+    from edge_client.tasks import default_data
 
     if dev is not None:
         if not dev.is_file():
@@ -124,10 +129,12 @@ def aggregator() -> None:
 @click.option("--heartbeat", "heartbeat_s", type=click.FloatRange(min=0.05), default=1.0, show_default=True, help="Heartbeat interval, seconds.")
 @click.option("--liveness", type=click.IntRange(2), default=5, show_default=True, help="Missed heartbeats before a client is dropped.")
 @click.option("--round-timeout", "round_timeout_s", type=click.FloatRange(min=1), default=900.0, show_default=True, help="Finish a round with whatever came back after this many seconds.")
+@click.option("--quorum", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="End a round once this fraction of its clients reported (stragglers' results then count as late).")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="llama.cpp threads for dev evaluation.")
 @training_options
 def serve(bind: str, model_name: str | None, rounds: int, out: Path | None, resume: Path | None, min_clients: int,
-          heartbeat_s: float, liveness: int, round_timeout_s: float, threads: int | None, **kw: Any) -> None:
+          heartbeat_s: float, liveness: int, round_timeout_s: float, quorum: float, threads: int | None,
+          **kw: Any) -> None:
     """Run the aggregator: hand out seeds, turn scalars into LoRA updates.
 
     Each round every participating client gets seeds and a batch seed, returns
@@ -171,7 +178,7 @@ def serve(bind: str, model_name: str | None, rounds: int, out: Path | None, resu
                                      rounds, eval_every, lora, opt, strat)
         run_dir, state, elapsed = out, {}, 0.0
     opts = ServerOptions(bind=bind, heartbeat_s=heartbeat_s, liveness=liveness,
-                         round_timeout_s=round_timeout_s, min_clients=min_clients)
+                         round_timeout_s=round_timeout_s, min_clients=min_clients, quorum=quorum)
     server = Aggregator(run_dir, cfg, replica, setup.strategy_for(cfg, state), opts,
                         setup.evaluator(cfg, model, threads), elapsed)
     server.serve()

@@ -11,7 +11,8 @@ Round life cycle::
     WAIT   until enough clients are live (``min_clients`` before this
            process's first round, then at least one)
     RUN    Tasks out, Results in; dead peers dropped; ends when the strategy
-           is ready, when nothing is outstanding, or at the deadline
+           is ready, when a quorum of participants reported, when nothing
+           is outstanding, or at the deadline
     STEP   coefficients -> Update -> applied to the server's replica
     EVAL   (every ``eval_every`` rounds, in a thread) dev loss / accuracy
     COMMIT metrics line, checkpoint, then broadcast the Update
@@ -70,6 +71,7 @@ class ServerOptions:
     liveness: int = 5  # missed heartbeats before a peer is dropped
     round_timeout_s: float = 900.0
     min_clients: int = 1
+    quorum: float = 1.0  # end a round once this fraction of its participants reported
 
 
 @dataclass
@@ -248,7 +250,10 @@ class Aggregator:
         """Give work to idle peers; end the round when nothing is left."""
         rs = self.round
         assert rs is not None
-        if self.strategy.ready() and rs.results:
+        # quorum < 1 cuts stragglers off; at 1 the strategy alone decides (it
+        # may hand a client more work after its first result)
+        quorum = self.opts.quorum < 1 and len(rs.bytes_up) >= math.ceil(self.opts.quorum * len(rs.participants))
+        if rs.results and (self.strategy.ready() or quorum):
             self._end_round()
             return
         for peer in sorted(self.peers.values(), key=lambda p: p.client_id):
@@ -500,8 +505,8 @@ class Aggregator:
             },
         )
         self._send(peer, welcome, "control")
-        if peer.task is not None:  # the reconnected worker may have lost it
-            self._send(peer, peer.task, "control")
+        if carried[1] is not None:  # a reconnected worker may have lost its task
+            self._send(peer, carried[1], "control")
 
     def _send_snapshot(self, peer: Peer) -> None:
         if self.snapshot_cache is None or self.snapshot_cache[0] != self.replica.version:

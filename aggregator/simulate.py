@@ -112,13 +112,15 @@ def free_port() -> int:
 
 def _option_args(kw: dict[str, Any], keys: list[str]) -> list[str]:
     """Turn parsed training options back into ``--name value`` arguments."""
+    from aggregator.cli import BOOL_FLAGS
+
     args: list[str] = []
     for k in keys:
         v = kw.get(k)
-        if v is None or v is False:
-            continue
-        flag = "--" + k.replace("_", "-")
-        args += [flag] if v is True else [flag, str(v)]
+        if k in BOOL_FLAGS:
+            args.append(BOOL_FLAGS[k][0 if v else 1])
+        elif v is not None:
+            args += ["--" + k.replace("_", "-"), str(v)]
     return args
 
 

@@ -168,6 +168,10 @@ class EventLog:
             self._f.write(json.dumps({"event": event, "t": round(time.time(), 3), **fields}) + "\n")
 
 
+def _same_task(a: Task, b: Task | None) -> bool:
+    return b is not None and a.round == b.round and np.array_equal(a.seeds, b.seeds)
+
+
 class Worker:
     """One DEALER connection at a time; reconnects with backoff until ``Bye``."""
 
@@ -194,6 +198,7 @@ class Worker:
         self.heartbeat_s = 1.0
         self.pending: Task | None = None  # waiting for a snapshot or for the thread
         self.busy: threading.Thread | None = None
+        self.running: Task | None = None
         self.results: "queue.Queue[Result | BaseException]" = queue.Queue()
         self.snap_asked = False
         self.done: str | None = None
@@ -268,8 +273,9 @@ class Worker:
         elif isinstance(msg, Snapshot):
             self._snapshot(sock, msg)
         elif isinstance(msg, Task):
-            self.pending = msg
-            self._start(sock)
+            if not _same_task(msg, self.running):  # a re-sent task we are already scoring
+                self.pending = msg
+                self._start(sock)
         elif isinstance(msg, Update):
             self._update(sock, msg)
         elif isinstance(msg, Bye):
@@ -345,7 +351,7 @@ class Worker:
             else:
                 self.pending = None  # a stale task; the server has moved on
             return
-        self.pending = None
+        self.pending, self.running = None, task
         tensors = {n: a.copy() for n, a in r.tensors.items()}
         scorer, layout = self.scorer, r.layout
 
@@ -363,7 +369,7 @@ class Worker:
             out = self.results.get_nowait()
         except queue.Empty:
             return
-        self.busy = None
+        self.busy, self.running = None, None
         if isinstance(out, BaseException):
             raise out
         self._send(sock, out)

@@ -26,7 +26,7 @@ from edge_client.worker import EventLog, Worker
 from fwdllm.contract import Error, Heartbeat, Join, Message, Refuse, Result, Task, Welcome
 from fwdllm.optim import OptimizerSpec
 
-HB = 0.1
+HB = 0.2
 
 
 def free_url() -> str:
@@ -41,7 +41,8 @@ def join_msg(cid: str, sha: str = FAKE_MODEL_SHA) -> Join:
 
 @contextmanager
 def serving(run_dir: Path, rounds: int = 5, k: int = 16, min_clients: int = 1, round_timeout: float = 30.0,
-            resume: bool = False, lr: float = 0.05, bind: str | None = None) -> Iterator[Aggregator]:
+            resume: bool = False, lr: float = 0.05, bind: str | None = None,
+            quorum: float = 1.0) -> Iterator[Aggregator]:
     """An aggregator in a thread on a free port; always stopped and joined."""
     if resume:
         cfg, replica, state, elapsed = setup.resume_run(run_dir, FAKE_MODEL_SHA)
@@ -49,8 +50,8 @@ def serving(run_dir: Path, rounds: int = 5, k: int = 16, min_clients: int = 1, r
         cfg, replica = synthetic_run(rounds, OptimizerSpec(lr=lr, total_rounds=rounds), StrategySpec(k=k))
         checkpoint.write_config(run_dir, cfg)
         state, elapsed = {}, 0.0
-    opts = ServerOptions(bind=bind or free_url(), heartbeat_s=HB, liveness=4, round_timeout_s=round_timeout,
-                         min_clients=min_clients)
+    opts = ServerOptions(bind=bind or free_url(), heartbeat_s=HB, liveness=5, round_timeout_s=round_timeout,
+                         min_clients=min_clients, quorum=quorum)
     agg = Aggregator(run_dir, cfg, replica, setup.strategy_for(cfg, state), opts, None, elapsed)
     t = threading.Thread(target=agg.serve, daemon=True)
     t.start()
@@ -191,6 +192,18 @@ def test_stalled_client_hits_deadline_and_late_result_is_ignored(tmp_path: Path)
     recs = checkpoint.read_metrics(tmp_path)
     assert [r["round"] for r in recs] == [1, 2]
     assert recs[0]["clients"] == 1 and recs[0]["round_s"] >= 1.0
+
+
+def test_quorum_ends_rounds_without_the_straggler(tmp_path: Path) -> None:
+    with serving(tmp_path, rounds=3, min_clients=3, quorum=0.6) as agg:
+        ws = [start_worker(agg.opts.bind, f"fast{i}") for i in range(2)]
+        slow, ts = start_worker(agg.opts.bind, "slow", delay_s=3.0)
+        for _, t in ws:
+            t.join(30)
+    recs = checkpoint.read_metrics(tmp_path)
+    assert [r["round"] for r in recs] == [1, 2, 3]
+    assert all(r["clients"] == 2 and r["participants"] == 3 for r in recs)
+    assert all(r["round_s"] < 3.0 for r in recs)
 
 
 def test_late_joiner_gets_snapshot_and_matches(tmp_path: Path) -> None:

@@ -128,6 +128,7 @@ def test_three_clients_train_agree_and_survive_a_dead_client(fed: Fed, tiny_mode
     examples = [x for s in fed.shards for x in read_examples(task, s)]
     layout, tensors = read_adapter(out / "adapter.gguf")
     with EdgeSession(tiny_model, task, n_threads=1) as s:
+        s.engine.free_adapter(s.engine.load_adapter(out / "adapter.gguf"))  # llama.cpp takes the file as is
         before = s.evaluate(examples).loss
         s.set_lora(layout, tensors)
         after = s.evaluate(examples).loss

@@ -1,0 +1,61 @@
+"""Aggregator CLI errors, data sharding and metrics files (fast, no model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from aggregator import checkpoint
+from aggregator.cli import aggregator, profile, simulate
+from aggregator.simulate import split_indices, write_shards
+
+
+def test_serve_needs_model_and_out() -> None:
+    res = CliRunner().invoke(aggregator, ["serve", "--rounds", "2"])
+    assert res.exit_code == 2 and "needs --model and --out" in res.output
+
+
+def test_resume_of_a_non_run_is_a_clear_error(tmp_path: Path) -> None:
+    res = CliRunner().invoke(aggregator, ["serve", "--resume", str(tmp_path)])
+    assert res.exit_code == 2 and "not a run directory" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_simulate_refuses_an_existing_run(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text("{}")
+    res = CliRunner().invoke(simulate, ["--out", str(tmp_path)])
+    assert res.exit_code == 2 and "already holds a run" in res.output
+
+
+def test_profile_is_a_stub() -> None:
+    res = CliRunner().invoke(profile, [])
+    assert res.exit_code == 2 and "not implemented yet" in res.output
+
+
+def test_shards_are_disjoint_and_dirichlet_skews_labels(tmp_path: Path, data_dir: Path) -> None:
+    iid = write_shards("sst2", tmp_path / "iid", 4, 50, None, seed=0)
+    rows = [p.read_text().splitlines() for p in iid]
+    assert all(r[0] == "label\tsentence" and len(r) == 51 for r in rows)
+    bodies = [set(r[1:]) for r in rows]
+    assert sum(len(b) for b in bodies) == len(set().union(*bodies))  # disjoint
+
+    labels = ["0"] * 500 + ["1"] * 500
+    skew = split_indices(labels, 1000, 4, 200, alpha=0.1, seed=0)
+    flat = [i for s in skew for i in s]
+    assert len(flat) == len(set(flat)) == 800
+    pos = [sum(labels[i] == "1" for i in s) / max(1, len(s)) for s in skew if s]
+    assert max(pos) - min(pos) > 0.5  # strong label skew at alpha=0.1
+    even = split_indices(labels, 1000, 4, 200, alpha=None, seed=0)
+    assert all(len(s) == 200 for s in even)
+
+
+def test_metrics_trim_drops_unfinished_rounds_and_torn_lines(tmp_path: Path) -> None:
+    for r in range(4):
+        checkpoint.append_metrics(tmp_path, {"round": r})
+    with open(tmp_path / checkpoint.METRICS, "a") as f:
+        f.write('{"round": 4, "lo')  # a crash mid-write
+    assert [r["round"] for r in checkpoint.read_metrics(tmp_path)] == [0, 1, 2, 3]
+    checkpoint.trim_metrics(tmp_path, 2)
+    assert [json.loads(x)["round"] for x in (tmp_path / checkpoint.METRICS).read_text().splitlines()] == [0, 1, 2]
