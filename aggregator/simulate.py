@@ -203,9 +203,13 @@ def _watch(out: Path, procs: list[subprocess.Popen], rounds: int, tqdm: Any) -> 
             seen = len(recs)
             if agg.poll() is not None:
                 break
-            dead = [p for p in procs[1:] if p.poll() is not None]
-            if len(dead) == len(procs) - 1:
-                raise UserError(f"all clients exited; see {out / 'logs'}")
+            if all(p.poll() is not None for p in procs[1:]):
+                # Clients leave on the aggregator's Bye, a moment before it exits.
+                try:
+                    agg.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    raise UserError(f"all clients exited; see {out / 'logs'}") from None
+                continue
             time.sleep(0.5)
     if agg.returncode != 0:
         tail = (out / "logs" / "aggregator.log").read_text(errors="replace").strip().splitlines()[-5:]
