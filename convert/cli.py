@@ -10,7 +10,9 @@ import click
 from convert.quantize import QUANTS
 from convert.synth import PRESETS
 
-_QUANT_CHOICE = click.Choice(list(QUANTS), case_sensitive=False)
+# Plain strings validated by the library (not click.Choice), so that a bad
+# value gives fwdllm's one-line error like every other bad input.
+_QUANT_HELP = f"One of {', '.join(QUANTS)}."
 _GGUF_IN = click.Path(exists=True, dir_okay=False, path_type=Path)
 _OUT = click.Path(dir_okay=False, path_type=Path)
 
@@ -30,10 +32,10 @@ def convert() -> None:
 
 @convert.command()
 @click.argument("out", type=_OUT)
-@click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True,
-              help="Architecture to copy (layer count, widths, heads, vocab size).")
-@click.option("--quant", type=_QUANT_CHOICE, default="Q4_0", show_default=True,
-              help="Q4_0/F16 are written directly; others via F16 + llama.cpp's quantizer.")
+@click.option("--preset", default="tiny", show_default=True,
+              help=f"Architecture to copy (layers, widths, heads, vocab): {', '.join(PRESETS)}.")
+@click.option("--quant", default="Q4_0", show_default=True,
+              help=f"{_QUANT_HELP} Q4_0/F16 are written directly; others via F16 + llama.cpp's quantizer.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 def synth(out: Path, preset: str, quant: str, seed: int) -> None:
     """Write an architecture-exact LLaMA GGUF with random weights, for timing.
@@ -49,7 +51,7 @@ def synth(out: Path, preset: str, quant: str, seed: int) -> None:
     """
     from convert.synth import write_synth
 
-    click.echo(write_synth(out, preset=preset, quant=quant.upper(), seed=seed))
+    click.echo(write_synth(out, preset=preset, quant=quant, seed=seed))
 
 
 @convert.command("inspect")
@@ -102,3 +104,63 @@ def lora_init(base: Path, out: Path, rank: int, alpha: float, targets: list[str]
     write_lora(out, layout, tensors, base)
     click.echo(f"{out}: rank {rank}, alpha {alpha:g}, targets {','.join(layout.target_names)}, "
                f"{len(layout.layers)} layers, {layout.n_params} params")
+
+
+@convert.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=_OUT)
+@click.option("--quant", default="Q4_0", show_default=True,
+              help=f"{_QUANT_HELP} Anything but F16 is made by llama.cpp's quantizer from an F16 temp file.")
+def hf(src: Path, out: Path, quant: str) -> None:
+    """Convert a Hugging Face LlamaForCausalLM directory to GGUF.
+
+    SRC is a save_pretrained directory: config.json, *.safetensors and a
+    tokenizer (tokenizer.model for SentencePiece, or a byte-level BPE
+    tokenizer.json).  Handles GQA, tied embeddings, RoPE theta and the q/k
+    RoPE row order.  Streams one tensor at a time, so a 7B model needs a few
+    GB of RAM (plus a temporary F16 file next to OUT when quantizing).
+
+    \b
+    Example:
+      fwdllm convert hf ./TinyLlama-1.1B tinyllama-q4_0.gguf --quant Q4_0
+    """
+    from convert.hf import convert_hf
+
+    click.echo(convert_hf(src, out, quant))
+
+
+@convert.command("lora-from-peft")
+@click.argument("peft_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("base", type=_GGUF_IN)
+@click.argument("out", type=_OUT)
+def lora_from_peft(peft_dir: Path, base: Path, out: Path) -> None:
+    """Convert a PEFT LoRA directory to a llama.cpp LoRA GGUF for BASE.
+
+    PEFT_DIR holds adapter_model.safetensors and adapter_config.json; BASE is
+    the GGUF of the same model (its head counts fix the q/k row order).
+
+    \b
+    Example:
+      fwdllm convert lora-from-peft ./my-lora smollm2.gguf my-lora.gguf
+    """
+    from convert.peft_bridge import peft_to_gguf
+
+    click.echo(peft_to_gguf(peft_dir, base, out))
+
+
+@convert.command("lora-to-peft")
+@click.argument("lora", type=_GGUF_IN)
+@click.argument("base", type=_GGUF_IN)
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+def lora_to_peft(lora: Path, base: Path, out_dir: Path) -> None:
+    """Write a llama.cpp LoRA GGUF (e.g. a trained fwdllm adapter) as a PEFT directory.
+
+    Load the result with peft.PeftModel.from_pretrained(hf_model, OUT_DIR).
+
+    \b
+    Example:
+      fwdllm convert lora-to-peft runs/demo/adapter.gguf smollm2.gguf ./peft-lora
+    """
+    from convert.peft_bridge import gguf_to_peft
+
+    click.echo(gguf_to_peft(lora, base, out_dir))

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
-from typing import Sequence
-
 import gguf
+import numpy as np
 
 #: llama.cpp token types (``llama_token_type``).
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -70,27 +69,56 @@ class LlamaHParams:
         writer.add_vocab_size(self.n_vocab)
 
 
-def write_spm_vocab(
-    writer: gguf.GGUFWriter,
-    tokens: Sequence[str],
-    scores: Sequence[float],
-    types: Sequence[int],
-    *,
-    bos: int,
-    eos: int,
-    unk: int,
-    add_bos: bool = True,
-    add_space_prefix: bool = True,
-) -> None:
-    """SentencePiece (``tokenizer.ggml.model = llama``) vocabulary keys."""
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(list(tokens))
-    writer.add_token_scores([float(s) for s in scores])
-    writer.add_token_types([int(t) for t in types])
-    writer.add_bos_token_id(bos)
-    writer.add_eos_token_id(eos)
-    writer.add_unk_token_id(unk)
-    writer.add_add_bos_token(add_bos)
-    writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(add_space_prefix)
+def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF q/k rows -> llama.cpp's RoPE row order.
+
+    HF rotates the two halves of each head (rotate_half); llama.cpp's kernel
+    rotates adjacent pairs, so the rows of each head are interleaved.  Works on
+    any array whose first axis is the output rows (weights, LoRA B).
+    """
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def rope_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of :func:`rope_permute`."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class Vocab:
+    """A tokenizer as ``tokenizer.ggml.*`` keys: ``llama`` (SentencePiece,
+    with scores) or ``gpt2`` (byte-level BPE, with merges)."""
+
+    model: str
+    pre: str
+    tokens: list[str]
+    types: list[int]
+    bos: int | None
+    eos: int | None
+    unk: int | None = None
+    pad: int | None = None
+    scores: list[float] | None = None
+    merges: list[str] | None = None
+    add_bos: bool = True
+    add_eos: bool = False
+    add_space_prefix: bool | None = None
+
+    def write(self, writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model(self.model)
+        writer.add_tokenizer_pre(self.pre)
+        writer.add_token_list(self.tokens)
+        writer.add_token_types(self.types)
+        if self.scores is not None:
+            writer.add_token_scores(self.scores)
+        if self.merges is not None:
+            writer.add_token_merges(self.merges)
+        # llama.cpp falls back to hard-coded ids for absent special tokens,
+        # which can point past a small vocabulary; always write them.
+        for add, value in ((writer.add_bos_token_id, self.bos), (writer.add_eos_token_id, self.eos),
+                           (writer.add_unk_token_id, self.unk), (writer.add_pad_token_id, self.pad)):
+            if value is not None:
+                add(value)
+        writer.add_add_bos_token(self.add_bos)
+        writer.add_add_eos_token(self.add_eos)
+        if self.add_space_prefix is not None:
+            writer.add_add_space_prefix(self.add_space_prefix)

@@ -9,6 +9,7 @@ output.  Stored as F32 (by :func:`fwdllm.adapter_io.write_adapter`) so that
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -20,15 +21,27 @@ from fwdllm.contract import LoraLayout
 from fwdllm.errors import UserError
 
 
-def base_model_shapes(base_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
-    """:func:`base_shapes` of a LLaMA model GGUF, with user-facing errors."""
+@dataclass(frozen=True)
+class BaseModel:
+    """What an adapter needs to know about its base GGUF."""
+
+    path: Path
+    shapes: dict[str, tuple[int, int]]  # base weight name -> (n_out, n_in)
+    n_head: int
+    n_head_kv: int
+
+
+def open_base(base_path: str | os.PathLike) -> BaseModel:
+    """Read a LLaMA model GGUF's weight shapes and head counts (header only)."""
     reader = open_gguf(base_path)
     arch = field(reader, "general.architecture")
     if field(reader, "general.type", "model") == "adapter":
         raise UserError(f"{base_path}: is a LoRA adapter, expected a base model")
     if arch != "llama":
         raise UserError(f"{base_path}: architecture {arch!r}, fwdllm supports 'llama'")
-    return base_shapes(base_path)
+    n_head = int(field(reader, "llama.attention.head_count"))
+    return BaseModel(Path(base_path), base_shapes(base_path), n_head,
+                     int(field(reader, "llama.attention.head_count_kv", n_head)))
 
 
 def parse_layers(spec: str | None) -> list[int] | None:
@@ -53,23 +66,21 @@ def layout_for_base(
     layers: Iterable[int] | None = None,
 ) -> LoraLayout:
     """The LoRA layout for ``base_path``; bad targets/layers -> UserError."""
-    shapes = base_model_shapes(base_path)
     try:
-        return LoraLayout.for_base(shapes, rank, alpha, targets, layers)
+        return LoraLayout.for_base(open_base(base_path).shapes, rank, alpha, targets, layers)
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
-def check_fits(layout: LoraLayout, base_path: str | os.PathLike, what: str) -> None:
+def check_fits(layout: LoraLayout, base: BaseModel, what: str) -> None:
     """Raise a UserError unless every adapted weight exists in the base with
     the adapter's shape (adapters for another model load but compute garbage
     or crash in llama.cpp)."""
-    shapes = base_model_shapes(base_path)
     for t in layout.targets:
-        have = shapes.get(t.base_name)
+        have = base.shapes.get(t.base_name)
         if have != (t.n_out, t.n_in):
             raise UserError(
-                f"{what} does not fit {base_path}: {t.base_name} is {have}, adapter expects {(t.n_out, t.n_in)}"
+                f"{what} does not fit {base.path}: {t.base_name} is {have}, adapter expects {(t.n_out, t.n_in)}"
             )
 
 

@@ -8,7 +8,9 @@ are exactly what llama.cpp's kernels expect, and that the per-tensor type mix
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 from convert.gguf_in import open_gguf
 from convert.gguf_out import atomic_output
@@ -51,3 +53,24 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str, nthread
         if rc != 0:
             raise UserError(f"llama.cpp could not quantize {src} to {quant} (truncated or unsupported GGUF?)")
     return dst
+
+
+def write_via_f16(out: str | os.PathLike, quant: str, write_f16: Callable[[Path], Path]) -> Path:
+    """Make ``out`` in ``quant`` from a writer that can only produce F16.
+
+    For F16 the writer targets ``out`` directly; otherwise it writes a
+    temporary F16 file beside ``out`` (same filesystem, so no surprise /tmp
+    exhaustion) that llama.cpp then quantizes and that is always removed.
+    """
+    ftype_of(quant)
+    out = Path(out)
+    if quant.upper() == "F16":
+        return write_f16(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".f16.part", dir=out.parent)
+    os.close(fd)
+    try:
+        write_f16(Path(tmp))
+        return quantize(tmp, out, quant)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

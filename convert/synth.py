@@ -17,9 +17,7 @@ tokenizes, just not the way the original model would.
 from __future__ import annotations
 
 import itertools
-import os
 import string
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -33,8 +31,9 @@ from convert.llama_meta import (
     TOKEN_NORMAL,
     TOKEN_UNKNOWN,
     LlamaHParams,
-    write_spm_vocab,
+    Vocab,
 )
+from convert.quantize import ftype_of, write_via_f16
 from fwdllm.errors import UserError
 
 #: Shapes of well-known LLaMA-family models (plus ``tiny`` for tests).
@@ -67,7 +66,7 @@ _WORDS = (
 ).split()
 
 
-def synth_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+def synth_vocab(n_vocab: int) -> Vocab:
     """A valid SentencePiece vocabulary of exactly ``n_vocab`` pieces.
 
     Every multi-character piece is reachable by llama.cpp's pairwise merges
@@ -100,7 +99,7 @@ def synth_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     tokens += list(seen)
     types += [TOKEN_NORMAL] * n_normal
     scores = [0.0] * (n_vocab - n_normal) + [-float(i) for i in range(n_normal)]
-    return tokens, scores, types
+    return Vocab("llama", "default", tokens, types, bos=1, eos=2, unk=0, scores=scores, add_space_prefix=True)
 
 
 # --------------------------------------------------------------------------- #
@@ -186,7 +185,7 @@ def _write_direct(out: Path, preset: str, hp: LlamaHParams, quant: str, seed: in
         TensorOut(name, shape, types[name], _random_tensor(seed, i, shape, types[name]))
         for i, (name, shape) in enumerate(hp.tensor_shapes().items())
     ]
-    tokens, scores, token_types = synth_vocab(hp.n_vocab)
+    vocab = synth_vocab(hp.n_vocab)
 
     def setup(w: gguf.GGUFWriter) -> None:
         w.add_type("model")
@@ -198,7 +197,7 @@ def _write_direct(out: Path, preset: str, hp: LlamaHParams, quant: str, seed: in
         hp.write(w)
         w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if quant == "F16" else gguf.LlamaFileType.MOSTLY_Q4_0)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_spm_vocab(w, tokens, scores, token_types, bos=1, eos=2, unk=0)
+        vocab.write(w)
 
     return write_gguf(out, setup, tensors, desc=f"synth {preset} {quant}")
 
@@ -209,20 +208,10 @@ def write_synth(out: Path, preset: str = "tiny", quant: str = "Q4_0", seed: int 
     Q4_0 and F16 are written directly; any other quant type (Q8_0, Q4_1,
     Q4_K_M) is written as F16 next to ``out`` and then quantized by llama.cpp.
     """
-    from convert.quantize import ftype_of, quantize
-
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    ftype_of(quant)  # validate before doing any work
-    out = Path(out)
     hp = PRESETS[preset]
-    if quant in ("Q4_0", "F16"):
-        return _write_direct(out, preset, hp, quant, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".f16.part", dir=out.parent)
-    os.close(fd)
-    try:
-        _write_direct(Path(tmp), preset, hp, "F16", seed)
-        return quantize(tmp, out, quant)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    ftype_of(quant)  # a bad quant name fails before any work
+    if quant.upper() == "Q4_0":
+        return _write_direct(Path(out), preset, hp, "Q4_0", seed)
+    return write_via_f16(out, quant, lambda path: _write_direct(path, preset, hp, "F16", seed))

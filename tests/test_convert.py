@@ -71,8 +71,9 @@ def test_synth_is_deterministic_per_seed(tmp_path: Path, tiny_model: Path) -> No
 
 
 def test_synth_vocab_is_valid() -> None:
-    tokens, scores, types = synth_vocab(32000)
-    assert len(tokens) == len(set(tokens)) == len(scores) == len(types) == 32000
+    vocab = synth_vocab(32000)
+    tokens = vocab.tokens
+    assert len(tokens) == len(set(tokens)) == len(vocab.scores) == len(vocab.types) == 32000
     assert tokens[:3] == ["<unk>", "<s>", "</s>"] and tokens[3 + 0x41] == "<0x41>"
     pieces = set(tokens)
     for tok in tokens[259:]:  # every piece is reachable by pairwise merges
