@@ -57,7 +57,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         )
         return info
     for key, suffix in _HPARAMS.items():
-        info[key] = field(reader, f"{arch}.{suffix}")
+        value = field(reader, f"{arch}.{suffix}")
+        info[key] = float(f"{value:.6g}") if isinstance(value, float) else value  # float32 noise off
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     info.update(
         tokenizer=field(reader, "tokenizer.ggml.model"),

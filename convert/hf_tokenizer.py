@@ -1,10 +1,12 @@
 """Hugging Face tokenizers -> llama.cpp vocabularies.
 
-Two families cover LLaMA-style models:
+LLaMA-style models come with one of three tokenizer layouts:
 
 * SentencePiece (``tokenizer.model``; LLaMA 1/2, TinyLlama): pieces, scores
   and piece types are copied from the model proto; llama.cpp's ``llama``
   tokenizer reproduces SentencePiece's merges from the scores.
+* The same SentencePiece tokenizer exported as a BPE ``tokenizer.json`` (what
+  transformers 5 saves): scores are rebuilt from the merge ranks.
 * Byte-level BPE (``tokenizer.json``; LLaMA 3, SmolLM): tokens and merges are
   copied, and the pre-tokenizer is recognised structurally and mapped to the
   llama.cpp pre-tokenizer with the same regex.  An unrecognised pre-tokenizer
@@ -17,12 +19,15 @@ itself (by tokenizing a probe), which is what users of the checkpoint get.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from convert.llama_meta import (
+    TOKEN_BYTE,
     TOKEN_CONTROL,
     TOKEN_NORMAL,
+    TOKEN_UNKNOWN,
     TOKEN_UNUSED,
     TOKEN_USER_DEFINED,
     Vocab,
@@ -101,22 +106,75 @@ def _bpe_pre(pre: dict[str, Any] | None) -> str:
                     "supported: GPT-2 ByteLevel, SmolLM digits+ByteLevel, LLaMA-3 split+ByteLevel")
 
 
+def _is_sentencepiece_style(spec: dict[str, Any]) -> bool:
+    """A SentencePiece tokenizer exported to tokenizer.json (what transformers
+    5 saves for LLaMA-2 instead of tokenizer.model): "▁" for spaces and
+    byte fallback instead of byte-level pieces."""
+    pre, norm = spec.get("pre_tokenizer") or {}, spec.get("normalizer") or {}
+    steps = norm.get("normalizers", [norm]) if norm else []
+    return spec["model"].get("byte_fallback", False) and (
+        pre.get("type") == "Metaspace" or any(step.get("type") == "Prepend" for step in steps))
+
+
+def _json_tokens(spec: dict[str, Any]) -> tuple[list[str], dict[int, bool], set[int]]:
+    """Tokens by id, {id: special} for added tokens, and ids nobody uses."""
+    by_id = {i: tok for tok, i in spec["model"]["vocab"].items()}
+    added = {}
+    for t in spec.get("added_tokens", []):
+        by_id[t["id"]] = t["content"]
+        added[t["id"]] = bool(t["special"])
+    holes = set(range(max(by_id) + 1)) - set(by_id)
+    return [by_id.get(i, f"[PAD{i}]") for i in range(max(by_id) + 1)], added, holes
+
+
+def _merges(spec: dict[str, Any]) -> list[str]:
+    return [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+
+
 def _bpe_vocab(src: Path) -> Vocab:
     spec = json.loads((src / "tokenizer.json").read_text())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE":
-        raise UserError(f"{src}/tokenizer.json: model type {model.get('type')!r}; only BPE is supported without tokenizer.model")
+    if spec.get("model", {}).get("type") != "BPE":
+        raise UserError(f"{src}/tokenizer.json: model type {spec.get('model', {}).get('type')!r}; "
+                        "only BPE is supported without tokenizer.model")
+    tokens, added, holes = _json_tokens(spec)
+    merges = _merges(spec)
+    if _is_sentencepiece_style(spec):
+        return _spm_vocab_from_json(spec, tokens, added, holes, merges)
     pre = _bpe_pre(spec.get("pre_tokenizer"))
     if spec.get("normalizer") is not None:
         raise UserError(f"{src}/tokenizer.json: byte-level BPE with a normalizer is not supported")
-    by_id: dict[int, tuple[str, int]] = {i: (tok, TOKEN_NORMAL) for tok, i in model["vocab"].items()}
-    for added in spec.get("added_tokens", []):
-        by_id[added["id"]] = (added["content"], TOKEN_CONTROL if added["special"] else TOKEN_USER_DEFINED)
-    n = max(by_id) + 1
-    tokens = [by_id.get(i, (f"[PAD{i}]", TOKEN_UNUSED))[0] for i in range(n)]
-    types = [by_id.get(i, (f"[PAD{i}]", TOKEN_UNUSED))[1] for i in range(n)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    types = [TOKEN_NORMAL] * len(tokens)
+    for i, special in added.items():
+        types[i] = TOKEN_CONTROL if special else TOKEN_USER_DEFINED
+    for i in holes:
+        types[i] = TOKEN_UNUSED
     return Vocab("gpt2", pre, tokens, types, bos=None, eos=None, merges=merges)
+
+
+def _spm_vocab_from_json(
+    spec: dict[str, Any], tokens: list[str], added: dict[int, bool], holes: set[int], merges: list[str]
+) -> Vocab:
+    """llama.cpp's SentencePiece tokenizer merges the adjacent pair whose
+    concatenation has the highest score; HF BPE merges the lowest-ranked pair.
+    Scoring each token by minus the rank of the merge that makes it gives
+    llama.cpp the same order."""
+    rank = {m.replace(" ", ""): -float(r) for r, m in reversed(list(enumerate(merges)))}
+    types, scores = [], []
+    for i, tok in enumerate(tokens):
+        if i in holes:
+            kind = TOKEN_UNUSED
+        elif i in added:
+            kind = TOKEN_UNKNOWN if tok == spec["model"].get("unk_token", "<unk>") else (
+                TOKEN_CONTROL if added[i] else TOKEN_USER_DEFINED)
+        elif re.fullmatch(r"<0x[0-9A-F]{2}>", tok):
+            kind = TOKEN_BYTE
+        else:
+            kind = TOKEN_NORMAL
+        types.append(kind)
+        scores.append(rank.get(tok, 0.0))
+    pre = spec.get("pre_tokenizer") or {}
+    prefix = pre.get("prepend_scheme", "always") != "never" if pre.get("type") == "Metaspace" else True
+    return Vocab("llama", "default", tokens, types, bos=None, eos=None, scores=scores, add_space_prefix=prefix)
 
 
 def _set_special_tokens(src: Path, vocab: Vocab) -> None:

@@ -121,7 +121,9 @@ def _make_model(out: Path, tok, tied: bool, lines: list[str]):
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, tuple[Path, object, object]]:
-    """name -> (HF dir, tokenizer, torch model) for "spm" and "bpe"."""
+    """name -> (HF dir, tokenizer, torch model) for "spm", "bpe", and
+    "spm-json": the spm model as transformers 5 re-saves it (tokenizer.json
+    only, no tokenizer.model)."""
     torch.set_num_threads(2)
     lines = _sentences(data_dir)
     root = tmp_path_factory.mktemp("hf")
@@ -129,6 +131,11 @@ def hf_models(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[
     for name, make_tok, tied in (("spm", _spm_tokenizer, False), ("bpe", _bpe_tokenizer, True)):
         tok = make_tok(root / name, lines)
         out[name] = (root / name, tok, _make_model(root / name, tok, tied, lines))
+    src, tok, model = out["spm"]
+    shutil.copytree(src, root / "spm-json", ignore=shutil.ignore_patterns("tokenizer*"))
+    tok.save_pretrained(str(root / "spm-json"))
+    assert not (root / "spm-json" / "tokenizer.model").exists()
+    out["spm-json"] = (root / "spm-json", transformers.AutoTokenizer.from_pretrained(str(root / "spm-json")), model)
     return out
 
 
@@ -164,7 +171,7 @@ def f16(hf_models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: root / f"{name}.gguf" for name in hf_models}
 
 
-@pytest.mark.parametrize("name", ["spm", "bpe"])
+@pytest.mark.parametrize("name", ["spm", "spm-json", "bpe"])
 def test_f16_tokens_and_logits_match_transformers(name: str, hf_models, f16, data_dir: Path) -> None:
     _, tok, model = hf_models[name]
     llm = _llama(f16[name])
@@ -174,9 +181,25 @@ def test_f16_tokens_and_logits_match_transformers(name: str, hf_models, f16, dat
         diff = np.abs(_llama_logits(llm, ids) - _torch_logits(model, ids)).max()
         assert diff < 1e-2, (text, diff)
     info = json.loads(CliRunner().invoke(convert, ["inspect", str(f16[name]), "--json"]).output)
-    assert info["tokenizer"] == {"spm": "llama", "bpe": "gpt2"}[name]
+    assert info["tokenizer"] == {"spm": "llama", "spm-json": "llama", "bpe": "gpt2"}[name]
     assert info["tied_embeddings"] is (name == "bpe")
     assert (info["n_head"], info["n_head_kv"], info["rope_theta"], info["n_vocab"]) == (4, 2, 50000.0, VOCAB)
+
+
+def test_sharded_checkpoint_converts_identically(hf_models, f16, tmp_path: Path) -> None:
+    import gguf
+
+    src, tok, model = hf_models["spm"]
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(str(sharded), max_shard_size="100KB")
+    shutil.copy(src / "tokenizer.model", sharded)
+    shutil.copy(src / "tokenizer_config.json", sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    out = tmp_path / "s.gguf"
+    _convert(["hf", str(sharded), str(out), "--quant", "f16"])
+    want = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(f16["spm"])).tensors}
+    got = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(out)).tensors}
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
 
 
 def test_q4_0_keeps_next_token_predictions(hf_models, tmp_path: Path, data_dir: Path) -> None:
