@@ -188,11 +188,11 @@ def serve(bind: str, model_name: str | None, rounds: int, out: Path | None, resu
 @click.command("simulate")
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Base GGUF path or store name.")
 @click.option("--clients", type=click.IntRange(1, 64), default=4, show_default=True, help="Client processes to start.")
-@click.option("--rounds", type=click.IntRange(1), default=None, help="Rounds (default: --quick 12, --long 60).")
+@click.option("--rounds", type=click.IntRange(1), default=None, help="Rounds (default: --quick 12, --long 70).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=None, help="Dirichlet concentration for non-IID label skew (default: IID shards).")
 @click.option("--quick/--long", default=True, show_default=True, help="A few-minute demo, or the ~30-minute run that beats zero-shot.")
-@click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True, help="llama.cpp threads per client process.")
+@click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True, help="llama.cpp threads per process (1 is fastest when processes share the cores).")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, help="Aggregator port on 127.0.0.1 (default: a free one).")
 @click.option("--shard-size", type=click.IntRange(1), default=2000, show_default=True, help="Training examples per client.")
 @training_options

@@ -9,6 +9,7 @@ turns ``metrics.jsonl`` into a live progress line.
 from __future__ import annotations
 
 import csv
+import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from fwdllm.errors import UserError
 #: --quick / --long presets; explicit options win.
 PRESETS: dict[bool, dict[str, Any]] = {
     True: {"rounds": 12, "dev_limit": 200, "eval_every": 12},
-    False: {"rounds": 60, "dev_limit": None, "eval_every": 20},
+    False: {"rounds": 70, "dev_limit": None, "eval_every": 35},
 }
 
 
@@ -156,9 +157,11 @@ def run_simulation(*, model_name: str, clients: int, rounds: int | None, out: Pa
     logs.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m"]
     agg_cmd = py + ["aggregator", "serve", "--bind", url, "--model", str(model), "--rounds", str(rounds),
-                    "--out", str(out), "--min-clients", str(clients), "--threads", "2"]
+                    "--out", str(out), "--min-clients", str(clients), "--threads", str(threads)]
     agg_cmd += _option_args(kw, TRAINING_KEYS)
     procs: list[subprocess.Popen] = []
+    # A plain `kill` of simulate must not orphan the processes it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         procs.append(_spawn(agg_cmd, logs / "aggregator.log"))
         for i, shard in enumerate(shards):

@@ -292,7 +292,7 @@ class Worker:
         self.heartbeat_s = msg.heartbeat_s
         self.spec = OptimizerSpec.from_dict(cfg["optimizer"])
         if self.scorer is None:
-            self.scorer = self.scorer_for(str(cfg["task"]))
+            self.scorer = self.scorer_for(str(cfg.get("task_ref") or cfg["task"]))
             # The Join that got us here was made before the task was known
             # (no --task): re-join with real capabilities.
             self._send(sock, self.make_join(self.scorer))

@@ -63,9 +63,12 @@ def serving(run_dir: Path, rounds: int = 5, k: int = 16, min_clients: int = 1, r
         assert not t.is_alive()
 
 
-def start_worker(url: str, cid: str, events: Path | None = None, **scorer_kw: float) -> tuple[Worker, threading.Thread]:
+def start_worker(url: str, cid: str, events: Path | None = None, lazy: bool = False,
+                 **scorer_kw: float) -> tuple[Worker, threading.Thread]:
+    """A real Worker on the quadratic objective; ``lazy`` = learn the task from Welcome."""
     scorer = QuadraticScorer(**scorer_kw)
-    w = Worker(url, cid, lambda s: join_msg(cid), scorer, lambda name: scorer, EventLog(events), give_up_s=30)
+    w = Worker(url, cid, lambda s: join_msg(cid), None if lazy else scorer, lambda name: scorer,
+               EventLog(events), give_up_s=30)
     t = threading.Thread(target=w.run, daemon=True)
     t.start()
     return w, t
@@ -210,7 +213,7 @@ def test_late_joiner_gets_snapshot_and_matches(tmp_path: Path) -> None:
     with serving(tmp_path, rounds=12, min_clients=1) as agg:
         first, t1 = start_worker(agg.opts.bind, "early", delay_s=0.1)
         wait_until(lambda: len(checkpoint.read_metrics(tmp_path)) >= 2)
-        late, t2 = start_worker(agg.opts.bind, "late", tmp_path / "late.jsonl", delay_s=0.1)
+        late, t2 = start_worker(agg.opts.bind, "late", tmp_path / "late.jsonl", lazy=True, delay_s=0.1)
         t1.join(30)
         t2.join(30)
     final = checkpoint.read_metrics(tmp_path)[-1]["adapter_sha256"]
