@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -62,6 +63,8 @@ def training_options(f: Callable) -> Callable:
         click.option("--one-sided/--central", default=DEFAULTS["one_sided"], show_default=True,
                      help="Forward differences (K+1 passes: the O(eps) term is zero-mean) or central (2K)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Run seed: perturbations, batches, LoRA init."),
+        click.option("--strategy-opt", "strategy_opt", multiple=True, metavar="KEY=VALUE",
+                     help="Strategy-specific option (repeatable; VALUE parsed as JSON when it can be)."),
     ]
     return functools.reduce(lambda g, o: o(g), reversed(opts), f)
 
@@ -71,8 +74,21 @@ BOOL_FLAGS = {"one_sided": ("--one-sided", "--central")}
 
 TRAINING_KEYS = (
     "task dev dev_limit eval_every strategy k eps batch_size lr optimizer momentum schedule warmup "
-    "rank lora_alpha targets parts dist one_sided seed"
+    "rank lora_alpha targets parts dist one_sided seed strategy_opt"
 ).split()
+
+
+def _strategy_extra(pairs: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--strategy-opt {pair!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
 
 
 def _specs(kw: dict[str, Any], rounds: int) -> tuple[OptimizerSpec, StrategySpec]:
@@ -94,6 +110,7 @@ def _specs(kw: dict[str, Any], rounds: int) -> tuple[OptimizerSpec, StrategySpec
             mask=PerturbMask(parts=kw["parts"]),
             dist=kw["dist"],
             one_sided=kw["one_sided"],
+            extra=_strategy_extra(kw["strategy_opt"]),
         )
     except ValueError as e:
         raise UserError(str(e)) from None

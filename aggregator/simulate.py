@@ -120,6 +120,8 @@ def _option_args(kw: dict[str, Any], keys: list[str]) -> list[str]:
         v = kw.get(k)
         if k in BOOL_FLAGS:
             args.append(BOOL_FLAGS[k][0 if v else 1])
+        elif isinstance(v, tuple):  # multiple=True options
+            args += [a for item in v for a in ("--" + k.replace("_", "-"), str(item))]
         elif v is not None:
             args += ["--" + k.replace("_", "-"), str(v)]
     return args

@@ -34,6 +34,12 @@ What this supports without touching the loop (issue 7 adds them in
 * **Block-cyclic schedules**: ``begin`` returns the round's
   :class:`~fwdllm.contract.PerturbMask` (e.g. one block of layers per round).
 
+Options: :class:`StrategySpec` carries the common knobs (K, eps, batch size,
+mask, distribution, run seed); strategy-specific ones arrive in
+``spec.extra`` from ``--strategy-opt KEY=VALUE`` (repeatable, JSON values).
+A new strategy is one class plus one line in :data:`STRATEGIES`; the CLI's
+``--strategy`` choice list is built from that dict.
+
 Rules a strategy must keep, because ``--resume`` promises a bit-identical
 trajectory: everything it decides is a pure function of the run seed, the
 round, the participants (sorted by client id, their ``slot``), the scalars it
