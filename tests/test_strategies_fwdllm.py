@@ -1,0 +1,240 @@
+"""FwdLLM strategies: driven in-process like the server does, then through the
+real aggregator with real workers over ZeroMQ (model-free quadratic clients)."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator import checkpoint
+from aggregator.fake import FAKE_MODEL_SHA, QuadraticScorer, synthetic_layout, synthetic_run
+from aggregator.server import Aggregator, ServerOptions
+from aggregator.strategies_fwdllm import FWDLLM_STRATEGIES, FwdLLM
+from aggregator.strategy import ClientView, Scored, Step, StrategySpec
+from edge_client.worker import EventLog, Worker
+from fwdllm.contract import Join, LoraLayout, PerturbMask, combine, direction
+from fwdllm.optim import OptimizerSpec
+
+LAYOUT = synthetic_layout(n_layers=4, dim=16, rank=4)  # B only: 4 x 2 x 64 = 512 dims
+
+
+def spec(name: str, k: int = 8, **extra: object) -> StrategySpec:
+    return StrategySpec(name=name, k=k, run_seed=3, extra={"layout": LAYOUT.to_dict(), **extra})
+
+
+def views(*tps: float) -> list[ClientView]:
+    return [ClientView(f"c{i}", i, tp, 100, 8) for i, tp in enumerate(tps)]
+
+
+def gradient(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: rng.standard_normal(s) for n, s in LAYOUT.shapes().items()}
+
+
+def drive(strat: FwdLLM, round: int, clients: list[ClientView], g: dict[str, np.ndarray], noise: float) -> Step:
+    """One round the way the server runs it: work to every idle client, results
+    back in FIFO order, stop at ``ready()`` or when nothing is outstanding.
+    A client's scalar is ``(g + xi_batch) . v`` with batch noise drawn from its
+    batch seed, so replicas on different batches disagree by ``noise``."""
+    cfg = strat.begin(round, clients)
+    names = cfg.mask.names(LAYOUT)
+    dim = sum(g[n].size for n in names)
+    idle, out = list(clients), []
+    while True:
+        for c in idle:
+            w = strat.next_work(c)
+            if w is not None:
+                out.append((c, w))
+        if not out:
+            break
+        c, w = out.pop(0)
+        rng = np.random.default_rng(w.batch_seed)
+        gb = {n: g[n] + rng.standard_normal(g[n].shape) * noise / math.sqrt(dim) for n in names}
+        p = [sum(float(np.sum(gb[n] * v[n])) for n in names)
+             for v in (direction(s, LAYOUT, cfg.mask) for s in w.seeds)]
+        strat.add(c, w, Scored(np.array(w.seeds, np.uint32), np.array(p), 1.0, 10 * len(p), 0.1, 2 * len(p)))
+        idle = [c]
+        if strat.ready():
+            break
+    step = strat.step()
+    strat.committed(round, step)
+    return step
+
+
+def cosine(step: Step, g: dict[str, np.ndarray], mask: PerturbMask) -> float:
+    est = combine(step.seeds, step.coeffs, LAYOUT, mask)
+    names = mask.names(LAYOUT)
+    a = np.concatenate([est[n].ravel() for n in names])
+    b = np.concatenate([g[n].ravel() for n in names])
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_registry_and_options_are_validated() -> None:
+    assert set(FWDLLM_STRATEGIES) == {"fwdllm", "pacing", "discriminative", "adaptive", "block-cyclic"}
+    with pytest.raises(ValueError, match="unknown strategy option"):
+        FwdLLM(spec("fwdllm", bogus=1))
+    with pytest.raises(ValueError, match="layout"):
+        FwdLLM(StrategySpec(name="fwdllm"))
+    with pytest.raises(ValueError):
+        FwdLLM(spec("fwdllm", replicas=0))
+
+
+def test_pacing_adapts_k_to_the_noise_and_scores_each_seed_on_two_batches() -> None:
+    g = gradient()
+    ks = {}
+    for noise in (0.1, 200.0):
+        strat = FWDLLM_STRATEGIES["pacing"](spec("pacing", k=8, k_max=64))
+        step = drive(strat, 1, views(1, 1), g, noise)
+        ks[noise] = step.info["perturbations"]
+        assert step.info["pacing_n_replicated"] >= step.info["pacing_n_seeds"] // 2
+        rel_var = step.info["pacing_rel_var"]  # None: no signal visible (infinite)
+        assert (rel_var is not None and rel_var <= 0.25) or step.info["perturbations"] == 64
+        assert json.dumps(step.info)  # goes to metrics.jsonl
+    assert ks[0.1] <= 16
+    assert ks[200.0] >= 2 * ks[0.1]
+
+
+def test_pacing_hands_each_seed_group_out_on_two_batches() -> None:
+    strat = FWDLLM_STRATEGIES["pacing"](spec("pacing", k=8))
+    cl = views(1, 1)
+    strat.begin(1, cl)
+    a, b, c = strat.next_work(cl[0]), strat.next_work(cl[1]), strat.next_work(cl[0])
+    assert a.seeds == b.seeds and a.batch_seed != b.batch_seed and len(a.seeds) == 4
+    assert not set(c.seeds) & set(a.seeds)
+
+
+def test_pacing_scaled_step_grows_with_k() -> None:
+    g = gradient()
+    strat = FWDLLM_STRATEGIES["pacing"](spec("pacing", k=8, k_max=64, scale_lr=True))
+    step = drive(strat, 1, views(1), g, 200.0)
+    k_in = step.info["perturbations"]
+    assert step.info["step_scale"] == pytest.approx(k_in / 8)
+
+
+def test_discriminative_estimate_leans_on_the_previous_one() -> None:
+    """Round 2+ hands out the directions most aligned with the previous
+    estimate u (kappa = E[(v.u)^2 | selected] ~ 4.4 instead of 1), so the new
+    estimate leans on u far more than an isotropic one does; this is the bias
+    ``(kappa-1)(u.g)u`` of :func:`aggregator.fwdllm_algos.selection_kappa`."""
+    g = gradient(1)
+    mask = PerturbMask(parts="b")
+    lean = {}
+    for over in (0, 10):
+        strat = FwdLLM(spec("x", k=8, pacing=False, adaptive=False, oversample=over))
+        prev = drive(strat, 1, views(1, 1), g, 0.0)
+        cs = []
+        for r in range(2, 8):
+            step = drive(strat, r, views(1, 1), g, 0.0)
+            u = combine(prev.seeds, prev.coeffs, LAYOUT, mask)
+            cs.append(abs(cosine(step, u, mask)))
+            prev = step
+        lean[over] = float(np.mean(cs))
+        if over:
+            assert 2.5 < step.info["kappa"] < 7.0
+    assert lean[10] > 2 * lean[0]
+
+
+def test_debiased_step_adds_the_previous_seeds_and_shrinks_the_u_component() -> None:
+    g = gradient(2)
+    steps = {}
+    for debias in (False, True):
+        strat = FwdLLM(spec("discriminative", k=8, pacing=False, adaptive=False, oversample=10, debias=debias))
+        first = drive(strat, 1, views(1), g, 0.0)
+        steps[debias] = drive(strat, 2, views(1), g, 0.0)
+    biased, fixed = steps[False], steps[True]
+    assert list(fixed.seeds[:8]) == list(biased.seeds) and len(fixed.seeds) == 16
+    assert set(fixed.seeds[8:].tolist()) == set(first.seeds.tolist())
+    mask = PerturbMask(parts="b")
+    u = combine(first.seeds, first.coeffs, LAYOUT, mask)
+    proj = {d: sum(float(np.sum(combine(s.seeds, s.coeffs, LAYOUT, mask)[n] * u[n])) for n in u)
+            for d, s in steps.items()}
+    assert abs(proj[True]) < abs(proj[False])
+
+
+def test_adaptive_splits_by_throughput_and_ends_once_k_are_in() -> None:
+    strat = FWDLLM_STRATEGIES["adaptive"](spec("adaptive", k=16, slack=0.25))
+    cl = views(100.0, 300.0)
+    strat.begin(1, cl)
+    w_slow, w_fast = strat.next_work(cl[0]), strat.next_work(cl[1])
+    assert (len(w_slow.seeds), len(w_fast.seeds)) == (5, 15)  # 20 = 16 * 1.25, split 1:3
+    assert strat.next_work(cl[0]) is None
+    strat.add(cl[1], w_fast, Scored(np.array(w_fast.seeds, np.uint32), np.ones(15), 1.0, 900, 1.0, 30))
+    assert not strat.ready()
+    strat.add(cl[0], w_slow, Scored(np.array(w_slow.seeds, np.uint32), np.ones(5), 1.0, 100, 1.0, 10))
+    assert strat.ready()
+    strat.committed(1, strat.step())
+    assert strat.state_dict()["tp"] == {"c0": 100.0, "c1": 600.0}  # EWMA of 300 and 900 tok/s
+
+
+def test_block_cyclic_perturbs_one_block_per_round() -> None:
+    strat = FWDLLM_STRATEGIES["block-cyclic"](spec("block-cyclic", k=4, blocks=2))
+    g = gradient()
+    for r, layers in ((1, (0, 2)), (2, (2, 4)), (3, (0, 2))):
+        cfg = strat.begin(r, views(1))
+        assert cfg.mask.layers == layers
+        step = drive(strat, r, views(1), g, 0.0)
+        est = combine(step.seeds, step.coeffs, LAYOUT, cfg.mask)
+        touched = {int(n.split(".")[1]) for n, t in est.items() if np.any(t)}
+        assert touched == set(range(*layers))
+    assert set(strat.state_dict()["prev"]) == {"0", "1"}
+
+
+def test_state_dict_round_trips_through_json() -> None:
+    a = FwdLLM(spec("fwdllm", k=4))
+    for r in (1, 2):
+        drive(a, r, views(50.0, 80.0), gradient(), 1.0)
+    state = json.loads(json.dumps(a.state_dict()))
+    b = FwdLLM(spec("fwdllm", k=4))
+    b.load_state_dict(state)
+    assert b.state_dict() == a.state_dict()
+    assert drive(a, 3, views(50.0, 80.0), gradient(), 1.0).seeds.tolist() == \
+        drive(b, 3, views(50.0, 80.0), gradient(), 1.0).seeds.tolist()
+
+
+def test_fwdllm_trains_through_the_real_aggregator(tmp_path: Path) -> None:
+    """3 real workers over ZeroMQ, the combined strategy: rounds complete, the
+    loss falls, every client lands on the server's adapter."""
+    layout: LoraLayout = synthetic_layout()
+    s = StrategySpec(name="fwdllm", k=8, run_seed=1, extra={"layout": layout.to_dict(), "k_max": 32})
+    rounds = 5
+    cfg, replica = synthetic_run(rounds, OptimizerSpec(lr=0.05, total_rounds=rounds), s, layout)
+    checkpoint.write_config(tmp_path, cfg)
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    opts = ServerOptions(bind=url, heartbeat_s=0.1, liveness=4, round_timeout_s=30, min_clients=3, quorum=1.0)
+    agg = Aggregator(tmp_path, cfg, replica, FwdLLM(s), opts, None, 0.0)
+    server = threading.Thread(target=agg.serve, daemon=True)
+    server.start()
+    workers = []
+    for i in range(3):
+        scorer = QuadraticScorer(noise=0.01)
+        join = Join(client_id=f"c{i}", model_sha256=FAKE_MODEL_SHA, tokens_per_s=100.0 * (i + 1),
+                    mem_bytes=0, max_batch=8, n_examples=10)
+        w = Worker(url, f"c{i}", lambda _s, j=join: j, scorer, lambda _n, sc=scorer: sc, EventLog(None), give_up_s=30)
+        t = threading.Thread(target=w.run, daemon=True)
+        t.start()
+        workers.append((w, t))
+    try:
+        for _, t in workers:
+            t.join(60)
+            assert not t.is_alive()
+    finally:
+        agg.stop.set()
+        server.join(10)
+    recs = checkpoint.read_metrics(tmp_path)
+    assert [r["round"] for r in recs] == list(range(1, rounds + 1))
+    assert recs[-1]["loss"] < recs[0]["loss"]
+    assert all(r["strategy"] == "fwdllm" and r["perturbations"] >= 8 for r in recs)
+    assert "kappa" in recs[-1] and recs[-1]["pacing_n_seeds"] >= 8
+    for w, _ in workers:
+        assert w.replica is not None and w.replica.sha == recs[-1]["adapter_sha256"]
+
+
+def _free_port() -> int:
+    from aggregator.simulate import free_port
+
+    return free_port()
