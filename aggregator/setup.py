@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,10 @@ def resume_run(run_dir: Path, model_sha: str) -> tuple[RunConfig, Replica, dict[
 
 
 def strategy_for(cfg: RunConfig, state: dict[str, Any]) -> Strategy:
-    strategy = make_strategy(StrategySpec.from_dict(cfg.strategy))
+    """The run's strategy at ``state``; ``spec.extra["layout"]`` is the run's
+    LoRA layout (discriminative sampling and block schedules need it)."""
+    spec = StrategySpec.from_dict(cfg.strategy)
+    strategy = make_strategy(replace(spec, extra={**spec.extra, "layout": cfg.layout}))
     strategy.load_state_dict(state)
     return strategy
 

@@ -36,7 +36,8 @@ What this supports without touching the loop (issue 7 adds them in
 
 Options: :class:`StrategySpec` carries the common knobs (K, eps, batch size,
 mask, distribution, run seed); strategy-specific ones arrive in
-``spec.extra`` from ``--strategy-opt KEY=VALUE`` (repeatable, JSON values).
+``spec.extra`` from ``--strategy-opt KEY=VALUE`` (repeatable, JSON values);
+the loop adds ``spec.extra["layout"]``, the run's ``LoraLayout.to_dict()``.
 A new strategy is one class plus one line in :data:`STRATEGIES`; the CLI's
 ``--strategy`` choice list is built from that dict.
 
