@@ -10,7 +10,6 @@ a 7B conversion fits in a few GB of RAM.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +19,7 @@ import numpy as np
 
 from convert.gguf_out import QType, TensorOut, write_gguf
 from convert.hf_tokenizer import read_vocab
+from convert.inputs import read_json
 from convert.llama_meta import LlamaHParams, Vocab, rope_permute
 from convert.quantize import ftype_of, write_via_f16
 from fwdllm.errors import UserError
@@ -47,7 +47,7 @@ def read_config(src: Path) -> tuple[LlamaHParams, dict[str, Any]]:
     path = src / "config.json"
     if not path.is_file():
         raise UserError(f"{src}: no config.json (expected a Hugging Face save_pretrained directory)")
-    cfg = json.loads(path.read_text())
+    cfg = read_json(path)
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") != "llama" or (archs and "LlamaForCausalLM" not in archs):
         raise UserError(f"{src}: not a LLaMA model (model_type={cfg.get('model_type')!r}, architectures={archs})")
@@ -96,7 +96,7 @@ def _shards(src: Path) -> dict[str, Path]:
     """HF tensor name -> safetensors file holding it."""
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        return {k: src / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+        return {k: src / v for k, v in read_json(index)["weight_map"].items()}
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise UserError(f"{src}: no *.safetensors weights (re-save with safe_serialization=True)")

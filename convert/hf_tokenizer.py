@@ -32,10 +32,11 @@ from convert.llama_meta import (
     TOKEN_USER_DEFINED,
     Vocab,
 )
+from convert.inputs import read_json
 from fwdllm.errors import UserError
 
 #: LLaMA 3's pre-tokenizer split regex (llama.cpp ``llama-bpe``).
-_LLAMA3_REGEX = (
+LLAMA3_REGEX = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
     "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
@@ -63,7 +64,7 @@ def read_vocab(src: Path, n_vocab: int) -> Vocab:
 
 def _added_tokens(src: Path) -> list[dict[str, Any]]:
     path = src / "tokenizer.json"
-    return json.loads(path.read_text())["added_tokens"] if path.is_file() else []
+    return read_json(path).get("added_tokens", []) if path.is_file() else []
 
 
 def _spm_vocab(src: Path) -> Vocab:
@@ -100,7 +101,7 @@ def _bpe_pre(pre: dict[str, Any] | None) -> str:
             return "gpt-2"
         if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and regex:
             return "smollm"
-        if kinds == ["Split", "ByteLevel"] and not regex and steps[0].get("pattern", {}).get("Regex") == _LLAMA3_REGEX:
+        if kinds == ["Split", "ByteLevel"] and not regex and steps[0].get("pattern", {}).get("Regex") == LLAMA3_REGEX:
             return "llama-bpe"
     raise UserError(f"unsupported BPE pre-tokenizer {json.dumps(pre)[:200]}; "
                     "supported: GPT-2 ByteLevel, SmolLM digits+ByteLevel, LLaMA-3 split+ByteLevel")
@@ -132,7 +133,7 @@ def _merges(spec: dict[str, Any]) -> list[str]:
 
 
 def _bpe_vocab(src: Path) -> Vocab:
-    spec = json.loads((src / "tokenizer.json").read_text())
+    spec = read_json(src / "tokenizer.json")
     if spec.get("model", {}).get("type") != "BPE":
         raise UserError(f"{src}/tokenizer.json: model type {spec.get('model', {}).get('type')!r}; "
                         "only BPE is supported without tokenizer.model")
@@ -184,7 +185,7 @@ def _set_special_tokens(src: Path, vocab: Vocab) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(str(src))
     except Exception as e:  # transformers raises many types for broken dirs
-        raise UserError(f"{src}: Hugging Face cannot load this tokenizer ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{src}: Hugging Face cannot load this tokenizer ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     bos, eos = tok.bos_token_id, tok.eos_token_id
     if bos is None and eos is None:
         raise UserError(f"{src}: tokenizer defines neither a BOS nor an EOS token")

@@ -1,12 +1,13 @@
-"""Opening GGUF inputs with user-facing errors.
+"""Opening inputs (GGUF, JSON) with user-facing errors.
 
 gguf-py reports a truncated or foreign file with a numpy reshape error deep
-in its reader; every convert command goes through :func:`open_gguf` so the
-user sees one line naming the file instead.
+in its reader, json a bare JSONDecodeError; every convert command goes through
+these helpers so the user sees one line naming the file instead.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -39,3 +40,11 @@ def field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     """A metadata value as a Python scalar/str/list, or ``default``."""
     f = reader.fields.get(key)
     return default if f is None else f.contents()
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file (config.json, tokenizer.json ...) or say which one is broken."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable JSON ({e})") from None

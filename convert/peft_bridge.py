@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from convert.gguf_out import atomic_output
+from convert.inputs import read_json
 from convert.llama_meta import rope_permute, rope_unpermute
 from convert.lora import BaseModel, check_fits, open_base, write_lora
 from fwdllm.adapter_io import read_adapter
@@ -44,7 +45,7 @@ def _read_peft_config(peft_dir: Path) -> tuple[int, float, dict[str, Any]]:
     path = peft_dir / "adapter_config.json"
     if not path.is_file():
         raise UserError(f"{peft_dir}: no adapter_config.json (expected a PEFT save_pretrained directory)")
-    cfg = json.loads(path.read_text())
+    cfg = read_json(path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{peft_dir}: PEFT type {cfg.get('peft_type')!r}, only LORA is supported")
     unsupported = {
@@ -110,7 +111,7 @@ def gguf_to_peft(lora_path: str | os.PathLike, base_path: str | os.PathLike, out
     + adapter_config.json) for the HF model that ``base_path`` was made from."""
     from safetensors.numpy import save_file
 
-    from convert.gguf_in import open_gguf
+    from convert.inputs import open_gguf
 
     open_gguf(lora_path)  # clear errors for missing/truncated files
     try:

@@ -1,8 +1,9 @@
 """convert hf / lora-from-peft / lora-to-peft against transformers + PEFT.
 
 Tiny LlamaForCausalLM checkpoints are built here with real tokenizers trained
-on SST-2 text: a SentencePiece one (untied embeddings) and a byte-level BPE
-one (tied embeddings), both with GQA.  llama.cpp must reproduce transformers'
+on SST-2 text: a SentencePiece one (untied embeddings; also as transformers 5
+re-saves it, tokenizer.json only) and byte-level BPE ones with the GPT-2,
+SmolLM and LLaMA-3 pre-tokenizers (tied embeddings), all with GQA.  llama.cpp must reproduce transformers'
 tokens exactly and its logits within 1e-2.
 """
 
@@ -69,12 +70,22 @@ def _spm_tokenizer(out: Path, lines: list[str]):
     return transformers.AutoTokenizer.from_pretrained(str(out))
 
 
-def _bpe_tokenizer(out: Path, lines: list[str]):
-    """A GPT-2-style byte-level BPE tokenizer (tokenizer.json)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _bpe_tokenizer(out: Path, lines: list[str], style: str = "gpt-2"):
+    """A byte-level BPE tokenizer (tokenizer.json) with the pre-tokenizer of
+    GPT-2, SmolLM (single digits) or LLaMA 3 (its split regex)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from convert.hf_tokenizer import LLAMA3_REGEX
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = {
+        "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
+        "smollm": lambda: pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+        "llama-bpe": lambda: pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    }[style]()
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(lines, trainers.BpeTrainer(
         vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -136,6 +147,10 @@ def hf_models(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[
     tok.save_pretrained(str(root / "spm-json"))
     assert not (root / "spm-json" / "tokenizer.model").exists()
     out["spm-json"] = (root / "spm-json", transformers.AutoTokenizer.from_pretrained(str(root / "spm-json")), model)
+    src, _, model = out["bpe"]
+    for style in ("smollm", "llama-bpe"):
+        shutil.copytree(src, root / style, ignore=shutil.ignore_patterns("tokenizer*"))
+        out[style] = (root / style, _bpe_tokenizer(root / style, lines, style), model)
     return out
 
 
@@ -171,7 +186,7 @@ def f16(hf_models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: root / f"{name}.gguf" for name in hf_models}
 
 
-@pytest.mark.parametrize("name", ["spm", "spm-json", "bpe"])
+@pytest.mark.parametrize("name", ["spm", "spm-json", "bpe", "smollm", "llama-bpe"])
 def test_f16_tokens_and_logits_match_transformers(name: str, hf_models, f16, data_dir: Path) -> None:
     _, tok, model = hf_models[name]
     llm = _llama(f16[name])
@@ -181,8 +196,10 @@ def test_f16_tokens_and_logits_match_transformers(name: str, hf_models, f16, dat
         diff = np.abs(_llama_logits(llm, ids) - _torch_logits(model, ids)).max()
         assert diff < 1e-2, (text, diff)
     info = json.loads(CliRunner().invoke(convert, ["inspect", str(f16[name]), "--json"]).output)
-    assert info["tokenizer"] == {"spm": "llama", "spm-json": "llama", "bpe": "gpt2"}[name]
-    assert info["tied_embeddings"] is (name == "bpe")
+    assert (info["tokenizer"], info["tokenizer_pre"]) == {
+        "spm": ("llama", "default"), "spm-json": ("llama", "default"), "bpe": ("gpt2", "gpt-2"),
+        "smollm": ("gpt2", "smollm"), "llama-bpe": ("gpt2", "llama-bpe")}[name]
+    assert info["tied_embeddings"] == (name not in ("spm", "spm-json"))
     assert (info["n_head"], info["n_head_kv"], info["rope_theta"], info["n_vocab"]) == (4, 2, 50000.0, VOCAB)
 
 
