@@ -1,0 +1,45 @@
+"""`fwdllm profile` on the tiny GGUF: real llama.cpp perturbations vs torch autograd."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from aggregator.profile import Candidate, profile
+from fwdllm.errors import UserError
+
+
+def test_candidate_parsing() -> None:
+    c = Candidate.parse("rank=4,targets=q+k+v,parts=both,layers=2:6")
+    assert c == Candidate(rank=4, targets=("q", "k", "v"), parts="both", layers=(2, 6))
+    assert Candidate.parse("") == Candidate()
+    for bad in ("rank=x", "targets=zz", "parts=c", "layers=3", "colour=red"):
+        with pytest.raises(UserError):
+            Candidate.parse(bad)
+
+
+def test_profile_ranks_sets_and_writes_the_recommendation(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    args = ["--model", str(tiny_model), "--label-words", "good,bad", "--k", "4", "--batches", "1",
+            "--batch-size", "2", "--threads", "2", "--out", str(out),
+            "--candidate", "rank=2,targets=v,layers=2:4", "--candidate", "rank=4,targets=v,parts=a"]
+    r = CliRunner().invoke(profile, args)
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    by_label = {c["label"]: c for c in data["candidates"]}
+    b_only, a_only = by_label["r2 v b layers=2:4"], by_label["r4 v a layers=all"]
+    assert b_only["dim"] == 2 * 2 * 128  # 2 layers of v's B: (n_out=128, r=2) each
+    assert b_only["grad_norm"] > 0 and 0 < b_only["cosine"] <= 1
+    # A's gradient is exactly zero while B is zero (fresh init): nothing to see
+    assert a_only["grad_norm"] == 0 and a_only["cosine"] == 0
+    assert data["recommended"] == {"rank": 2, "lora_alpha": 4.0, "targets": "v", "parts": "b", "layers": [2, 4]}
+    assert "recommended: r2 v b layers=2:4" in r.output
+
+
+def test_profile_rejects_a_bad_candidate(tiny_model: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(profile, ["--model", str(tiny_model), "--candidate", "targets=zz", "--out",
+                                     str(tmp_path / "p.json")])
+    assert r.exit_code == 2 and "targets" in r.output
