@@ -74,6 +74,8 @@ def format_description(info: dict[str, Any]) -> str:
     """Human-readable ``key: value`` lines."""
     lines = []
     for key, value in info.items():
+        if value is None:
+            continue
         if key == "size_bytes":
             value = f"{value} ({value / 2**20:.1f} MiB)"
         elif key == "tensor_types":

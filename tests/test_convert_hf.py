@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from convert.cli import convert
 from convert.llama_meta import rope_unpermute
-from convert.lora import write_lora
+from convert.lora import init_lora, write_lora
 from fwdllm.adapter_io import read_adapter
 from fwdllm.log import quiet_llama
 
@@ -302,6 +302,24 @@ def test_peft_gguf_peft_round_trip_is_exact(hf_models, f16, peft_dir: Path, tmp_
     src, tok, _ = hf_models["spm"]
     ids = tok("the movie was great").input_ids
     np.testing.assert_array_equal(_torch_logits(_peft_model(src, back), ids), _torch_logits(_peft_model(src, peft_dir), ids))
+
+
+def test_fwdllm_lora_to_peft_matches_llama_cpp(hf_models, f16, tmp_path: Path) -> None:
+    """The other direction, as after fwdllm training: a GGUF adapter on some
+    layers only, exported to PEFT, computes in transformers what it computes
+    in llama.cpp."""
+    src, tok, model = hf_models["spm"]
+    layout, tensors = init_lora(f16["spm"], 4, 8, ["q", "k", "o"], 0, [0, 2])
+    rng = np.random.default_rng(0)
+    tensors = {k: v if k.endswith("lora_a") else rng.normal(0, 0.3, v.shape).astype(np.float32)
+               for k, v in tensors.items()}
+    lora = write_lora(tmp_path / "l.gguf", layout, tensors, f16["spm"])
+    _convert(["lora-to-peft", str(lora), str(f16["spm"]), str(tmp_path / "peft")])
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["layers_to_transform"] == [0, 2]
+    ids = tok("the movie was a great success").input_ids
+    expected = _torch_logits(_peft_model(src, tmp_path / "peft"), ids)
+    assert np.abs(expected - _torch_logits(model, ids)).max() > 0.1
+    assert np.abs(_llama_logits(_llama(f16["spm"], lora=lora), ids) - expected).max() < 1e-2
 
 
 def _one_line_error(args: list[str], match: str) -> None:
