@@ -37,6 +37,7 @@ import numpy as np
 
 from aggregator import fwdllm_algos as algos
 from aggregator.strategy import (
+    STRATEGIES,
     ClientView,
     RoundConfig,
     Scored,
@@ -299,3 +300,6 @@ class BlockCyclic(FwdLLM):
 FWDLLM_STRATEGIES: dict[str, type[FwdLLM]] = {
     c.name: c for c in (FwdLLM, Pacing, Discriminative, Adaptive, BlockCyclic)
 }
+# Registered on import; aggregator/strategy.py imports this module at its end,
+# so whichever of the two is imported first, both end up complete.
+STRATEGIES.update(FWDLLM_STRATEGIES)

@@ -15,7 +15,7 @@ from aggregator import checkpoint
 from aggregator.fake import FAKE_MODEL_SHA, QuadraticScorer, synthetic_layout, synthetic_run
 from aggregator.server import Aggregator, ServerOptions
 from aggregator.strategies_fwdllm import FWDLLM_STRATEGIES, FwdLLM
-from aggregator.strategy import ClientView, Scored, Step, StrategySpec
+from aggregator.strategy import ClientView, Scored, Step, StrategySpec, make_strategy
 from edge_client.worker import EventLog, Worker
 from fwdllm.contract import Join, LoraLayout, PerturbMask, combine, direction
 from fwdllm.optim import OptimizerSpec
@@ -76,6 +76,8 @@ def cosine(step: Step, g: dict[str, np.ndarray], mask: PerturbMask) -> float:
 
 def test_registry_and_options_are_validated() -> None:
     assert set(FWDLLM_STRATEGIES) == {"fwdllm", "pacing", "discriminative", "adaptive", "block-cyclic"}
+    for name in FWDLLM_STRATEGIES:  # registered in the aggregator's table, so --strategy NAME works
+        assert type(make_strategy(spec(name))).name == name
     with pytest.raises(ValueError, match="unknown strategy option"):
         FwdLLM(spec("fwdllm", bogus=1))
     with pytest.raises(ValueError, match="layout"):
