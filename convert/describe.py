@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from convert.inputs import field, open_gguf
+from fwdllm.gguf_file import field, open_gguf
 from fwdllm.adapter_io import read_adapter
 from fwdllm.errors import UserError
 

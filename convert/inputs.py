@@ -1,45 +1,17 @@
-"""Opening inputs (GGUF, JSON) with user-facing errors.
+"""Opening JSON inputs (config.json, tokenizer.json ...) with user-facing errors.
 
-gguf-py reports a truncated or foreign file with a numpy reshape error deep
-in its reader, json a bare JSONDecodeError; every convert command goes through
-these helpers so the user sees one line naming the file instead.
+json raises a bare JSONDecodeError; every convert command goes through
+:func:`read_json` so the user sees one line naming the file instead.  GGUF
+inputs go through :func:`fwdllm.gguf_file.open_gguf`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import gguf
-
 from fwdllm.errors import UserError
-
-
-def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
-    """A memory-mapped reader for ``path``, or a UserError saying what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise UserError(f"{path}: not a GGUF file")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on damaged files
-        raise UserError(f"{path}: damaged or truncated GGUF ({e})") from None
-    size = path.stat().st_size
-    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if end > size:
-        raise UserError(f"{path}: truncated GGUF ({size} bytes, tensors need {end})")
-    return reader
-
-
-def field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    """A metadata value as a Python scalar/str/list, or ``default``."""
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
 
 
 def read_json(path: Path) -> Any:

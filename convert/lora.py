@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from convert.inputs import field, open_gguf
+from fwdllm.gguf_file import field, open_gguf
 from fwdllm.adapter_io import base_shapes, write_adapter
 from fwdllm.contract import LoraLayout
 from fwdllm.errors import UserError

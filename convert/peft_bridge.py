@@ -111,7 +111,7 @@ def gguf_to_peft(lora_path: str | os.PathLike, base_path: str | os.PathLike, out
     + adapter_config.json) for the HF model that ``base_path`` was made from."""
     from safetensors.numpy import save_file
 
-    from convert.inputs import open_gguf
+    from fwdllm.gguf_file import open_gguf
 
     open_gguf(lora_path)  # clear errors for missing/truncated files
     try:

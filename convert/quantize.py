@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from convert.inputs import open_gguf
+from fwdllm.gguf_file import open_gguf
 from convert.gguf_out import atomic_output
 from fwdllm.errors import UserError
 

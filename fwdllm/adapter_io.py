@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 
 from fwdllm.contract import TARGETS, LoraLayout, LoraTarget
+from fwdllm.gguf_file import field, open_gguf
 
 def base_shapes(model_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
     """Base weight name -> (n_out, n_in) for every 2-D ``blk.*`` weight.
@@ -22,22 +23,12 @@ def base_shapes(model_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
     Reads only the GGUF header and tensor infos (memory-mapped), so it is cheap
     even for a 7B file.
     """
-    reader = gguf.GGUFReader(str(model_path))
     out: dict[str, tuple[int, int]] = {}
-    for t in reader.tensors:
+    for t in open_gguf(model_path).tensors:
         if t.name.startswith("blk.") and len(t.shape) == 2:
             n_in, n_out = (int(x) for x in t.shape)  # ggml order: ne0 = n_in
             out[t.name] = (n_out, n_in)
     return out
-
-
-def model_architecture(model_path: str | os.PathLike) -> str:
-    """``general.architecture`` of a GGUF file."""
-    reader = gguf.GGUFReader(str(model_path))
-    field = reader.fields.get("general.architecture")
-    if field is None:
-        raise ValueError(f"{model_path}: GGUF has no general.architecture")
-    return bytes(field.parts[field.data[0]]).decode()
 
 
 def write_adapter(
@@ -87,18 +78,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraLayout, dict[str, np.ndar
 
     Raises ``ValueError`` for files that are not LoRA adapters.
     """
-    reader = gguf.GGUFReader(str(path))
-
-    def field_value(key: str) -> object | None:
-        f = reader.fields.get(key)
-        if f is None:
-            return None
-        part = f.parts[f.data[0]]
-        return bytes(part).decode() if f.types and f.types[0] == gguf.GGUFValueType.STRING else part[0]
-
-    if field_value("general.type") != "adapter" or field_value("adapter.type") != "lora":
+    reader = open_gguf(path)
+    if field(reader, "general.type") != "adapter" or field(reader, "adapter.type") != "lora":
         raise ValueError(f"{path}: not a LoRA adapter GGUF (general.type/adapter.type)")
-    alpha = float(field_value("adapter.lora.alpha") or 0.0)
+    alpha = float(field(reader, "adapter.lora.alpha", 0.0))
     tensors: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):

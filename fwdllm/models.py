@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import gguf
 
 from fwdllm.errors import UserError
+from fwdllm.gguf_file import field, open_gguf
 
 CHUNK = 1 << 20
 
@@ -150,20 +150,7 @@ def model_sha256(path: str | os.PathLike) -> str:
 
 def check_llama_gguf(path: Path) -> None:
     """Raise ``UserError`` unless ``path`` is a complete llama-architecture GGUF."""
-    if not path.is_file():
-        raise UserError(f"model file not found: {path}")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise UserError(f"{path} is not a GGUF file (bad magic)")
-    try:
-        reader = gguf.GGUFReader(str(path))
-        field = reader.fields.get("general.architecture")
-        arch = bytes(field.parts[field.data[0]]).decode() if field else "<none>"
-        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    except Exception as e:  # gguf-py raises many kinds on damaged files
-        raise UserError(f"{path} is not a readable GGUF (truncated or corrupt?): {e}") from None
-    if end > path.stat().st_size:
-        raise UserError(f"{path} is truncated: tensor data ends at {end} bytes, file has {path.stat().st_size}")
+    arch = field(open_gguf(path), "general.architecture", "<none>")
     if arch != "llama":
         raise UserError(f"{path} is a '{arch}' model; fwdllm supports llama-architecture GGUFs only")
 
