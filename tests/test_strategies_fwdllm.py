@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -198,42 +199,81 @@ def test_state_dict_round_trips_through_json() -> None:
         drive(b, 3, views(50.0, 80.0), gradient(), 1.0).seeds.tolist()
 
 
-def test_fwdllm_trains_through_the_real_aggregator(tmp_path: Path) -> None:
-    """3 real workers over ZeroMQ, the combined strategy: rounds complete, the
-    loss falls, every client lands on the server's adapter."""
-    layout: LoraLayout = synthetic_layout()
-    s = StrategySpec(name="fwdllm", k=8, run_seed=1, extra={"layout": layout.to_dict(), "k_max": 32})
-    rounds = 5
-    cfg, replica = synthetic_run(rounds, OptimizerSpec(lr=0.05, total_rounds=rounds), s, layout)
-    checkpoint.write_config(tmp_path, cfg)
+def serve(tmp: Path, s: StrategySpec, layout: LoraLayout, rounds: int, clients: list[tuple[str, object, float]],
+          lr: float, task: str = "synthetic") -> list[dict]:
+    """Run the real aggregator (thread) with ``FwdLLM(s)`` and real workers
+    (threads, real DEALER sockets) until the run ends; return metrics.jsonl."""
+    cfg, replica = synthetic_run(rounds, OptimizerSpec(lr=lr, total_rounds=rounds), s, layout)
+    cfg = replace(cfg, task=task, task_name=task)
+    checkpoint.write_config(tmp, cfg)
     url = f"tcp://127.0.0.1:{_free_port()}"
-    opts = ServerOptions(bind=url, heartbeat_s=0.1, liveness=4, round_timeout_s=30, min_clients=3, quorum=1.0)
-    agg = Aggregator(tmp_path, cfg, replica, FwdLLM(s), opts, None, 0.0)
+    opts = ServerOptions(bind=url, heartbeat_s=0.1, liveness=20, round_timeout_s=60, min_clients=len(clients),
+                         quorum=1.0)
+    agg = Aggregator(tmp, cfg, replica, FwdLLM(s), opts, None, 0.0)
     server = threading.Thread(target=agg.serve, daemon=True)
     server.start()
     workers = []
-    for i in range(3):
-        scorer = QuadraticScorer(noise=0.01)
-        join = Join(client_id=f"c{i}", model_sha256=FAKE_MODEL_SHA, tokens_per_s=100.0 * (i + 1),
-                    mem_bytes=0, max_batch=8, n_examples=10)
-        w = Worker(url, f"c{i}", lambda _s, j=join: j, scorer, lambda _n, sc=scorer: sc, EventLog(None), give_up_s=30)
+    for cid, scorer, tps in clients:
+        join = Join(client_id=cid, model_sha256=FAKE_MODEL_SHA, tokens_per_s=tps, mem_bytes=0, max_batch=8,
+                    n_examples=10)
+        w = Worker(url, cid, lambda _s, j=join: j, scorer, lambda _n, sc=scorer: sc, EventLog(None), give_up_s=60)
         t = threading.Thread(target=w.run, daemon=True)
         t.start()
         workers.append((w, t))
     try:
         for _, t in workers:
-            t.join(60)
+            t.join(240)
             assert not t.is_alive()
     finally:
         agg.stop.set()
         server.join(10)
-    recs = checkpoint.read_metrics(tmp_path)
+    recs = checkpoint.read_metrics(tmp)
     assert [r["round"] for r in recs] == list(range(1, rounds + 1))
+    for w, _ in workers:  # every client replayed the seeds+coefficients to the server's adapter
+        assert w.replica is not None and w.replica.sha == recs[-1]["adapter_sha256"]
+    return recs
+
+
+def test_fwdllm_trains_through_the_real_aggregator(tmp_path: Path) -> None:
+    """3 real workers over ZeroMQ, the combined strategy: rounds complete, the
+    loss falls, every client lands on the server's adapter."""
+    layout = synthetic_layout()
+    s = StrategySpec(name="fwdllm", k=8, run_seed=1, extra={"layout": layout.to_dict(), "k_max": 32})
+    clients = [(f"c{i}", QuadraticScorer(noise=0.01), 100.0 * (i + 1)) for i in range(3)]
+    recs = serve(tmp_path, s, layout, 5, clients, lr=0.05)
     assert recs[-1]["loss"] < recs[0]["loss"]
     assert all(r["strategy"] == "fwdllm" and r["perturbations"] >= 8 for r in recs)
     assert "kappa" in recs[-1] and recs[-1]["pacing_n_seeds"] >= 8
-    for w, _ in workers:
-        assert w.replica is not None and w.replica.sha == recs[-1]["adapter_sha256"]
+
+
+def test_fwdllm_on_llama_cpp_lowers_the_training_loss(tmp_path: Path, tiny_model: Path, data_dir: Path) -> None:
+    """The real path: INT4 tiny GGUF in llama.cpp behind each worker, the
+    combined strategy with block-cyclic on top; the batch loss must fall."""
+    from convert.lora import layout_for_base
+    from edge_client.session import EdgeSession
+    from edge_client.tasks import load_task, read_examples
+    from edge_client.worker import Scorer
+
+    spec_file = tmp_path / "tiny-sst2.json"  # the tiny vocabulary has one-token "bad"/"good"
+    spec_file.write_text(json.dumps({
+        "kind": "classify", "template": "Review: {text}\nSentiment:", "label_words": ["bad", "good"],
+        "labels": ["0", "1"], "text_columns": ["sentence"], "format": "tsv",
+        "train": str(data_dir / "sst2" / "train.tsv")}))
+    task = load_task(str(spec_file))
+    examples = read_examples(task, data_dir / "sst2" / "train.tsv", limit=8)
+    layout = layout_for_base(tiny_model, 4, 8.0, ("q", "v"))
+    s = StrategySpec(name="fwdllm", k=4, run_seed=2, eps=1e-2, batch_size=8, one_sided=True,
+                     extra={"layout": layout.to_dict(), "k_max": 12, "blocks": 2})
+    sessions = [EdgeSession(tiny_model, task, n_threads=1, max_batch=8) for _ in range(2)]
+    try:
+        clients = [(f"c{i}", Scorer(ses, examples, task.name), 50.0 * (i + 1)) for i, ses in enumerate(sessions)]
+        recs = serve(tmp_path, s, layout, 6, clients, lr=0.5, task=task.name)
+    finally:
+        for ses in sessions:
+            ses.close()
+    assert [r["block"] for r in recs] == [0, 1] * 3
+    assert all(r["perturbations"] >= 4 for r in recs)
+    assert recs[-1]["loss"] < recs[0]["loss"], [r["loss"] for r in recs]
 
 
 def _free_port() -> int:
