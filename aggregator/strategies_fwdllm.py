@@ -114,7 +114,6 @@ class FwdLLM(Strategy):
         self._obs_seeds: list[int] = []
         self._obs_vals: list[float] = []
         self._raw: dict[str, list] | None = None
-        self._pace_stats: algos.PacingStats | None = None
 
     # ------------------------------------------------------------------ #
     # round setup
@@ -129,7 +128,7 @@ class FwdLLM(Strategy):
             self._mask = algos.block_mask(round, max(self.layout.layers) + 1, o.blocks, s.mask)
         self._issued, self._proj, self._queue = [], {}, []
         self._obs_seeds, self._obs_vals = [], []
-        self._raw, self._pace_stats = None, None
+        self._raw = None
         self._u = self._previous_direction() if o.oversample else None
         for c in participants:
             self._tp.setdefault(c.client_id, c.tokens_per_s)
@@ -141,9 +140,13 @@ class FwdLLM(Strategy):
         """Seeds per task: proportional to throughput (adaptive) or even.
 
         With more clients than seeds only the fastest (adaptive) or the first
-        slots get work, as in plain ZO-SGD.
+        slots get work, as in plain ZO-SGD.  A client that has not measured its
+        throughput yet (0 in its Join) counts as an average one.
         """
-        weights = [self._tp[c.client_id] if self.opts.adaptive else 1.0 for c in participants]
+        known = [t for t in self._tp.values() if t > 0]
+        typical = float(np.mean(known)) if known else 1.0
+        weights = [(self._tp[c.client_id] if self._tp[c.client_id] > 0 else typical) if self.opts.adaptive else 1.0
+                   for c in participants]
         keep = set(np.argsort([-w for w in weights], kind="stable")[:total].tolist())
         weights = [w if i in keep else 0.0 for i, w in enumerate(weights)]
         counts = algos.allocate(total, weights)
@@ -225,9 +228,7 @@ class FwdLLM(Strategy):
         if o.pacing:
             if not self._obs_vals:
                 return False
-            done, self._pace_stats = algos.pace(
-                self._obs_seeds, self._obs_vals, o.threshold, self.spec.k, self.k_max, self._rho
-            )
+            done, _ = algos.pace(self._obs_seeds, self._obs_vals, o.threshold, self.spec.k, self.k_max, self._rho)
             return done
         return o.adaptive and len(set(self._obs_seeds)) >= self.spec.k
 

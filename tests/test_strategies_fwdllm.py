@@ -174,6 +174,13 @@ def test_adaptive_splits_by_throughput_and_ends_once_k_are_in() -> None:
     assert strat.state_dict()["tp"] == {"c0": 100.0, "c1": 600.0}  # EWMA of 300 and 900 tok/s
 
 
+def test_adaptive_treats_an_unmeasured_client_as_average() -> None:
+    strat = FWDLLM_STRATEGIES["adaptive"](spec("adaptive", k=12, slack=0.0))
+    cl = views(0.0, 100.0, 300.0)  # c0 joined before measuring its speed
+    strat.begin(1, cl)
+    assert [len(strat.next_work(c).seeds) for c in cl] == [4, 2, 6]  # weights 200:100:300
+
+
 def test_block_cyclic_perturbs_one_block_per_round() -> None:
     strat = FWDLLM_STRATEGIES["block-cyclic"](spec("block-cyclic", k=4, blocks=2))
     g = gradient()
