@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import click
 
+from aggregator.security import server_key_options, server_keys
 from aggregator.strategy import STRATEGIES, StrategySpec
 from fwdllm.contract import DISTRIBUTIONS, PARTS, TARGETS, PerturbMask
 from fwdllm.errors import UserError
@@ -148,10 +149,11 @@ def aggregator() -> None:
 @click.option("--round-timeout", "round_timeout_s", type=click.FloatRange(min=1), default=900.0, show_default=True, help="Finish a round with whatever came back after this many seconds.")
 @click.option("--quorum", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="End a round once this fraction of its clients reported (stragglers' results then count as late).")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="llama.cpp threads for dev evaluation.")
+@server_key_options
 @training_options
 def serve(bind: str, model_name: str | None, rounds: int, out: Path | None, resume: Path | None, min_clients: int,
           heartbeat_s: float, liveness: int, round_timeout_s: float, quorum: float, threads: int | None,
-          **kw: Any) -> None:
+          curve_secret: Path | None, allow: Path | None, **kw: Any) -> None:
     """Run the aggregator: hand out seeds, turn scalars into LoRA updates.
 
     Each round every participating client gets seeds and a batch seed, returns
@@ -195,7 +197,8 @@ def serve(bind: str, model_name: str | None, rounds: int, out: Path | None, resu
                                      rounds, eval_every, lora, opt, strat)
         run_dir, state, elapsed = out, {}, 0.0
     opts = ServerOptions(bind=bind, heartbeat_s=heartbeat_s, liveness=liveness,
-                         round_timeout_s=round_timeout_s, min_clients=min_clients, quorum=quorum)
+                         round_timeout_s=round_timeout_s, min_clients=min_clients, quorum=quorum,
+                         keys=server_keys(curve_secret, allow))
     server = Aggregator(run_dir, cfg, replica, setup.strategy_for(cfg, state), opts,
                         setup.evaluator(cfg, model, threads), elapsed)
     server.serve()

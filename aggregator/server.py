@@ -35,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from aggregator import checkpoint
+from aggregator import checkpoint, security
 from aggregator.checkpoint import RunConfig
 from aggregator.strategy import ClientView, RoundConfig, Scored, Strategy, Work
 from edge_client.worker import Replica
@@ -72,6 +72,7 @@ class ServerOptions:
     round_timeout_s: float = 900.0
     min_clients: int = 1
     quorum: float = 1.0  # end a round once this fraction of its participants reported
+    keys: security.ServerKeys | None = None  # CURVE + allow-list; None = plaintext (warned)
 
 
 @dataclass
@@ -149,6 +150,7 @@ class Aggregator:
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, SERVER_MAX_MSG)
+        auth = security.secure_server(ctx, self.sock, self.opts.keys, self.opts.bind)
         self.sock.bind(self.opts.bind)
         log.info("listening on %s (run %s, version %d)", self.opts.bind, self.config.run_id, self.replica.version)
         try:
@@ -170,6 +172,8 @@ class Aggregator:
         finally:
             self.sock.close(0)
             self.sock = None
+            if auth is not None:
+                auth.stop()
 
     def _finished(self) -> bool:
         return (

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from aggregator import checkpoint
+from aggregator import checkpoint, robust
 from aggregator.checkpoint import RunConfig
 from aggregator.strategy import Strategy, StrategySpec, make_strategy
 from edge_client.worker import Replica
@@ -86,7 +86,7 @@ def strategy_for(cfg: RunConfig, state: dict[str, Any]) -> Strategy:
     """The run's strategy at ``state``; ``spec.extra["layout"]`` is the run's
     LoRA layout (discriminative sampling and block schedules need it)."""
     spec = StrategySpec.from_dict(cfg.strategy)
-    strategy = make_strategy(replace(spec, extra={**spec.extra, "layout": cfg.layout}))
+    strategy = robust.build(replace(spec, extra={**spec.extra, "layout": cfg.layout}), make_strategy)
     strategy.load_state_dict(state)
     return strategy
 

@@ -33,6 +33,7 @@ import click
 import numpy as np
 import zmq
 
+from aggregator.security import ClientKeys, client_key_options, client_keys, secure_client, warn_if_plaintext
 from fwdllm.contract import (
     Bye,
     Error,
@@ -184,6 +185,7 @@ class Worker:
         scorer_for: Callable[[str], Scorer],
         events: EventLog,
         give_up_s: float = 600.0,
+        curve: ClientKeys | None = None,
     ) -> None:
         self.connect = connect
         self.client_id = client_id
@@ -192,6 +194,7 @@ class Worker:
         self.scorer_for = scorer_for
         self.events = events
         self.give_up_s = give_up_s
+        self.curve = curve  # CURVE keys; None = plaintext
         self.ctx = zmq.Context.instance()
         self.replica: Replica | None = None
         self.spec: OptimizerSpec | None = None
@@ -213,6 +216,7 @@ class Worker:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, CLIENT_MAX_MSG)
+            secure_client(sock, self.curve)
             sock.connect(self.connect)
             try:
                 if self._session(sock):
@@ -399,6 +403,7 @@ def _mem_bytes() -> int:
 @click.option("--max-batch", type=click.IntRange(1, 256), default=16, show_default=True, help="Sequences per llama.cpp batch.")
 @click.option("--events", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Append a JSONL trace (updates and adapter hashes per round) here.")
 @click.option("--give-up", "give_up_s", type=float, default=600.0, show_default=True, help="Exit after this many seconds without an aggregator.")
+@client_key_options
 def run_cmd(
     connect: str,
     model_name: str,
@@ -409,6 +414,8 @@ def run_cmd(
     max_batch: int,
     events: Path | None,
     give_up_s: float,
+    curve_secret: Path | None,
+    server_key: Path | None,
 ) -> None:
     """Join an aggregator and train: score seeds on local data, send scalars.
 
@@ -449,7 +456,10 @@ def run_cmd(
         )
 
     # Knowing the task up front lets the first Join carry real capabilities.
-    worker = Worker(connect, cid, make_join, scorer_for(task_name) if task_name else None, scorer_for, EventLog(events), give_up_s)
+    curve = client_keys(curve_secret, server_key)
+    warn_if_plaintext(curve, connect)
+    worker = Worker(connect, cid, make_join, scorer_for(task_name) if task_name else None, scorer_for,
+                    EventLog(events), give_up_s, curve)
     try:
         worker.run()
     finally:

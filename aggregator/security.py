@@ -1,0 +1,215 @@
+"""Authenticated, encrypted transport: ZeroMQ CURVE keys and an allow-list.
+
+Why CURVE: the aggregator hands out training work and accepts scalars that
+move the shared adapter, so who may join matters as much as secrecy.  CURVE
+gives both with one mechanism: the server proves its identity with its
+secret key (clients pin its public key), every client proves its own, and
+the server's ZAP handler (pyzmq's :class:`ThreadAuthenticator`) admits only
+public keys found in the allow-list directory.  A client whose key is not
+listed never completes the handshake, so it cannot send a single frame to
+the aggregator's loop.
+
+Key files are pyzmq's certificate format (``NAME.key`` = public, safe to
+copy; ``NAME.key_secret`` = public + secret, mode 0600).  The allow-list is
+re-read on every handshake, so a device is added or revoked by copying or
+deleting its ``.key`` file, without restarting the aggregator.
+
+Plaintext stays available for local simulation, but both sides log a loud
+warning when no keys are configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from fwdllm.errors import UserError
+
+log = logging.getLogger("fwdllm.security")
+
+PLAINTEXT_WARNING = (
+    "PLAINTEXT TRANSPORT: no CURVE keys configured - anyone who can reach %s can join, "
+    "send scalars and read the traffic. Fine for local simulation only; see `fwdllm keys generate`."
+)
+
+
+def load_public(path: Path) -> bytes:
+    """The z85 public key in a ``.key`` or ``.key_secret`` file."""
+    public, _ = _load(path)
+    return public
+
+
+def load_keypair(path: Path) -> tuple[bytes, bytes]:
+    """(public, secret) from a ``.key_secret`` file."""
+    public, secret = _load(path)
+    if not secret:
+        raise UserError(f"{path} holds no secret key (pass the .key_secret file, not the public .key)")
+    return public, secret
+
+
+def _load(path: Path) -> tuple[bytes, bytes | None]:
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read CURVE key {path}: {e}") from None
+    if not public:
+        raise UserError(f"{path} holds no CURVE public key")
+    return public, secret
+
+
+@dataclass(frozen=True)
+class ServerKeys:
+    """The aggregator's keypair and the directory of allowed client public keys."""
+
+    public: bytes
+    secret: bytes
+    allow_dir: Path
+
+
+@dataclass(frozen=True)
+class ClientKeys:
+    """A device's keypair and the aggregator's pinned public key."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes
+
+
+class AllowList:
+    """ZAP credentials provider: a client key is allowed iff some ``*.key``
+    file in ``directory`` holds it (re-read per handshake: revocation is
+    deleting the file)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        try:
+            allowed = zmq.auth.load_certificates(str(self.directory))
+        except (OSError, ValueError) as e:
+            log.error("allow-list %s unreadable (%s): refusing every client", self.directory, e)
+            return False
+        if key not in allowed:
+            log.warning("CURVE handshake refused: key %s is not in %s", key.decode()[:12] + "...", self.directory)
+            return False
+        return True
+
+
+def server_keys(secret_file: Path | None, allow_dir: Path | None) -> ServerKeys | None:
+    """Both or neither: a server key without an allow-list would admit no one."""
+    if secret_file is None and allow_dir is None:
+        return None
+    if secret_file is None or allow_dir is None:
+        raise UserError("CURVE needs both --curve-secret (the server's .key_secret) and --allow (client keys dir)")
+    if not allow_dir.is_dir():
+        raise UserError(f"allow-list directory {allow_dir} not found")
+    public, secret = load_keypair(secret_file)
+    return ServerKeys(public, secret, allow_dir)
+
+
+def client_keys(secret_file: Path | None, server_key: Path | None) -> ClientKeys | None:
+    """Both or neither: the client must pin the server's public key."""
+    if secret_file is None and server_key is None:
+        return None
+    if secret_file is None or server_key is None:
+        raise UserError("CURVE needs both --curve-secret (this device's .key_secret) and --server-key (server's .key)")
+    public, secret = load_keypair(secret_file)
+    return ClientKeys(public, secret, load_public(server_key))
+
+
+def secure_server(ctx: zmq.Context, sock: zmq.Socket, keys: ServerKeys | None, where: str) -> ThreadAuthenticator | None:
+    """Make ``sock`` (not yet bound) a CURVE server guarded by the allow-list.
+
+    Returns the authenticator to ``stop()`` after closing the socket, or
+    None in plaintext mode (after the loud warning).
+    """
+    if keys is None:
+        log.warning(PLAINTEXT_WARNING, where)
+        return None
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger("fwdllm.security.zap"))
+    auth.start()
+    auth.configure_curve_callback(domain="*", credentials_provider=AllowList(keys.allow_dir))
+    sock.curve_secretkey = keys.secret
+    sock.curve_publickey = keys.public
+    sock.curve_server = True
+    log.info("CURVE on: clients must hold a key listed in %s", keys.allow_dir)
+    return auth
+
+
+def secure_client(sock: zmq.Socket, keys: ClientKeys | None) -> None:
+    """Make ``sock`` (not yet connected) a CURVE client pinned to the server key."""
+    if keys is None:
+        return
+    sock.curve_secretkey = keys.secret
+    sock.curve_publickey = keys.public
+    sock.curve_serverkey = keys.server_public
+
+
+def warn_if_plaintext(keys: ClientKeys | None, where: str) -> None:
+    if keys is None:
+        log.warning(PLAINTEXT_WARNING, where)
+
+
+_KEY_FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
+
+
+def server_key_options(f: Callable) -> Callable:
+    """``--curve-secret`` / ``--allow`` for the aggregator (kw: curve_secret, allow)."""
+    f = click.option("--allow", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+                     help="Directory of allowed client public keys (*.key); enables CURVE with --curve-secret.")(f)
+    return click.option("--curve-secret", type=_KEY_FILE, default=None,
+                        help="The aggregator's CURVE keypair (NAME.key_secret from `fwdllm keys generate`).")(f)
+
+
+def client_key_options(f: Callable) -> Callable:
+    """``--curve-secret`` / ``--server-key`` for a device (kw: curve_secret, server_key)."""
+    f = click.option("--server-key", type=_KEY_FILE, default=None,
+                     help="The aggregator's public key (its NAME.key); enables CURVE with --curve-secret.")(f)
+    return click.option("--curve-secret", type=_KEY_FILE, default=None,
+                        help="This device's CURVE keypair (NAME.key_secret from `fwdllm keys generate`).")(f)
+
+
+@click.group("keys")
+def keys() -> None:
+    """CURVE keypairs for authenticated, encrypted federation traffic.
+
+    \b
+    Example (server + one device; copy device-1.key into the allow-list):
+      fwdllm keys generate server --out keys/
+      fwdllm keys generate device-1 --out keys/ --allow keys/allowed
+      fwdllm aggregator serve --curve-secret keys/server.key_secret --allow keys/allowed ...
+      fwdllm client run --curve-secret keys/device-1.key_secret --server-key keys/server.key ...
+    """
+
+
+@keys.command("generate")
+@click.argument("name")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="Directory for NAME.key (public) and NAME.key_secret (keep private).")
+@click.option("--allow", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also copy the public key into this allow-list directory.")
+def generate(name: str, out: Path, allow: Path | None) -> None:
+    """Write a new keypair NAME.key / NAME.key_secret (never overwrites)."""
+    if not name or "/" in name or name.startswith("."):
+        raise UserError(f"bad key name {name!r}: use a plain file name such as server or device-1")
+    out.mkdir(parents=True, exist_ok=True)
+    targets = [out / f"{name}.key", out / f"{name}.key_secret"] + ([allow / f"{name}.key"] if allow else [])
+    existing = [str(p) for p in targets if p.exists()]
+    if existing:
+        raise UserError(f"refusing to overwrite {', '.join(existing)}")
+    public_file, secret_file = zmq.auth.create_certificates(str(out), name)
+    os.chmod(secret_file, 0o600)
+    if allow is not None:
+        allow.mkdir(parents=True, exist_ok=True)
+        (allow / f"{name}.key").write_bytes(Path(public_file).read_bytes())
+    click.echo(f"public {public_file}\nsecret {secret_file} (keep private)")
+    if allow is not None:
+        click.echo(f"allowed {allow / f'{name}.key'}")
