@@ -13,10 +13,12 @@ changes only the scalars it forwards:
   (the window split into ``groups`` interleaved groups, the median of their
   means): smoother than a quantile on heavy-tailed honest values and still
   robust while fewer than half the groups are hit.
-* **Outlier tracking and quarantine.**  A client more than half of whose
-  scalars in a round exceed the clip level gets a strike; after ``strikes``
-  strikes it is quarantined: it gets no more work and anything it still sends
-  is ignored (the loop keeps it connected, so it learns nothing).
+* **Outlier tracking and quarantine.**  A result more than half of whose
+  scalars exceed the clip level is discarded whole (clipping it would still
+  inject clip-sized noise of random sign) and its client gets a strike; after
+  ``strikes`` strikes the client is quarantined: it gets no more work and
+  anything it still sends is ignored (the loop keeps it connected, so it
+  learns nothing).
 
 Resume stays bit-identical: the clip level of a round is fixed when the
 round begins (from the window), the window is updated in a canonical order
@@ -105,6 +107,7 @@ class Robust(Strategy):
         self._limit: float | None = None
         self._buffer: list[tuple[ClientView, Work, Scored]] = []
         self._seen: dict[str, list[float]] = {}  # client -> raw |projection| this round
+        self._struck: set[str] = set()  # clients with a discarded result this round
 
     # -- the round ------------------------------------------------------- #
 
@@ -112,7 +115,7 @@ class Robust(Strategy):
         active = [p for p in participants if p.client_id not in self.quarantined]
         self._views = {p.client_id: replace(p, slot=i) for i, p in enumerate(active)}
         self._limit = self._level(np.array(self.history)) if len(self.history) >= self.opts.min_history else None
-        self._buffer, self._seen = [], {}
+        self._buffer, self._seen, self._struck = [], {}, set()
         return self.inner.begin(round, list(self._views.values()))
 
     def _view(self, client: ClientView) -> ClientView:
@@ -130,7 +133,7 @@ class Robust(Strategy):
         if self._limit is None:
             self._buffer.append((client, work, scored))
         else:
-            self.inner.add(self._view(client), work, self._clip(scored, self._limit))
+            self._forward(client, work, scored, self._limit)
 
     def drop(self, client: ClientView, work: Work | None) -> None:
         self.inner.drop(self._view(client), work)
@@ -144,12 +147,12 @@ class Robust(Strategy):
             raw = [v for c in sorted(self._seen) for v in self._seen[c]]
             limit = self._level(np.array(self.history + raw))
             for client, work, scored in sorted(self._buffer, key=lambda b: b[0].client_id):
-                self.inner.add(self._view(client), work, self._clip(scored, limit))
+                self._forward(client, work, scored, limit)
         clipped, newly = self._judge(limit)
         step = self.inner.step()
         step.info.update({
             "robust_limit": limit if np.isfinite(limit) else None,
-            "robust_clipped": clipped,
+            "robust_outliers": clipped,
             "quarantined": sorted(self.quarantined),
             **({"newly_quarantined": newly} if newly else {}),
         })
@@ -165,18 +168,20 @@ class Robust(Strategy):
         scale = robust_scale(values, self.opts) if len(values) else 0.0
         return self.opts.mult * scale if scale > 0 else float("inf")
 
-    @staticmethod
-    def _clip(scored: Scored, limit: float) -> Scored:
-        return replace(scored, projected=np.clip(scored.projected, -limit, limit))
+    def _forward(self, client: ClientView, work: Work, scored: Scored, limit: float) -> None:
+        """Hand the inner strategy the clipped result, or nothing if it is mostly outliers."""
+        if 2 * int(np.sum(np.abs(scored.projected) > limit)) > len(scored.projected):
+            self._struck.add(client.client_id)
+            return
+        self.inner.add(self._view(client), work, replace(scored, projected=np.clip(scored.projected, -limit, limit)))
 
     def _judge(self, limit: float) -> tuple[int, list[str]]:
-        """Strike clients whose scalars were mostly outliers; grow the window."""
+        """Strike clients that sent a mostly-outlier result; grow the window."""
         clipped, newly = 0, []
         for client in sorted(self._seen):
             values = np.array(self._seen[client])
-            out = int(np.sum(values > limit))
-            clipped += out
-            if out * 2 > len(values):
+            clipped += int(np.sum(values > limit))
+            if client in self._struck:
                 self.strikes[client] = self.strikes.get(client, 0) + 1
                 if self.strikes[client] >= self.opts.strikes and client not in self.quarantined:
                     self.quarantined.add(client)
