@@ -1,0 +1,221 @@
+"""A thin, fast wrapper over llama.cpp's low-level API for *scoring*.
+
+Why not ``llama_cpp.Llama``: it owns one sequence, evaluates logits for every
+position and hides adapters.  Scoring wants the opposite: many short
+sequences in ONE ``llama_decode`` (one weight pass serves the whole batch),
+logits only at the positions a loss needs, and direct control of LoRA adapters
+and their scales.
+
+Memory: by default llama.cpp mmaps the GGUF and, on CPUs with a repacked
+kernel (Q4_0 on AVX2/NEON), copies the weights into a CPU_REPACK buffer.
+Both stay resident, so peak RSS is about twice the file.  ``repack=False``
+(``use_extra_bufts=False``) keeps only the mmap; ``mmap=False`` reads the file
+into anonymous memory, which llama.cpp frees after repacking.  See
+``bench/throughput.py --mem`` for measured RSS and speed of each mode.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import llama_cpp as ll
+import numpy as np
+
+from fwdllm.errors import UserError
+from fwdllm.log import quiet_llama
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        quiet_llama()
+        ll.llama_backend_init()
+        _backend_ready = True
+
+
+def default_threads() -> int:
+    """All cores this process may use (scoring is compute bound)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Seq:
+    """One sequence to decode: its tokens and the positions whose logits the
+    caller needs (position p predicts token p+1)."""
+
+    tokens: tuple[int, ...]
+    outputs: tuple[int, ...]
+
+
+class Engine:
+    """One model + one context, sized for batches of up to ``n_seq_max``
+    sequences of at most ``n_ctx_seq`` tokens, ``n_batch`` tokens per decode."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        n_threads: int | None = None,
+        n_seq_max: int = 16,
+        n_ctx_seq: int = 256,
+        n_batch: int | None = None,
+        mmap: bool = True,
+        repack: bool = True,
+    ) -> None:
+        _init_backend()
+        self.path = Path(model_path)
+        mp = ll.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        mp.load_mode = 1 if mmap else 0  # LLAMA_LOAD_MODE_MMAP / _NONE
+        mp.use_extra_bufts = repack
+        self.model = ll.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not self.model:
+            raise UserError(f"llama.cpp could not load {self.path} (run with --verbose for details)")
+        self.vocab = ll.llama_model_get_vocab(self.model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
+        self.n_seq_max = n_seq_max
+        self.max_seq_tokens = n_ctx_seq
+        self.n_batch = n_batch or n_seq_max * n_ctx_seq
+        self.n_threads = n_threads or default_threads()
+        cp = ll.llama_context_default_params()
+        cp.n_seq_max = n_seq_max
+        # One KV stream per sequence (kv_unified=False): measured exact - the
+        # logits equal those of decoding each sequence alone - while the
+        # unified cache moved SmolLM2's logits by up to 0.9 and was not faster.
+        cp.kv_unified = False
+        cp.n_ctx = n_ctx_seq * n_seq_max
+        cp.n_batch = self.n_batch
+        cp.n_ubatch = min(self.n_batch, 512)
+        cp.n_threads = cp.n_threads_batch = self.n_threads
+        cp.no_perf = True
+        self.ctx = ll.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            ll.llama_model_free(self.model)
+            raise UserError(f"llama.cpp could not create a context for {self.path} (n_ctx={cp.n_ctx})")
+        self.memory = ll.llama_get_memory(self.ctx)
+        self.batch = ll.llama_batch_init(self.n_batch, 0, 1)
+        self._adapters: list[ll.llama_adapter_lora_p] = []
+        self._active: tuple = ()
+        self.switches = 0
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, text: str, *, bos: bool) -> list[int]:
+        raw = text.encode("utf-8")
+        buf = (ll.llama_token * (len(raw) + 8))()
+        n = ll.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), bos and self.add_bos, False)
+        if n < 0:  # pragma: no cover - buffer is always large enough
+            raise RuntimeError("tokenizer buffer too small")
+        return list(buf[:n])
+
+    # -------------------------------------------------------------- adapters
+    def load_adapter(self, path: str | os.PathLike) -> ll.llama_adapter_lora_p:
+        """Load a LoRA GGUF; the engine frees it on :meth:`free_adapter`/close."""
+        ad = ll.llama_adapter_lora_init(self.model, str(path).encode())
+        if not ad:
+            raise UserError(f"llama.cpp could not load adapter {path} (wrong base model?)")
+        self._adapters.append(ad)
+        return ad
+
+    def free_adapter(self, ad: ll.llama_adapter_lora_p) -> None:
+        if any(a == ad for a, _ in self._active):
+            self.set_adapters([])
+        self._adapters.remove(ad)
+        ll.llama_adapter_lora_free(ad)
+
+    def set_adapters(self, adapters: Sequence[tuple[ll.llama_adapter_lora_p, float]]) -> None:
+        """Make exactly these (adapter, user scale) pairs active.
+
+        Each change makes llama.cpp re-reserve its scheduler on the next
+        decode, so callers order work to change adapters rarely; unchanged
+        sets are skipped here.
+        """
+        key = tuple((a, float(s)) for a, s in adapters)
+        if key == self._active:
+            return
+        n = len(key)
+        arr = (ll.llama_adapter_lora_p_ctypes * max(n, 1))(*[a for a, _ in key])
+        scales = (ctypes.c_float * max(n, 1))(*[s for _, s in key])
+        rc = ll.llama_set_adapters_lora(self.ctx, arr if n else None, n, scales if n else None)
+        if rc != 0:
+            raise RuntimeError(f"llama_set_adapters_lora failed ({rc})")
+        self._active = key
+        self.switches += 1
+
+    # ---------------------------------------------------------------- decode
+    def pack(self, seqs: Sequence[Seq]) -> list[list[int]]:
+        """Greedy chunks of sequence indices, each fitting one decode."""
+        chunks: list[list[int]] = []
+        cur: list[int] = []
+        used = 0
+        for i, s in enumerate(seqs):
+            if len(s.tokens) > self.max_seq_tokens:
+                raise ValueError(f"sequence of {len(s.tokens)} tokens exceeds context {self.max_seq_tokens}")
+            if cur and (used + len(s.tokens) > self.n_batch or len(cur) == self.n_seq_max):
+                chunks.append(cur)
+                cur, used = [], 0
+            cur.append(i)
+            used += len(s.tokens)
+        if cur:
+            chunks.append(cur)
+        return chunks
+
+    def decode(self, seqs: Sequence[Seq]) -> list[np.ndarray]:
+        """Decode up to n_seq_max sequences in one ``llama_decode``; return,
+        per sequence, a (len(outputs), n_vocab) float32 copy of its logits."""
+        ll.llama_memory_clear(self.memory, True)
+        b = self.batch
+        k = 0
+        where: list[list[int]] = []
+        for sid, s in enumerate(seqs):
+            outs = set(s.outputs)
+            rows = []
+            for pos, tok in enumerate(s.tokens):
+                b.token[k] = tok
+                b.pos[k] = pos
+                b.n_seq_id[k] = 1
+                b.seq_id[k][0] = sid
+                b.logits[k] = pos in outs
+                if pos in outs:
+                    rows.append(k)
+                k += 1
+            where.append(rows)
+        b.n_tokens = k
+        rc = ll.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc}) for {k} tokens in {len(seqs)} sequences")
+        out = []
+        for rows in where:
+            arr = np.empty((len(rows), self.n_vocab), dtype=np.float32)
+            for j, r in enumerate(rows):
+                ptr = ll.llama_get_logits_ith(self.ctx, r)
+                arr[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+            out.append(arr)
+        return out
+
+    def close(self) -> None:
+        """Free context, adapters, batch and model (idempotent)."""
+        if getattr(self, "ctx", None):
+            ll.llama_batch_free(self.batch)
+            ll.llama_free(self.ctx)
+            self.ctx = None
+        for ad in getattr(self, "_adapters", []):
+            ll.llama_adapter_lora_free(ad)
+        self._adapters = []
+        if getattr(self, "model", None):
+            ll.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self) -> None:  # safety net; callers should close()
+        self.close()
+

@@ -1,0 +1,232 @@
+"""edge_client on a real (tiny, random) llama GGUF: tasks, batched decode,
+perturbation adapters, and the eval/score command lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edge_client.cli import client, eval_cmd
+from edge_client.engine import Engine, Seq
+from edge_client.session import EdgeSession
+from edge_client.tasks import (
+    SST2_DEV_ROWS,
+    default_data,
+    load_task,
+    read_examples,
+    sample_batch,
+)
+from fwdllm.adapter_io import base_shapes, write_adapter
+from fwdllm.contract import LoraLayout, PerturbMask, direction
+from fwdllm.errors import UserError
+
+ROWS = [
+    ("1", "a fun and moving film"),
+    ("0", "boring and bad"),
+    ("1", "the best movie of the year"),
+    ("0", "I hate this story"),
+    ("1", "great play , good people"),
+    ("0", "the worst film"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A custom TOML classification task with a tsv file (the tiny model's
+    SPM vocab makes "negative"/"positive" start with different tokens)."""
+    d = tmp_path_factory.mktemp("task")
+    (d / "data.tsv").write_text("stars\treview\n" + "".join(f"{lab}\t{t}\n" for lab, t in ROWS))
+    (d / "task.toml").write_text(
+        'name = "mini"\nformat = "tsv"\ntemplate = "Review: {text}\\nSentiment:"\n'
+        'label_words = ["negative", "positive"]\nlabels = ["0", "1"]\n'
+        'text_columns = ["review"]\nlabel_column = "stars"\ndev = "data.tsv"\n'
+    )
+    return d / "task.toml"
+
+
+@pytest.fixture(scope="module")
+def session(tiny_model: Path, tiny_task: Path):
+    s = EdgeSession(tiny_model, load_task(str(tiny_task)), n_threads=2, max_batch=4)
+    yield s
+    s.close()
+
+
+def _lora(model: Path, rank: int = 4) -> tuple[LoraLayout, dict[str, np.ndarray]]:
+    from bench.torch_ref import random_lora
+
+    layout = LoraLayout.for_base(base_shapes(model), rank=rank, alpha=2 * rank, targets=["q", "k", "v"])
+    return layout, random_lora(layout, seed=1, b_std=0.05)
+
+
+# ----------------------------------------------------------------- tasks
+
+
+def test_presets_and_sst2_split(data_dir):
+    dev = read_examples(load_task("sst2"), default_data("sst2", "dev"))
+    train = default_data("sst2", "train").read_text().splitlines()[1:]
+    assert len(dev) == SST2_DEV_ROWS
+    total = (data_dir / "sst2" / "train.tsv").read_text().splitlines()[1:]
+    assert len(train) + SST2_DEV_ROWS == len(total)
+    dev_lines = default_data("sst2", "dev").read_text().splitlines()[1:]
+    assert sorted(dev_lines + train) == sorted(total)
+    ag = read_examples(load_task("agnews"), default_data("agnews", "dev"), limit=5)
+    assert len(ag) == 5 and all(0 <= e.label < 4 for e in ag) and ag[0].line == 2
+
+
+def test_bad_rows_reported_with_line_numbers(tmp_path: Path, capsys):
+    f = tmp_path / "bad.tsv"
+    f.write_text("label\tsentence\n1\tgood\n7\tunknown label\n0\t   \n1\t" + "x" * 5000 + "\n0\tfine\n")
+    ex = read_examples(load_task("sst2"), f)
+    assert [e.line for e in ex] == [2, 6]
+    err = capsys.readouterr().err
+    for line, why in ((3, "unknown label '7'"), (4, "empty text"), (5, "too long")):
+        assert f"{f}:{line}: bad row: {why}" in err
+    with pytest.raises(UserError, match=r"bad\.tsv:3: bad row: unknown label"):
+        read_examples(load_task("sst2"), f, strict=True)
+
+
+def test_custom_specs_overrides_and_sft(tmp_path: Path, capsys):
+    (tmp_path / "d.csv").write_text("y,head,body\nno,Hi,there\nyes,,only body\n")
+    (tmp_path / "t.json").write_text(json.dumps({
+        "template": "{head} / {body}:", "label_words": [" A", " B"], "labels": ["no", "yes"],
+        "text_columns": ["head", "body"], "label_column": "y"}))
+    ex = read_examples(load_task(str(tmp_path / "t.json")), tmp_path / "d.csv")
+    assert [(e.prompt, e.label) for e in ex] == [("Hi / there:", 0), (" / only body:", 1)]
+    (tmp_path / "e.csv").write_text("yy,txt\nyes,hello\n")
+    task = load_task(str(tmp_path / "t.json"), text_columns="txt", label_column="yy", template="{text}")
+    assert read_examples(task, tmp_path / "e.csv")[0].prompt == "hello"
+    (tmp_path / "s.jsonl").write_text('{"prompt": "Q: 2+2?", "completion": " 4"}\n\n[1]\n{"prompt": "x"}\n')
+    sft = read_examples(load_task("sft"), tmp_path / "s.jsonl")
+    assert len(sft) == 1 and sft[0].completion == " 4"
+    assert "s.jsonl:3: bad row: not a JSON object" in capsys.readouterr().err
+    with pytest.raises(UserError, match="unknown task override"):
+        load_task(str(tmp_path / "t.json"), nonsense=1)
+    (tmp_path / "u.json").write_text('{"labelwords": []}')
+    with pytest.raises(UserError, match="unknown field"):
+        load_task(str(tmp_path / "u.json"))
+    with pytest.raises(UserError, match="not a preset"):
+        load_task("no-such-task")
+
+
+def test_sample_batch_is_deterministic_and_distinct():
+    items = list(range(100))
+    a = sample_batch(items, 10, batch_seed=5)
+    assert a == sample_batch(items, 10, batch_seed=5) and len(set(a)) == 10
+    assert a != sample_batch(items, 10, batch_seed=6)
+    assert a == [46, 70, 4, 25, 67, 43, 90, 33, 98, 54]  # pinned: devices must agree
+    assert sorted(sample_batch(items[:3], 10, 1)) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- engine
+
+
+def test_batched_decode_equals_one_by_one(tiny_model: Path):
+    eng = Engine(tiny_model, n_threads=2, n_seq_max=4, n_ctx_seq=64)
+    try:
+        seqs = [Seq(tuple(eng.tokenize(t, bos=True)), ()) for _, t in ROWS[:4]]
+        seqs = [Seq(s.tokens, (0, len(s.tokens) - 1)) for s in seqs]
+        together = eng.decode(seqs)
+        for s, logits in zip(seqs, together):
+            alone = eng.decode([s])[0]
+            assert logits.shape == (2, eng.n_vocab)
+            np.testing.assert_allclose(logits, alone, rtol=0, atol=1e-4)
+        assert eng.pack(seqs * 3) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    finally:
+        eng.close()
+
+
+def test_evaluate_and_too_long_rows(session: EdgeSession, tiny_task: Path, tiny_model: Path, capsys):
+    ex = read_examples(session.task, tiny_task.parent / "data.tsv")
+    r = session.evaluate(ex)
+    assert r.n == len(ROWS) and 0 <= r.accuracy <= 1 and r.loss > 0 and r.n_tokens > r.n
+    with EdgeSession(tiny_model, session.task, n_threads=2, max_batch=4, n_ctx=28) as short:
+        r2 = short.evaluate(ex)
+        assert r2.n < len(ROWS)
+        assert "data.tsv:2: bad row:" in capsys.readouterr().err
+    with EdgeSession(tiny_model, session.task, n_threads=2, n_ctx=8, strict=True) as strict:
+        with pytest.raises(UserError, match="tokens > context"):
+            strict.evaluate(ex)
+
+
+@pytest.mark.parametrize("parts", ["a", "b"])
+def test_perturbation_adapter_matches_explicit_lora(session: EdgeSession, tiny_task: Path, tiny_model: Path, parts):
+    """With only A or only B perturbed the LoRA is linear in the perturbation,
+    so L(+-eps) from the second adapter must equal the loss of an adapter file
+    holding the moved tensors: checks the construction and the alpha/rank scale.
+
+    The tolerance is llama.cpp's noise floor on this random model (~1e-3:
+    different float summation orders flip the Q8 rounding of activations);
+    eps is large so that the loss change is far above it.
+    """
+    ex = read_examples(session.task, tiny_task.parent / "data.tsv")
+    layout, tensors = _lora(tiny_model)
+    session.set_lora(layout, tensors)
+    eps, mask, seed = 0.5, PerturbMask(parts), 11
+    res = session.perturbed(ex, [seed], eps, mask)
+    assert abs(res.loss_plus[0] - res.loss_minus[0]) > 0.01
+    for sign, want in ((1, res.loss_plus[0]), (-1, res.loss_minus[0])):
+        moved = dict(tensors)
+        for n, v in direction(seed, layout, mask).items():
+            moved[n] = tensors[n] + sign * eps * v
+        session.set_lora(layout, moved)
+        assert session.evaluate(ex).loss == pytest.approx(want, abs=3e-3)
+    session.set_lora(layout, tensors)
+    assert len(session.engine._adapters) == 1  # only the main adapter stays loaded
+
+
+def test_one_sided_and_central(session: EdgeSession, tiny_task: Path, tiny_model: Path):
+    ex = read_examples(session.task, tiny_task.parent / "data.tsv")
+    layout, tensors = _lora(tiny_model)
+    session.set_lora(layout, tensors)
+    base = session.evaluate(ex).loss
+    one = session.perturbed(ex, [1, 2, 3], 0.01, PerturbMask("both"), one_sided=True)
+    assert one.seeds.dtype == np.uint32 and np.all(one.loss_minus == base)
+    np.testing.assert_allclose(one.projected, (one.loss_plus - base) / 0.01)
+    two = session.perturbed(ex, [1, 2, 3], 0.01, PerturbMask("both"), dist="rademacher")
+    np.testing.assert_allclose(two.projected, (two.loss_plus - two.loss_minus) / 0.02)
+    assert two.n_tokens == 6 * session.prepare(ex).n_tokens
+    session.set_lora(None, None)
+    with pytest.raises(UserError, match="needs a LoRA"):
+        session.perturbed(ex, [1], 0.01, PerturbMask("b"))
+    assert session.tokens_per_second() > 0
+
+
+# ------------------------------------------------------------------- CLI
+
+
+def test_eval_cli_json(tiny_model: Path, tiny_task: Path):
+    res = CliRunner().invoke(
+        eval_cmd, ["--model", str(tiny_model), "--task", str(tiny_task), "--threads", "2", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["n"] == len(ROWS) and out["task"] == "mini" and 0 <= out["accuracy"] <= 1
+
+
+def test_eval_cli_errors(tiny_model: Path, tiny_task: Path, tmp_path: Path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("stars\treview\n1\tok\n9\tnope\n")
+    args = ["--model", str(tiny_model), "--task", str(tiny_task), "--data", str(bad), "--strict"]
+    res = CliRunner().invoke(eval_cmd, args)
+    assert res.exit_code == 2 and "bad.tsv:3: bad row: unknown label" in res.output
+    res = CliRunner().invoke(eval_cmd, ["--model", str(tmp_path / "none.gguf"), "--task", str(tiny_task)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_client_score_cli(tiny_model: Path, tiny_task: Path, tmp_path: Path):
+    layout, tensors = _lora(tiny_model)
+    lora = write_adapter(tmp_path / "a.gguf", layout, tensors)
+    args = ["score", "--model", str(tiny_model), "--task", str(tiny_task), "--lora", str(lora),
+            "--seeds", "1,2,3", "--eps", "0.01", "--parts", "both", "--threads", "2", "--json"]
+    res = CliRunner().invoke(client, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["seeds"] == [1, 2, 3] and len(out["projected"]) == 3
+    np.testing.assert_allclose(out["projected"], (np.array(out["loss_plus"]) - out["loss_minus"]) / 0.02)
+    res = CliRunner().invoke(client, args[:-3] + ["--seeds", "1,x"])
+    assert res.exit_code == 2 and "comma-separated" in res.output
+    assert "run" in client.commands
