@@ -79,10 +79,10 @@ def serving(run_dir: Path, **kw: Any) -> Iterator[Aggregator]:
 
 
 def start_worker(url: str, cid: str, scorer: Any = None, keys: ClientKeys | None = None,
-                 give_up_s: float = 30.0) -> tuple[Worker, threading.Thread]:
+                 give_up_s: float = 30.0, events: Path | None = None) -> tuple[Worker, threading.Thread]:
     """A real Worker (quadratic objective unless ``scorer``) in a thread."""
     scorer = scorer or QuadraticScorer()
-    w = Worker(url, cid, lambda s: join_msg(cid), scorer, lambda name: scorer, EventLog(None), give_up_s, keys)
+    w = Worker(url, cid, lambda s: join_msg(cid), scorer, lambda name: scorer, EventLog(events), give_up_s, keys)
     t = threading.Thread(target=w.run, daemon=True)
     t.start()
     return w, t
