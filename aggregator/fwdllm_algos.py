@@ -132,6 +132,7 @@ def pace(
     k_min: int,
     k_max: int,
     rho_prior: float = 0.0,
+    z: float = 2.0,
 ) -> tuple[bool, PacingStats]:
     """Is the aggregated estimate precise enough to step?
 
@@ -141,7 +142,7 @@ def pace(
     ``|g|^2`` estimate whose lower confidence bound is not positive means no
     signal is visible yet: keep collecting.
     """
-    stats = pacing_stats(seed_ids, values, rho_prior)
+    stats = pacing_stats(seed_ids, values, rho_prior, z)
     done = stats.n_seeds >= k_max or (stats.n_seeds >= k_min and stats.rel_var <= threshold)
     return done, stats
 

@@ -59,6 +59,7 @@ class SimConfig:
     k: int = 16  # seeds per round (pacing: seeds per chunk)
     replicas: int = 1  # batches each seed is scored on
     pacing: float = 0.0  # inner-product-test threshold, 0 = off
+    z: float = 2.0  # pacing: |g|^2 lower confidence bound, in standard errors
     k_max: int = 128
     scale_lr: bool = False  # pacing: step lr * K_round / k (linear scaling rule)
     oversample: int = 0  # discriminative candidates per seed, 0 = off
@@ -97,7 +98,7 @@ def _estimate(
             dirs.append(v)
         if not cfg.pacing:
             break
-        done, _ = algos.pace(ids, vals, cfg.pacing, cfg.k, cfg.k_max)
+        done, _ = algos.pace(ids, vals, cfg.pacing, cfg.k, cfg.k_max, z=cfg.z)
         if done:
             break
     v_mat = np.array(dirs)
@@ -163,6 +164,7 @@ ABLATION: dict[str, SimConfig] = {
     "discriminative-debiased": SimConfig(oversample=10, debias=True),
     "block-cyclic": SimConfig(blocks=4),
 }
+ABLATION["pacing-scaled-lr-z0"] = replace(ABLATION["pacing-scaled-lr"], z=0.0)
 ABLATION["fwdllm"] = replace(ABLATION["pacing"], oversample=10)  # the "fwdllm" strategy's defaults
 ABLATION["fwdllm-scaled-lr"] = replace(ABLATION["pacing-scaled-lr"], oversample=10)
 
@@ -178,3 +180,24 @@ def round_time(
         if n:
             done_at.extend(np.cumsum(rng.lognormal(0.0, jitter, n) / tp))
     return float(np.sort(done_at)[needed - 1])
+
+
+def main() -> None:
+    """Print the ablation table: ``python -m aggregator.fwdllm_synthetic [noise] [target]``."""
+    import sys
+
+    noise = float(sys.argv[1]) if len(sys.argv) > 1 else 0.1
+    target = float(sys.argv[2]) if len(sys.argv) > 2 else 0.2
+    prob = make_problem(per_layer=64, noise=noise)
+    lrs = tuple(0.125 * 2 ** (i / 2) for i in range(10))
+    print(f"d={prob.dim}, noise={noise}, target={target} f(0), budget 40000 forward passes, 5 seeds, median")
+    print("| strategy | lr | forward passes | rounds | K/round | reached |\n|---|---|---|---|---|---|")
+    for name, cfg in ABLATION.items():
+        lr, res = best_lr(prob, cfg, lrs, (0, 1, 2, 3, 4), target=target, max_forward=40_000)
+        med = [float(np.median([getattr(r, f) for r in res])) for f in ("forward_passes", "steps", "mean_k")]
+        print(f"| {name} | {lr:.3g} | {med[0]:.0f} | {med[1]:.0f} | {med[2]:.1f} | {sum(r.reached for r in res)}/5 |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

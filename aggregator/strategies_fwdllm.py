@@ -57,6 +57,7 @@ class FwdOptions:
 
     pacing: bool = False
     threshold: float = 0.25  # pacing: max Var(G.g)/|g|^4
+    z: float = 2.0  # pacing: |g|^2 must clear z standard errors (0 = plug-in, fewer seeds, may step on noise)
     k_max: int = 0  # pacing: seed cap per round, 0 = 4 * k
     replicas: int = 2  # pacing: batches per seed (>= 2 to measure the data noise)
     scale_lr: bool = False  # pacing: step = sum p v / k (lr grows with K/k; risky when K hits k_max on noise)
@@ -228,7 +229,7 @@ class FwdLLM(Strategy):
         if o.pacing:
             if not self._obs_vals:
                 return False
-            done, _ = algos.pace(self._obs_seeds, self._obs_vals, o.threshold, self.spec.k, self.k_max, self._rho)
+            done, _ = algos.pace(self._obs_seeds, self._obs_vals, o.threshold, self.spec.k, self.k_max, self._rho, o.z)
             return done
         return o.adaptive and len(set(self._obs_seeds)) >= self.spec.k
 
@@ -255,7 +256,7 @@ class FwdLLM(Strategy):
                 out_seeds.append(np.array(prev["seeds"], dtype=np.uint32))
                 out_coeffs.append(beta * np.array(prev["coeffs"], dtype=np.float64))
         if o.pacing:
-            stats = algos.pacing_stats(self._obs_seeds, self._obs_vals, self._rho)
+            stats = algos.pacing_stats(self._obs_seeds, self._obs_vals, self._rho, o.z)
             info.update({f"pacing_{k}": v for k, v in stats.to_dict().items()})
             if stats.n_replicated and math.isfinite(stats.rho):
                 self._rho = stats.rho
