@@ -69,14 +69,24 @@ class FwdOptions:
 
     @classmethod
     def parse(cls, defaults: dict[str, Any], extra: dict[str, Any]) -> "FwdOptions":
-        known = {f.name: f.type for f in fields(cls)}
+        """Defaults of the strategy name, overridden by ``--strategy-opt``s
+        (type-checked: they arrive as JSON values or strings)."""
+        kinds = {f.name: type(f.default) for f in fields(cls)}
         opts = {k: v for k, v in extra.items() if k != "layout"}
-        unknown = sorted(set(opts) - set(known))
+        unknown = sorted(set(opts) - set(kinds))
         if unknown:
-            raise ValueError(f"unknown strategy option(s) {unknown}; known: {', '.join(known)}")
+            raise ValueError(f"unknown strategy option(s) {unknown}; known: {', '.join(kinds)}")
+        for key, value in opts.items():
+            kind = kinds[key]
+            ok = isinstance(value, bool) if kind is bool else (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or value == int(value)))
+            if not ok:
+                raise ValueError(f"strategy option {key}={value!r}: expected {kind.__name__}")
+            opts[key] = kind(value)
         out = cls(**{**defaults, **opts})
-        if out.replicas < 1 or out.oversample < 0 or out.blocks < 1 or out.slack < 0 or out.threshold <= 0:
-            raise ValueError(f"bad strategy options {out}")
+        if out.replicas < 1 or out.oversample < 0 or out.blocks < 1 or out.slack < 0 or out.threshold <= 0 \
+                or out.z < 0 or out.k_max < 0:
+            raise ValueError(f"strategy options out of range: {out}")
         return out
 
 

@@ -83,8 +83,11 @@ def test_registry_and_options_are_validated() -> None:
         FwdLLM(spec("fwdllm", bogus=1))
     with pytest.raises(ValueError, match="layout"):
         FwdLLM(StrategySpec(name="fwdllm"))
-    with pytest.raises(ValueError):
-        FwdLLM(spec("fwdllm", replicas=0))
+    for bad in ({"replicas": 0}, {"oversample": "ten"}, {"debias": 1}, {"blocks": 2.5}, {"z": -1.0}):
+        with pytest.raises(ValueError):
+            FwdLLM(spec("fwdllm", **bad))
+    opts = FwdLLM(spec("fwdllm", z=0, scale_lr=True, blocks=2.0)).opts
+    assert (opts.z, opts.scale_lr, opts.blocks) == (0.0, True, 2) and isinstance(opts.blocks, int)
 
 
 def test_pacing_adapts_k_to_the_noise_and_scores_each_seed_on_two_batches() -> None:
