@@ -51,6 +51,7 @@ def new_or_resumed(run_dir: Path, rounds: int, k: int, resume: bool, extra: dict
         return setup.resume_run(run_dir, FAKE_MODEL_SHA)
     cfg, replica = synthetic_run(rounds, OptimizerSpec(lr=lr, total_rounds=rounds), StrategySpec(k=k, extra=extra or {}))
     checkpoint.write_config(run_dir, cfg)
+    checkpoint.save(run_dir, replica, {}, 0.0)  # round 0, as `aggregator serve` does
     return cfg, replica, {}, 0.0
 
 
