@@ -83,7 +83,7 @@ def test_registry_and_options_are_validated() -> None:
         FwdLLM(spec("fwdllm", bogus=1))
     with pytest.raises(ValueError, match="layout"):
         FwdLLM(StrategySpec(name="fwdllm"))
-    for bad in ({"replicas": 0}, {"oversample": "ten"}, {"debias": 1}, {"blocks": 2.5}, {"z": -1.0}):
+    for bad in ({"replicas": 0}, {"oversample": "ten"}, {"debias": 1}, {"blocks": 2.5}, {"z": -1.0}, {"blocks": 5}):
         with pytest.raises(ValueError):
             FwdLLM(spec("fwdllm", **bad))
     opts = FwdLLM(spec("fwdllm", z=0, scale_lr=True, blocks=2.0)).opts
