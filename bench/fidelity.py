@@ -128,7 +128,6 @@ def fidelity(model, k_max, k_llama, batch, eps, rank, parts, dist, task, label_w
     ax.plot(ks, [r[2] for r in rows], "s--", label="exact torch scalars")
     ax.plot(ks, [r[3] for r in rows], "k:", label="theory sqrt(K/(K+d+1))")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
     ax.set_xlabel("K (perturbations)")
     ax.set_ylabel("cosine with exact gradient")
     ax.set_title(f"d={d}", fontsize=9)
