@@ -103,6 +103,7 @@ class RoundState:
     bytes_down: dict[str, int] = field(default_factory=dict)
     bytes_up: dict[str, int] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
+    by_id: dict[str, ClientView] = field(default_factory=dict)  # participants by client id (O(1) lookups at 1,000 clients)
 
 
 Evaluate = Callable[[Replica], dict[str, float]]
@@ -235,17 +236,16 @@ class Aggregator:
 
     def _participant(self, peer: Peer) -> ClientView:
         assert self.round is not None
-        for v in self.round.participants:
-            if v.client_id == peer.client_id:
-                return v
-        return self._view(peer, -1)
+        view = self.round.by_id.get(peer.client_id)
+        return view if view is not None else self._view(peer, -1)
 
     def _begin_round(self, now: float) -> None:
         peers = sorted(self.peers.values(), key=lambda p: p.client_id)
         views = [self._view(p, i) for i, p in enumerate(peers)]
         number = self.replica.version + 1
         cfg = self.strategy.begin(number, views)
-        self.round = RoundState(number=number, config=cfg, participants=views, started=now)
+        self.round = RoundState(number=number, config=cfg, participants=views, started=now,
+                                by_id={v.client_id: v for v in views})
         self.first_round = False
         log.info("round %d/%d: %d clients", number, self.config.rounds, len(views))
         self._dispatch()
