@@ -1,0 +1,181 @@
+"""``fwdllm bench load``: the aggregator's own cost per round with many clients.
+
+Why this shape: on a real deployment a round's wall time is dominated by the
+devices' forward passes, which says nothing about whether the aggregator
+scales.  Here the clients are a *swarm* of protocol-speaking DEALER sockets in
+a child process that answer every Task at once with synthetic scalars (no
+model, no replica), and the aggregator runs the real loop, strategy, replica
+update, checkpoint and broadcast on the model-free synthetic run of
+:mod:`aggregator.fake`.  Reported per round (first round skipped as warm-up):
+
+* ``server CPU``: CPU time of the aggregator's thread from the round's start
+  to its commit - every frame decoded, every Task, the step, the checkpoint,
+  the Update broadcast, heartbeats; no client compute is in it;
+* ``round wall``: the same span in wall-clock time, which adds the swarm's
+  latency and the checkpoint's fsync.
+
+Everything is on 127.0.0.1 and bounded (``--rounds``, ``--timeout``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import zmq
+
+from bench.common import out_option, write_result
+
+HEARTBEAT_S = 1.0
+
+
+def swarm(url: str, n: int, stop: Any) -> None:
+    """``n`` fake clients on one Poller: Join, answer Tasks and heartbeats, leave on Bye."""
+    from aggregator.fake import FAKE_MODEL_SHA
+    from fwdllm.contract import Bye, Heartbeat, Join, Message, ProtocolError, Result, Task
+
+    ctx = zmq.Context()
+    socks, poller = [], zmq.Poller()
+    for i in range(n):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(url)
+        s.send_multipart(Join(client_id=f"fake-{i:05d}", model_sha256=FAKE_MODEL_SHA, tokens_per_s=100.0,
+                              mem_bytes=0, max_batch=8, n_examples=100).to_frames())
+        poller.register(s, zmq.POLLIN)
+        socks.append(s)
+    hb = Heartbeat().to_frames()
+    rng = np.random.default_rng(0)
+    live = set(socks)
+    while live and not stop.is_set():
+        for s, _ in poller.poll(100):
+            frames = s.recv_multipart()
+            if b'"type":"update"' in frames[0][:40]:  # a real device replays it; the swarm has no replica
+                continue
+            try:
+                msg = Message.from_frames(frames)
+            except ProtocolError:
+                continue
+            if isinstance(msg, Task):
+                k = len(msg.seeds)
+                base = rng.normal(1.0, 0.01)
+                s.send_multipart(Result(round=msg.round, seeds=msg.seeds, loss_plus=base + rng.normal(0, 0.01, k),
+                                        loss_minus=np.full(k, base), n_tokens=k).to_frames())
+            elif isinstance(msg, Heartbeat):
+                s.send_multipart(hb)
+            elif isinstance(msg, Bye):
+                live.discard(s)
+    for s in socks:
+        s.close(0)
+    ctx.term()
+
+
+def measure(n: int, rounds: int, k: int, timeout_s: float) -> dict[str, Any]:
+    """Serve ``rounds`` rounds to a swarm of ``n``; per-round server CPU and wall times."""
+    from aggregator import checkpoint, setup
+    from aggregator.fake import synthetic_run
+    from aggregator.server import Aggregator, ServerOptions
+    from aggregator.simulate import free_port
+    from aggregator.strategy import StrategySpec
+    from fwdllm.optim import OptimizerSpec
+
+    class Timed(Aggregator):
+        """Stamps thread CPU and wall time at each round's start and commit."""
+
+        samples: list[tuple[float, float]]
+
+        def _begin_round(self, now: float) -> None:
+            self._t0 = (time.thread_time(), time.perf_counter())
+            super()._begin_round(now)
+
+        def _commit(self) -> None:
+            super()._commit()
+            cpu0, wall0 = self._t0
+            self.samples.append((time.thread_time() - cpu0, time.perf_counter() - wall0))
+
+    url = f"tcp://127.0.0.1:{free_port()}"
+    spawn = mp.get_context("spawn")
+    stop = spawn.Event()
+    child = spawn.Process(target=swarm, args=(url, n, stop), daemon=True)
+    with tempfile.TemporaryDirectory(prefix="fwdllm-load-") as tmp:
+        run_dir = Path(tmp)
+        cfg, replica = synthetic_run(rounds, OptimizerSpec(lr=0.01, total_rounds=rounds), StrategySpec(k=k))
+        checkpoint.write_config(run_dir, cfg)
+        opts = ServerOptions(bind=url, heartbeat_s=HEARTBEAT_S, liveness=10, round_timeout_s=timeout_s, min_clients=n)
+        agg = Timed(run_dir, cfg, replica, setup.strategy_for(cfg, {}), opts)
+        agg.samples = []
+        server = threading.Thread(target=agg.serve, daemon=True)
+        server.start()
+        child.start()
+        try:
+            end = time.monotonic() + timeout_s
+            while server.is_alive() and child.is_alive() and time.monotonic() < end:
+                server.join(0.5)
+            if server.is_alive():
+                agg.stop.set()
+                server.join(10)
+                why = "the swarm died" if not child.is_alive() else f"timed out after {timeout_s:.0f} s"
+                raise click.ClickException(f"{n} clients: {len(agg.samples)}/{rounds} rounds; {why}")
+            recs = checkpoint.read_metrics(run_dir)
+        finally:
+            stop.set()
+            child.join(10)
+            if child.is_alive():
+                child.kill()
+    cpu = np.array([c for c, _ in agg.samples[1:]]) * 1e3
+    wall = np.array([w for _, w in agg.samples[1:]]) * 1e3
+    return {
+        "clients": n, "k": k, "rounds": len(agg.samples),
+        "server_cpu_ms": {"median": float(np.median(cpu)), "max": float(cpu.max())},
+        "round_wall_ms": {"median": float(np.median(wall)), "max": float(wall.max())},
+        "participants": recs[-1]["participants"], "bytes_update": recs[-1]["bytes_update"],
+    }
+
+
+@click.command("load")
+@click.option("--clients", default="10,100,1000", show_default=True, help="Comma-separated swarm sizes.")
+@click.option("--rounds", type=click.IntRange(2, 1000), default=6, show_default=True, help="Rounds per size (the first is warm-up).")
+@click.option("-k", "k", type=click.IntRange(1, 65536), default=16, show_default=True,
+              help="Seeds per round (ZO-SGD gives them to min(K, clients) clients; the rest only heartbeat).")
+@click.option("--k-per-client", is_flag=True, help="K = number of clients (every client works every round).")
+@click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True, help="Give up on a size after this many seconds.")
+@out_option
+def load(clients: str, rounds: int, k: int, k_per_client: bool, timeout_s: float, out_dir: Path) -> None:
+    """Aggregator overhead per round with 10 / 100 / 1,000 fake clients.
+
+    The clients are lightweight protocol-speaking sockets (one child process)
+    answering instantly with synthetic scalars, so the numbers are the
+    server's own: decoding, strategy, replica step, checkpoint, broadcast.
+
+    \b
+    Examples:
+      fwdllm bench load                         # 10, 100, 1000 clients, K=16
+      fwdllm bench load --clients 1000 --k-per-client
+    """
+    from fwdllm.errors import UserError
+
+    try:
+        sizes = [int(c) for c in clients.split(",") if c.strip()]
+    except ValueError:
+        raise UserError(f"--clients {clients!r}: expected comma-separated integers") from None
+    if not sizes or min(sizes) < 1:
+        raise UserError("--clients needs positive sizes")
+    results = []
+    for n in sizes:
+        r = measure(n, rounds, n if k_per_client else k, timeout_s)
+        click.echo(f"{n} clients: server CPU {r['server_cpu_ms']['median']:.1f} ms/round, "
+                   f"wall {r['round_wall_ms']['median']:.1f} ms/round", err=True)
+        results.append(r)
+    rows = [[r["clients"], r["k"], r["participants"], f"{r['server_cpu_ms']['median']:.1f}",
+             f"{r['server_cpu_ms']['max']:.1f}", f"{r['round_wall_ms']['median']:.1f}", r["bytes_update"]]
+            for r in results]
+    write_result(out_dir, "load", {"results": results, "heartbeat_s": HEARTBEAT_S},
+                 {"Aggregator overhead per round (fake clients on 127.0.0.1; goal < 100 ms at 1,000)": (
+                     ["clients", "K", "participants", "server CPU ms (median)", "server CPU ms (max)",
+                      "round wall ms (median)", "Update bytes"], rows)})
