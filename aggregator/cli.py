@@ -175,6 +175,7 @@ def serve(bind: str, model_name: str | None, rounds: int, out: Path | None, resu
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s aggregator %(message)s")
     logging.getLogger("fwdllm").setLevel(logging.INFO)
     quiet_llama()
+    keys = server_keys(curve_secret, allow)  # bad key files fail before any run directory is touched
     if resume is not None:
         run_dir = resume
         if out is not None and out.resolve() != resume.resolve():
@@ -198,7 +199,7 @@ def serve(bind: str, model_name: str | None, rounds: int, out: Path | None, resu
         run_dir, state, elapsed = out, {}, 0.0
     opts = ServerOptions(bind=bind, heartbeat_s=heartbeat_s, liveness=liveness,
                          round_timeout_s=round_timeout_s, min_clients=min_clients, quorum=quorum,
-                         keys=server_keys(curve_secret, allow))
+                         keys=keys)
     server = Aggregator(run_dir, cfg, replica, setup.strategy_for(cfg, state), opts,
                         setup.evaluator(cfg, model, threads), elapsed)
     server.serve()
