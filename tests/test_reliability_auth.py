@@ -159,3 +159,27 @@ def test_key_cli_refuses_bad_input(tmp_path: Path, keydir: Path) -> None:
     with pytest.raises(UserError, match="no secret key"):
         client_keys(keydir / "server.key", keydir / "server.key")
     assert oct((keydir / "server.key_secret").stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.slow
+def test_cli_serve_and_client_run_over_curve(tmp_path: Path, keydir: Path, tiny_model: Path, data_dir: Path) -> None:
+    """The real commands, wired end to end: `aggregator serve --curve-secret --allow`
+    and `client run --curve-secret --server-key` on the tiny model."""
+    from test_federation import TRAIN, Fed
+
+    fed = Fed(tmp_path, tiny_model, data_dir)
+    try:
+        out = tmp_path / "run"
+        agg = fed._spawn(["aggregator", "serve", "--bind", fed.url, "--heartbeat", "0.5", "--threads", "1",
+                          "--model", str(tiny_model), "--task", str(fed.task), "--rounds", "2", "--out", str(out),
+                          "--curve-secret", str(keydir / "server.key_secret"), "--allow", str(tmp_path / "allowed"),
+                          *TRAIN], "aggregator.log")
+        fed._spawn(["edge_client.worker", "--connect", fed.url, "--model", str(tiny_model), "--data", str(fed.shards[0]),
+                    "--task", str(fed.task), "--threads", "1", "--client-id", "device-1", "--give-up", "60",
+                    "--curve-secret", str(keydir / "device-1.key_secret"), "--server-key", str(keydir / "server.key")],
+                   "client.log")
+        assert agg.wait(180) == 0, fed.logs()
+        assert [r["round"] for r in checkpoint.read_metrics(out)] == [1, 2]
+        assert "PLAINTEXT" not in fed.logs() and "CURVE on" in (tmp_path / "aggregator.log").read_text()
+    finally:
+        fed.kill_all()
