@@ -216,6 +216,8 @@ def serve(bind: str, model_name: str | None, rounds: int, out: Path | None, resu
 @click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True, help="llama.cpp threads per process (1 is fastest when processes share the cores).")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, help="Aggregator port on 127.0.0.1 (default: a free one).")
 @click.option("--shard-size", type=click.IntRange(1), default=2000, show_default=True, help="Training examples per client.")
+@click.option("--byzantine", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="TEST ONLY: this fraction of the clients send garbage scalars (pair with --strategy-opt robust=clip).")
 @training_options
 def simulate(**kw: Any) -> None:
     """Federated training on this machine: 1 aggregator + N client processes.

@@ -137,7 +137,8 @@ def _label(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_simulation(*, model_name: str, clients: int, rounds: int | None, out: Path, alpha: float | None,
-                   quick: bool, threads: int, port: int, shard_size: int, **kw: Any) -> None:
+                   quick: bool, threads: int, port: int, shard_size: int, byzantine: float = 0.0,
+                   **kw: Any) -> None:
     """Prepare shards, start the processes, show progress, print before/after."""
     from tqdm import tqdm
 
@@ -171,6 +172,7 @@ def run_simulation(*, model_name: str, clients: int, rounds: int | None, out: Pa
             cmd = py + ["edge_client.worker", "--connect", url, "--model", str(model), "--data", str(shard),
                         "--task", kw["task"], "--threads", str(threads), "--client-id", cid,
                         "--events", str(out / "clients" / f"{cid}.jsonl")]
+            cmd += ["--byzantine"] if i < round(byzantine * clients) else []  # test-only attackers
             (out / "clients").mkdir(exist_ok=True)
             procs.append(_spawn(cmd, logs / f"{cid}.log"))
         click.echo(f"simulate: aggregator + {clients} clients on {url}; logs in {logs}", err=True)

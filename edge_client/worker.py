@@ -404,6 +404,8 @@ def _mem_bytes() -> int:
 @click.option("--events", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Append a JSONL trace (updates and adapter hashes per round) here.")
 @click.option("--give-up", "give_up_s", type=float, default=600.0, show_default=True, help="Exit after this many seconds without an aggregator.")
 @client_key_options
+@click.option("--byzantine", is_flag=True, hidden=True,
+              help="TEST ONLY: send garbage scalars (aggregator.robust.Byzantine), to measure robust aggregation.")
 def run_cmd(
     connect: str,
     model_name: str,
@@ -416,6 +418,7 @@ def run_cmd(
     give_up_s: float,
     curve_secret: Path | None,
     server_key: Path | None,
+    byzantine: bool,
 ) -> None:
     """Join an aggregator and train: score seeds on local data, send scalars.
 
@@ -443,7 +446,13 @@ def run_cmd(
     def scorer_for(name: str) -> Scorer:
         task = load_task(name)
         examples = read_examples(task, data_path)
-        return Scorer(EdgeSession(model, task, n_threads=threads, max_batch=max_batch), examples, task.name)
+        scorer = Scorer(EdgeSession(model, task, n_threads=threads, max_batch=max_batch), examples, task.name)
+        if byzantine:  # test-only attacker; see aggregator.robust.Byzantine
+            from aggregator.robust import Byzantine
+
+            log.warning("BYZANTINE TEST MODE: this client sends garbage scalars")
+            return Byzantine(scorer)  # type: ignore[return-value]
+        return scorer
 
     def make_join(s: Scorer | None) -> Join:
         return Join(

@@ -17,18 +17,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from aggregator import checkpoint, setup  # noqa: E402
 from aggregator.fake import FAKE_MODEL_SHA, QuadraticScorer, synthetic_run  # noqa: E402
+from aggregator.robust import Byzantine  # noqa: E402
 from aggregator.security import ClientKeys, ServerKeys  # noqa: E402
 from aggregator.server import Aggregator, ServerOptions  # noqa: E402
 from aggregator.strategy import StrategySpec  # noqa: E402
 from edge_client.worker import EventLog, Worker  # noqa: E402
-from fwdllm.contract import Join, LoraLayout, PerturbMask, Result, Task  # noqa: E402
+from fwdllm.contract import Join, PerturbMask  # noqa: E402
 from fwdllm.optim import OptimizerSpec  # noqa: E402
 
 HB = 0.2
@@ -102,14 +102,9 @@ def quadratic_loss(agg: Aggregator) -> float:
     return QuadraticScorer().loss(agg.replica.tensors, names, 0)
 
 
-class GarbageScorer(QuadraticScorer):
+def garbage_scorer() -> Byzantine:
     """A byzantine device: well-formed Results whose losses are huge random numbers."""
-
-    def score(self, layout: LoraLayout, tensors: dict[str, np.ndarray], task: Task) -> Result:
-        rng = np.random.default_rng(task.batch_seed ^ 0xBAD)
-        n = len(task.seeds)
-        return Result(round=task.round, seeds=np.asarray(task.seeds, dtype=np.uint32),
-                      loss_plus=rng.normal(0, 1e3, n), loss_minus=rng.normal(0, 1e3, n), n_tokens=n, seconds=0.0)
+    return Byzantine(QuadraticScorer())
 
 
 def _main(argv: list[str]) -> None:

@@ -17,7 +17,7 @@ from aggregator import checkpoint
 from aggregator.fake import QuadraticScorer
 from aggregator.robust import Robust, RobustOptions, build
 from aggregator.strategy import ClientView, Scored, StrategySpec, make_strategy
-from reliability_helpers import GarbageScorer, quadratic_loss, serving, start_worker
+from reliability_helpers import garbage_scorer, quadratic_loss, serving, start_worker
 
 N, BAD, ROUNDS, K = 10, 2, 12, 20
 
@@ -26,7 +26,7 @@ def train(run_dir: Path, n_bad: int, extra: dict) -> tuple[float, float, list[di
     """(loss before, loss after, metrics) of one run with ``n_bad`` garbage clients."""
     with serving(run_dir, rounds=ROUNDS, k=K, min_clients=N, extra=extra, lr=4.0) as agg:
         before = quadratic_loss(agg)
-        workers = [start_worker(agg.opts.bind, f"c{i:02d}", GarbageScorer() if i < n_bad else QuadraticScorer(noise=1e-4))
+        workers = [start_worker(agg.opts.bind, f"c{i:02d}", garbage_scorer() if i < n_bad else QuadraticScorer(noise=1e-4))
                    for i in range(N)]
         for _, t in workers:
             t.join(90)
