@@ -5,6 +5,7 @@ import click
 from bench.comm import comm
 from bench.convergence import convergence
 from bench.fidelity import fidelity
+from bench.load import load
 from bench.memory import memory
 from bench.round import round_cmd
 from bench.throughput import throughput
@@ -22,8 +23,9 @@ def bench() -> None:
       fwdllm bench memory --model smollm2-135m
       fwdllm bench comm -k 16
       fwdllm bench fidelity --k-max 256
+      fwdllm bench load --clients 10,100,1000
     """
 
 
-for _cmd in (throughput, round_cmd, convergence, memory, comm, fidelity):
+for _cmd in (throughput, round_cmd, convergence, memory, comm, fidelity, load):
     bench.add_command(_cmd)
