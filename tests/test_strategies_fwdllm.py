@@ -231,9 +231,11 @@ def serve(tmp: Path, s: StrategySpec, layout: LoraLayout, rounds: int, clients: 
         t.start()
         workers.append((w, t))
     try:
-        for _, t in workers:
+        for w, t in workers:
             t.join(240)
             assert not t.is_alive()
+            if w.busy is not None:  # a late task may still be scoring: let it finish before
+                w.busy.join(60)  # the caller closes the llama.cpp session under it
     finally:
         agg.stop.set()
         server.join(10)
