@@ -97,12 +97,13 @@ class Measured:
     loss: float
     grad_norm: float  # |g| over the perturbed entries (mean over batches)
     cosine: float  # cos(G_K from llama.cpp, exact g) (mean over batches)
+    cosine_exact_scalars: float  # the same seeds with torch's exact g.v: sampling error only
     cosine_theory: float  # sqrt(K/(K+d+1)) for exact scalars
     descent: float  # |g| * cosine
 
     def row(self) -> list[Any]:
         return [self.candidate.label, self.dim, round(self.grad_norm, 6), round(self.cosine, 4),
-                round(self.cosine_theory, 4), round(self.descent, 6)]
+                round(self.cosine_exact_scalars, 4), round(self.cosine_theory, 4), round(self.descent, 6)]
 
 
 def _cosine(a: dict[str, np.ndarray], b: dict[str, np.ndarray], names: list[str]) -> float:
@@ -115,8 +116,9 @@ def _cosine(a: dict[str, np.ndarray], b: dict[str, np.ndarray], names: list[str]
 def measure(session, ref, cand: Candidate, batches: Sequence[list], k: int, eps: float,  # noqa: ANN001
             one_sided: bool, state: str, seed: int) -> Measured:
     """Score one candidate on ``batches`` (see the module docstring)."""
-    from bench.torch_ref import random_lora
+    from bench.torch_ref import directional, random_lora
     from convert.lora import init_lora
+    from fwdllm.contract import direction
 
     layers = range(*cand.layers) if cand.layers else None
     try:
@@ -129,7 +131,7 @@ def measure(session, ref, cand: Candidate, batches: Sequence[list], k: int, eps:
     names = mask.names(layout)
     dim = sum(int(np.prod(layout.shapes()[n])) for n in names)
     session.set_lora(layout, tensors)
-    losses, norms, cosines = [], [], []
+    losses, norms, cosines, exact_cosines = [], [], [], []
     for i, batch in enumerate(batches):
         prepared = session.prepare(batch)
         loss, grads = ref.loss_and_grad(layout, session.tensors, prepared.seqs, prepared.targets,
@@ -137,11 +139,14 @@ def measure(session, ref, cand: Candidate, batches: Sequence[list], k: int, eps:
         seeds = [derive_seed(seed, "profile", i, j) for j in range(k)]
         p = session.perturbed(batch, seeds, eps, mask, one_sided=one_sided).projected
         estimate = combine(seeds, p / k, layout, mask)
+        exact = np.array([directional(grads, direction(s, layout, mask)) for s in seeds])
+        exact_cosines.append(_cosine(combine(seeds, exact / k, layout, mask), grads, names))
         losses.append(loss)
         norms.append(math.sqrt(sum(float(np.sum(grads[n].astype(np.float64) ** 2)) for n in names)))
         cosines.append(_cosine(estimate, grads, names))
     g, c = float(np.mean(norms)), float(np.mean(cosines))
-    return Measured(cand, dim, float(np.mean(losses)), g, c, math.sqrt(k / (k + dim + 1)), g * c)
+    return Measured(cand, dim, float(np.mean(losses)), g, c, float(np.mean(exact_cosines)),
+                    math.sqrt(k / (k + dim + 1)), g * c)
 
 
 def recommendation(best: Candidate) -> dict[str, Any]:
@@ -205,7 +210,7 @@ def profile(model_name: str, task: str, data: Path | None, label_words: str | No
         results = [measure(session, ref, c, picked, k, eps, one_sided, state, seed)
                    for c in tqdm(cands, desc="profiling", unit="set")]
     results.sort(key=lambda m: -(m.cosine if by == "cosine" else m.descent))
-    head = ["set", "d", "|g|", "cos(G,g)", "theory", "|g|*cos"]
+    head = ["set", "d", "|g|", "cos(G,g)", "exact p", "theory", "|g|*cos"]
     click.echo("  ".join(f"{h:>12}" for h in head))
     for m in results:
         click.echo("  ".join(f"{str(v):>12}" for v in m.row()))

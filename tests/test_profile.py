@@ -32,7 +32,7 @@ def test_profile_ranks_sets_and_writes_the_recommendation(tiny_model: Path, tmp_
     by_label = {c["label"]: c for c in data["candidates"]}
     b_only, a_only = by_label["r2 v b layers=2:4"], by_label["r4 v a layers=all"]
     assert b_only["dim"] == 2 * 2 * 128  # 2 layers of v's B: (n_out=128, r=2) each
-    assert b_only["grad_norm"] > 0 and 0 < b_only["cosine"] <= 1
+    assert b_only["grad_norm"] > 0 and 0 < b_only["cosine"] <= 1 and 0 < b_only["cosine_exact_scalars"] <= 1
     # A's gradient is exactly zero while B is zero (fresh init): nothing to see
     assert a_only["grad_norm"] == 0 and a_only["cosine"] == 0
     assert data["recommended"] == {"rank": 2, "lora_alpha": 4.0, "targets": "v", "parts": "b", "layers": [2, 4]}
