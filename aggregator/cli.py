@@ -16,12 +16,15 @@ from fwdllm.contract import DISTRIBUTIONS, PARTS, TARGETS, PerturbMask
 from fwdllm.errors import UserError
 from fwdllm.optim import OPTIMIZERS, SCHEDULES, OptimizerSpec
 
-#: Defaults measured on SmolLM2-135M / SST-2 on a 2-core laptop (see README).
+#: Defaults measured on SmolLM2-135M / SST-2, 4 clients on 2 shared cores:
+#: `simulate --long` (100 rounds, 2000 batch passes) took dev accuracy
+#: 0.766 -> 0.794 and dev loss 0.502 -> 0.450 in 23 min; constant lr 0.02
+#: for 70 rounds only reached 0.772 (its round-35 0.792 did not hold).
 DEFAULTS: dict[str, Any] = {
     "k": 16,
     "eps": 1e-2,
     "batch_size": 8,
-    "lr": 3e-3,
+    "lr": 3e-2,
     "optimizer": "sgd",
     "momentum": 0.0,
     "rank": 8,
@@ -29,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "targets": "q,v",
     "parts": "b",
     "one_sided": True,
+    "schedule": "cosine",
 }
 
 
@@ -54,7 +58,7 @@ def training_options(f: Callable) -> Callable:
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["lr"], show_default=True, help="Learning rate."),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS["optimizer"], show_default=True),
         click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS["momentum"], show_default=True, help="SGD momentum."),
-        click.option("--schedule", type=click.Choice(SCHEDULES), default="constant", show_default=True, help="LR schedule over the rounds."),
+        click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS["schedule"], show_default=True, help="LR schedule over the rounds."),
         click.option("--warmup", type=click.IntRange(0), default=0, show_default=True, help="Linear LR warmup rounds."),
         click.option("--rank", type=click.IntRange(1, 256), default=DEFAULTS["rank"], show_default=True, help="LoRA rank."),
         click.option("--lora-alpha", type=float, default=DEFAULTS["lora_alpha"], show_default=True, help="LoRA alpha (scale = alpha/rank)."),
@@ -209,7 +213,7 @@ def serve(bind: str, model_name: str | None, rounds: int, out: Path | None, resu
 @click.command("simulate")
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Base GGUF path or store name.")
 @click.option("--clients", type=click.IntRange(1, 64), default=4, show_default=True, help="Client processes to start.")
-@click.option("--rounds", type=click.IntRange(1), default=None, help="Rounds (default: --quick 12, --long 70).")
+@click.option("--rounds", type=click.IntRange(1), default=None, help="Rounds (default: --quick 12, --long 100).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=None, help="Dirichlet concentration for non-IID label skew (default: IID shards).")
 @click.option("--quick/--long", default=True, show_default=True, help="A few-minute demo, or the ~30-minute run that beats zero-shot.")

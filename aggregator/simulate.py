@@ -26,7 +26,7 @@ from fwdllm.errors import UserError
 #: --quick / --long presets; explicit options win.
 PRESETS: dict[bool, dict[str, Any]] = {
     True: {"rounds": 12, "dev_limit": 200, "eval_every": 12},
-    False: {"rounds": 70, "dev_limit": None, "eval_every": 35},
+    False: {"rounds": 100, "dev_limit": None, "eval_every": 50},
 }
 
 

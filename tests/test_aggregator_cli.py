@@ -8,7 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from aggregator import checkpoint
-from aggregator.cli import aggregator, profile, simulate
+from aggregator.cli import aggregator, simulate
 from aggregator.simulate import split_indices, write_shards
 
 
@@ -27,11 +27,6 @@ def test_simulate_refuses_an_existing_run(tmp_path: Path) -> None:
     (tmp_path / "run.json").write_text("{}")
     res = CliRunner().invoke(simulate, ["--out", str(tmp_path)])
     assert res.exit_code == 2 and "already holds a run" in res.output
-
-
-def test_profile_is_a_stub() -> None:
-    res = CliRunner().invoke(profile, [])
-    assert res.exit_code == 2 and "not implemented yet" in res.output
 
 
 def test_shards_are_disjoint_and_dirichlet_skews_labels(tmp_path: Path, data_dir: Path) -> None:
