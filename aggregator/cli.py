@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import click
 
+from aggregator.profile import profile  # noqa: F401 - `fwdllm profile` (issue 7), registered by fwdllm.cli
 from aggregator.security import server_key_options, server_keys
 from aggregator.strategy import STRATEGIES, StrategySpec
 from fwdllm.contract import DISTRIBUTIONS, PARTS, TARGETS, PerturbMask
@@ -239,9 +240,3 @@ def simulate(**kw: Any) -> None:
     from aggregator.simulate import run_simulation
 
     run_simulation(**kw)
-
-
-@click.command("profile")
-def profile() -> None:
-    """Rank trainable LoRA sets by ZO-vs-exact gradient agreement (not implemented yet)."""
-    raise UserError("not implemented yet")

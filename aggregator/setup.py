@@ -86,7 +86,10 @@ def strategy_for(cfg: RunConfig, state: dict[str, Any]) -> Strategy:
     """The run's strategy at ``state``; ``spec.extra["layout"]`` is the run's
     LoRA layout (discriminative sampling and block schedules need it)."""
     spec = StrategySpec.from_dict(cfg.strategy)
-    strategy = robust.build(replace(spec, extra={**spec.extra, "layout": cfg.layout}), make_strategy)
+    try:
+        strategy = robust.build(replace(spec, extra={**spec.extra, "layout": cfg.layout}), make_strategy)
+    except ValueError as e:  # a bad --strategy-opt is the user's to fix: one line, no traceback
+        raise UserError(f"strategy {spec.name!r}: {e}") from None
     strategy.load_state_dict(state)
     return strategy
 

@@ -276,3 +276,6 @@ def make_strategy(spec: StrategySpec) -> Strategy:
         return STRATEGIES[spec.name](spec)
     except KeyError:
         raise ValueError(f"unknown strategy {spec.name!r}; choose from {', '.join(STRATEGIES)}") from None
+
+
+import aggregator.strategies_fwdllm  # noqa: E402,F401 - registers the FwdLLM strategies (issue 7)
