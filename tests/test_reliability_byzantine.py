@@ -24,7 +24,7 @@ N, BAD, ROUNDS, K = 10, 2, 12, 20
 
 def train(run_dir: Path, n_bad: int, extra: dict) -> tuple[float, float, list[dict]]:
     """(loss before, loss after, metrics) of one run with ``n_bad`` garbage clients."""
-    with serving(run_dir, rounds=ROUNDS, k=K, min_clients=N, extra=extra, lr=4.0) as agg:
+    with serving(run_dir, rounds=ROUNDS, k=K, min_clients=N, extra=extra, lr=4.0, liveness=10) as agg:
         before = quadratic_loss(agg)
         workers = [start_worker(agg.opts.bind, f"c{i:02d}", garbage_scorer() if i < n_bad else QuadraticScorer(noise=1e-4))
                    for i in range(N)]

@@ -82,7 +82,7 @@ def test_kill9_aggregator_at_random_points_then_resume_is_bit_identical(tmp_path
 @pytest.mark.slow
 def test_kill9_of_30_percent_of_clients_mid_round(tmp_path: Path) -> None:
     n, dead = 10, 3
-    with serving(tmp_path / "run", rounds=4, k=20, min_clients=n) as agg:
+    with serving(tmp_path / "run", rounds=4, k=20, min_clients=n, liveness=10) as agg:
         procs = [spawn(tmp_path, "client", agg.opts.bind, f"c{i}", "0.5") for i in range(n)]
         try:
             wait_until(lambda: agg.round is not None and agg.round.number == 2
