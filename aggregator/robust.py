@@ -141,6 +141,9 @@ class Robust(Strategy):
     def ready(self) -> bool:
         return self.inner.ready()
 
+    def has_work(self) -> bool:
+        return self.inner.has_work()
+
     def step(self) -> Step:
         limit = self._limit
         if limit is None:  # warm-up: one scale over the whole round, then replay in canonical order

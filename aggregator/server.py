@@ -260,7 +260,7 @@ class Aggregator:
         if rs.results and (self.strategy.ready() or quorum):
             self._end_round()
             return
-        for peer in sorted(self.peers.values(), key=lambda p: p.client_id):
+        for peer in sorted(self.peers.values(), key=lambda p: p.client_id) if self.strategy.has_work() else ():
             if peer.work is None:
                 work = self.strategy.next_work(self._participant(peer))
                 if work is not None:

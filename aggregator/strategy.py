@@ -194,6 +194,13 @@ class Strategy(ABC):
         """Stop the round now, even if work is outstanding (pacing rules)."""
         return False
 
+    def has_work(self) -> bool:
+        """False only when ``next_work`` would return None for every client now.
+
+        The loop then skips offering work to each idle peer after every
+        result, which is O(clients) per result (bench load: 1,000 clients)."""
+        return True
+
     @abstractmethod
     def step(self) -> Step:
         """The round's gradient estimate; called once, with >= 1 result in."""
@@ -256,6 +263,9 @@ class ZOSGD(Strategy):
 
     def next_work(self, client: ClientView) -> Work | None:
         return self._plan.pop(client.client_id, None)
+
+    def has_work(self) -> bool:
+        return bool(self._plan)
 
     def add(self, client: ClientView, work: Work, scored: Scored) -> None:
         for seed, p in zip(scored.seeds, scored.projected):
