@@ -31,12 +31,13 @@ def main(verbose: bool) -> None:
 
 def _register() -> None:
     from aggregator.cli import aggregator, profile, simulate
+    from aggregator.security import keys
     from bench.cli import bench
     from convert.cli import convert
     from edge_client.cli import client, eval_cmd
     from fwdllm.models import models
 
-    for cmd in (models, convert, eval_cmd, client, aggregator, simulate, profile, bench):
+    for cmd in (models, convert, eval_cmd, client, aggregator, simulate, profile, bench, keys):
         main.add_command(cmd)
 
 
