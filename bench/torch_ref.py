@@ -104,7 +104,7 @@ class TorchRef:
         finally:
             for h in hooks:
                 h.remove()
-        return float(loss), {n: leaf.grad.numpy().astype(np.float32) for n, leaf in leaves.items()}
+        return float(loss.detach()), {n: leaf.grad.numpy().astype(np.float32) for n, leaf in leaves.items()}
 
 
 def directional(grads: Mapping[str, np.ndarray], vdir: Mapping[str, np.ndarray]) -> float:
