@@ -21,8 +21,12 @@ Built-in presets
           materialised once, in file order, under ``$FWDLLM_CACHE/data`` (default
           ``~/.cache/fwdllm/data``) so that every tool reads plain files.
 ``agnews`` ``ag_news/{train,dev}.csv`` (``label,title,description``), labels
-          1-4 = World, Sports, Business, Sci/Tech.  Template and verbalizer were
-          chosen on 200 dev rows with SmolLM2 (see ``AGNEWS_TEMPLATE``).
+          1-4 = World, Sports, Business, Sci/Tech.  Template
+          ``{title}. {description}\nThis news article is about`` -> `` world``/
+          `` sports``/`` business``/`` technology``: best of five candidates on
+          the first dev rows with SmolLM2 Q4_0 (0.75 on 48 rows; "Article: ...
+          Topic (World, Sports, Business or Technology):" got 0.29 on 200,
+          "News: ... Category:" 0.48, a question-style prompt 0.42).
 ``sft``   JSONL with ``prompt`` and ``completion`` (no default data).
 
 A custom task is a ``.toml`` or ``.json`` file with the same field names as
@@ -48,7 +52,7 @@ from fwdllm.errors import UserError
 KINDS = ("classify", "sft")
 FORMATS = ("tsv", "csv", "jsonl")
 SST2_DEV_ROWS = 872
-AGNEWS_TEMPLATE = "Article: {title}. {description}\nTopic (World, Sports, Business or Technology):"
+AGNEWS_TEMPLATE = "{title}. {description}\nThis news article is about"
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ PRESETS: dict[str, TaskSpec] = {
     "agnews": TaskSpec(
         name="agnews",
         template=AGNEWS_TEMPLATE,
-        label_words=(" World", " Sports", " Business", " Technology"),
+        label_words=(" world", " sports", " business", " technology"),
         labels=("1", "2", "3", "4"),
         text_columns=("title", "description"),
         format="csv",

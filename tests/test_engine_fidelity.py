@@ -42,12 +42,12 @@ def _check(model: Path, task_overrides: dict, n: int, rank: int, targets: list[s
 @pytest.mark.torch
 @pytest.mark.parametrize("parts", ["b", "both"])
 def test_fidelity_tiny(tiny_model: Path, parts: str):
-    r = _check(tiny_model, {"label_words": ("negative", "positive")}, 16, 4, ["q", "k", "v"], parts, 3e-2, 0.05)
+    r = _check(tiny_model, {"label_words": ("negative", "positive")}, 16, 4, ["q", "k", "v"], parts, 1e-2, 0.05)
     assert r["sign_agreement"] >= 0.9 and r["pearson"] >= 0.9
 
 
 @pytest.mark.slow
 @pytest.mark.torch
 def test_fidelity_smollm2(smollm2: Path):
-    r = _check(smollm2, {}, 16, 8, ["q", "v"], "b", 1e-2, 0.02)
+    r = _check(smollm2, {}, 16, 8, ["q", "v"], "b", 3e-2, 0.02)
     assert r["sign_agreement"] >= 0.9 and r["pearson"] >= 0.9
