@@ -21,9 +21,11 @@ from fwdllm.optim import OPTIMIZERS, SCHEDULES, OptimizerSpec
 #: `simulate --long` (100 rounds, 2000 batch passes) took dev accuracy
 #: 0.766 -> 0.794 and dev loss 0.502 -> 0.450 in 23 min; constant lr 0.02
 #: for 70 rounds only reached 0.772 (its round-35 0.792 did not hold).
+#: eps: llama.cpp's INT4 projected gradients agree best with torch's exact
+#: ones at 3e-2 on SmolLM2 (sign 0.91, Pearson 0.92; 1e-2 gives 0.78/0.70).
 DEFAULTS: dict[str, Any] = {
     "k": 16,
-    "eps": 1e-2,
+    "eps": 3e-2,
     "batch_size": 8,
     "lr": 3e-2,
     "optimizer": "sgd",
