@@ -17,17 +17,17 @@ from fwdllm.contract import DISTRIBUTIONS, PARTS, TARGETS, PerturbMask
 from fwdllm.errors import UserError
 from fwdllm.optim import OPTIMIZERS, SCHEDULES, OptimizerSpec
 
-#: Defaults measured on SmolLM2-135M / SST-2, 4 clients on 2 shared cores:
-#: `simulate --long` (100 rounds, 2000 batch passes) took dev accuracy
-#: 0.766 -> 0.794 and dev loss 0.502 -> 0.450 in 23 min; constant lr 0.02
-#: for 70 rounds only reached 0.772 (its round-35 0.792 did not hold).
+#: Defaults measured on SmolLM2-135M / SST-2, 4 clients on 2 cores:
+#: lr 0.1 with eps 3e-2 took dev accuracy 0.815 -> 0.840 (first 200 dev rows)
+#: in 40 rounds; lr 0.03 with eps 1e-2 needed 100 rounds for 0.766 -> 0.794
+#: on the full dev split, and constant lr 0.02 for 70 rounds reached 0.772.
 #: eps: llama.cpp's INT4 projected gradients agree best with torch's exact
 #: ones at 3e-2 on SmolLM2 (sign 0.91, Pearson 0.92; 1e-2 gives 0.78/0.70).
 DEFAULTS: dict[str, Any] = {
     "k": 16,
     "eps": 3e-2,
     "batch_size": 8,
-    "lr": 3e-2,
+    "lr": 0.1,
     "optimizer": "sgd",
     "momentum": 0.0,
     "rank": 8,
@@ -216,10 +216,10 @@ def serve(bind: str, model_name: str | None, rounds: int, out: Path | None, resu
 @click.command("simulate")
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Base GGUF path or store name.")
 @click.option("--clients", type=click.IntRange(1, 64), default=4, show_default=True, help="Client processes to start.")
-@click.option("--rounds", type=click.IntRange(1), default=None, help="Rounds (default: --quick 12, --long 100).")
+@click.option("--rounds", type=click.IntRange(1), default=None, help="Rounds (default: --quick 40, --long 100).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=None, help="Dirichlet concentration for non-IID label skew (default: IID shards).")
-@click.option("--quick/--long", default=True, show_default=True, help="A few-minute demo, or the ~30-minute run that beats zero-shot.")
+@click.option("--quick/--long", default=True, show_default=True, help="A few-minute demo (40 rounds, 200 dev rows), or 100 rounds on the full dev split.")
 @click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True, help="llama.cpp threads per process (1 is fastest when processes share the cores).")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, help="Aggregator port on 127.0.0.1 (default: a free one).")
 @click.option("--shard-size", type=click.IntRange(1), default=2000, show_default=True, help="Training examples per client.")
