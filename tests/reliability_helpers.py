@@ -1,5 +1,5 @@
-"""Shared by the tests/test_reliability_*.py files: model-free aggregators and
-fake clients on 127.0.0.1, in threads or (for kill -9) in child processes.
+"""Shared by test_aggregator_protocol.py and the test_reliability_*.py files:
+model-free aggregators and fake clients on 127.0.0.1, in threads or (for kill -9) in child processes.
 
 Run as a script it is one such child::
 

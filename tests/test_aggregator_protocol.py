@@ -18,49 +18,13 @@ import numpy as np
 import pytest
 import zmq
 
-from aggregator import checkpoint, setup
-from aggregator.fake import FAKE_MODEL_SHA, QuadraticScorer, synthetic_run
-from aggregator.server import Aggregator, ServerOptions
+from aggregator import checkpoint
+from aggregator.fake import QuadraticScorer
+from aggregator.server import Aggregator
 from aggregator.strategy import StrategySpec, make_strategy
 from edge_client.worker import EventLog, Worker
-from fwdllm.contract import Error, Heartbeat, Join, Message, Refuse, Result, Task, Welcome
-from fwdllm.optim import OptimizerSpec
-
-HB = 0.2
-
-
-def free_url() -> str:
-    from aggregator.simulate import free_port
-
-    return f"tcp://127.0.0.1:{free_port()}"
-
-
-def join_msg(cid: str, sha: str = FAKE_MODEL_SHA) -> Join:
-    return Join(client_id=cid, model_sha256=sha, tokens_per_s=100.0, mem_bytes=0, max_batch=8, n_examples=10)
-
-
-@contextmanager
-def serving(run_dir: Path, rounds: int = 5, k: int = 16, min_clients: int = 1, round_timeout: float = 30.0,
-            resume: bool = False, lr: float = 0.05, bind: str | None = None,
-            quorum: float = 1.0) -> Iterator[Aggregator]:
-    """An aggregator in a thread on a free port; always stopped and joined."""
-    if resume:
-        cfg, replica, state, elapsed = setup.resume_run(run_dir, FAKE_MODEL_SHA)
-    else:
-        cfg, replica = synthetic_run(rounds, OptimizerSpec(lr=lr, total_rounds=rounds), StrategySpec(k=k))
-        checkpoint.write_config(run_dir, cfg)
-        state, elapsed = {}, 0.0
-    opts = ServerOptions(bind=bind or free_url(), heartbeat_s=HB, liveness=5, round_timeout_s=round_timeout,
-                         min_clients=min_clients, quorum=quorum)
-    agg = Aggregator(run_dir, cfg, replica, setup.strategy_for(cfg, state), opts, None, elapsed)
-    t = threading.Thread(target=agg.serve, daemon=True)
-    t.start()
-    try:
-        yield agg
-    finally:
-        agg.stop.set()
-        t.join(10)
-        assert not t.is_alive()
+from fwdllm.contract import Error, Heartbeat, Message, Refuse, Result, Task, Welcome
+from reliability_helpers import HB, free_url, join_msg, serving  # the shared model-free harness
 
 
 def start_worker(url: str, cid: str, events: Path | None = None, lazy: bool = False,
@@ -179,7 +143,7 @@ def test_silent_client_is_dropped_and_round_completes(tmp_path: Path) -> None:
 
 
 def test_stalled_client_hits_deadline_and_late_result_is_ignored(tmp_path: Path) -> None:
-    with serving(tmp_path, rounds=2, min_clients=2, round_timeout=1.0) as agg, raw_socket(agg.opts.bind) as s:
+    with serving(tmp_path, rounds=2, min_clients=2, round_timeout_s=1.0) as agg, raw_socket(agg.opts.bind) as s:
         worker, t = start_worker(agg.opts.bind, "c0")
         s.send_multipart(join_msg("stalled").to_frames())
         task = recv_msg(s, skip=(Heartbeat, Welcome))
@@ -225,7 +189,7 @@ def test_late_joiner_gets_snapshot_and_matches(tmp_path: Path) -> None:
 def test_resume_is_bit_identical(tmp_path: Path) -> None:
     def run(run_dir: Path, stop_after: int | None) -> str:
         url = free_url()
-        with serving(run_dir, rounds=6, min_clients=2, bind=url) as agg:
+        with serving(run_dir, rounds=6, min_clients=2, url=url) as agg:
             ws = [start_worker(agg.opts.bind, f"c{i}", noise=0.01) for i in range(2)]
             if stop_after is None:
                 for _, t in ws:
@@ -233,7 +197,7 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
             else:
                 wait_until(lambda: agg.replica.version >= stop_after)
         if stop_after is not None:
-            with serving(run_dir, resume=True, min_clients=2, bind=url) as agg:
+            with serving(run_dir, resume=True, min_clients=2, url=url) as agg:
                 for _, t in ws:  # the same workers reconnect on their own
                     t.join(60)
                     assert not t.is_alive()
