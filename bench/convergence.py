@@ -96,7 +96,7 @@ def passes_to(c: dict[str, list[float]], target: float) -> float | None:
 @click.option("--local-steps", type=int, default=2, show_default=True, help="backprop steps per client per round")
 @click.option("-k", "--k", "k", type=int, default=16, show_default=True)
 @click.option("-b", "--batch-size", type=int, default=8, show_default=True)
-@click.option("--lr", type=float, default=3e-3, show_default=True, help="ZO learning rate (simulate --lr)")
+@click.option("--lr", type=float, default=None, help="ZO learning rate (default: simulate's)")
 @click.option("--bp-lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate of the baselines")
 @click.option("--dev-limit", type=int, default=200, show_default=True)
 @click.option("--eval-every", type=int, default=10, show_default=True, help="ZO rounds between evaluations")
@@ -133,8 +133,8 @@ def convergence(model, strategies, baselines, clients, shard_size, rounds, bp_ro
         raise UserError(f"{runs} is not empty; pick another --out or remove it")
     ref = task_ref(task, label_words, runs)
     curves: dict[str, dict[str, list[float]]] = {}
-    opts = dict(clients=clients, shard_size=shard_size, rounds=rounds, k=k, batch_size=batch_size, lr=lr,
-                dev_limit=dev_limit, eval_every=eval_every, seed=seed, threads=1)
+    opts = dict(clients=clients, shard_size=shard_size, rounds=rounds, k=k, batch_size=batch_size,
+                dev_limit=dev_limit, eval_every=eval_every, seed=seed, threads=1, **({"lr": lr} if lr else {}))
     for s in names:
         click.echo(f"simulate --strategy {s} ({rounds} rounds)", err=True)
         curves[s] = curve(run_simulate(str(path), s, runs / s, ref, opts))

@@ -48,7 +48,8 @@ def k_grid(k_max: int) -> list[int]:
 @click.option("--k-llama", type=int, default=None,
               help="score only the first N seeds in llama.cpp (default: all); larger K use exact scalars only")
 @click.option("-b", "--batch", type=int, default=8, show_default=True)
-@click.option("--eps", type=float, default=1e-2, show_default=True)
+@click.option("--eps", default="3e-2", show_default=True,
+              help="comma list: the first eps draws the K curve; every one gets a per-seed sign/Pearson row")
 @click.option("--rank", type=int, default=8, show_default=True)
 @click.option("--parts", type=click.Choice(["a", "b", "both"]), default="b", show_default=True)
 @click.option("--dist", type=click.Choice(["gaussian", "rademacher"]), default="gaussian", show_default=True)
@@ -61,7 +62,7 @@ def fidelity(model, k_max, k_llama, batch, eps, rank, parts, dist, task, label_w
     \b
     Examples:
       fwdllm bench fidelity --model smollm2-135m --k-max 256
-      fwdllm bench fidelity --model smollm2-135m --k-max 64 --parts b
+      fwdllm bench fidelity --model smollm2-135m --k-max 32 -b 32 --eps 3e-2,1e-3,1e-2,1e-1
     """
     from tqdm import tqdm
 
@@ -74,6 +75,11 @@ def fidelity(model, k_max, k_llama, batch, eps, rank, parts, dist, task, label_w
 
     if k_max < 1:
         raise UserError("--k-max must be >= 1")
+    try:
+        eps_list = [float(e) for e in str(eps).split(",")]
+    except ValueError:
+        raise UserError(f"--eps: expected a comma list of numbers, got {eps!r}") from None
+    eps = eps_list[0]
     k_llama = min(k_llama or k_max, k_max)
     spec = bench_task(task, label_words)
     examples = read_examples(spec, default_data(spec.name, "train"), limit=batch)
@@ -88,10 +94,11 @@ def fidelity(model, k_max, k_llama, batch, eps, rank, parts, dist, task, label_w
             layout, session.tensors, prepared.seqs, prepared.targets, spec.kind, session.label_ids
         )
         del ref
-        proj = np.concatenate([
-            session.perturbed(examples, seeds[i : min(i + 8, k_llama)], eps, mask, dist).projected
-            for i in tqdm(range(0, k_llama, 8), desc="perturbed scoring", unit="8 seeds")
-        ])
+        projs = {e: np.concatenate([
+            session.perturbed(examples, seeds[i : min(i + 8, k_llama)], e, mask, dist).projected
+            for i in tqdm(range(0, k_llama, 8), desc=f"perturbed scoring eps={e:g}", unit="8 seeds")
+        ]) for e in eps_list}
+        proj = projs[eps]
         llama_loss = session.evaluate(examples).loss
     names = mask.names(layout)
     d = sum(int(np.prod(layout.shapes()[n])) for n in names)
@@ -102,23 +109,23 @@ def fidelity(model, k_max, k_llama, batch, eps, rank, parts, dist, task, label_w
         llama = cosine(combine(seeds[:k], proj[:k] / k, layout, mask, dist), grads, names) if k <= k_llama else "-"
         rows.append([k, llama, cosine(g_exact, grads, names), math.sqrt(k / (k + d + 1)), math.sqrt(k / d)])
     head = exact[:k_llama]
-    pearson = float(np.corrcoef(proj, head)[0, 1]) if k_llama > 1 else float("nan")
-    sign = float(np.mean(np.sign(proj) == np.sign(head)))
+    per_eps = [[e, float(np.mean(np.sign(p) == np.sign(head))),
+                float(np.corrcoef(p, head)[0, 1]) if k_llama > 1 else float("nan")] for e, p in projs.items()]
+    sign, pearson = per_eps[0][1], per_eps[0][2]
     write_result(
         out_dir,
         "fidelity",
         {"model": str(model), "d": d, "eps": eps, "parts": parts, "dist": dist, "batch": len(prepared.seqs),
          "torch_loss": torch_loss, "llama_loss": llama_loss, "pearson_scalars": pearson, "sign_agreement": sign,
+         "per_eps": [{"eps": e, "sign_agreement": sg, "pearson": pr} for e, sg, pr in per_eps],
          "projected": proj.tolist(), "exact": exact.tolist()},
         {
             f"cos(G_K, exact grad), {Path(str(model)).name}, d={d}, eps={eps:g}, {dist}": (
                 ["K", "llama.cpp INT4", "exact scalars", "sqrt(K/(K+d+1))", "sqrt(K/d)"],
                 rows,
             ),
-            "Per-seed scalars": (
-                ["loss llama.cpp", "loss torch", "pearson(p, g.v)", "sign agreement"],
-                [[llama_loss, torch_loss, pearson, sign]],
-            ),
+            f"Per-seed scalars, {k_llama} seeds, B={len(prepared.seqs)} (loss llama.cpp {llama_loss:.4f}, "
+            f"torch {torch_loss:.4f})": (["eps", "sign agreement", "pearson(p, g.v)"], per_eps),
         },
     )
     fig, (ax,) = figure(1)

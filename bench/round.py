@@ -1,9 +1,9 @@
 """``fwdllm bench round``: one full FwdLLM round on a (7B-shaped) INT4 model.
 
-A device's round is: for each of K seeds, build the perturbation adapter
-(direction -> ``B@Va + Vb@A`` tensors -> GGUF in /dev/shm -> llama.cpp load),
-switch its scale to +eps and -eps, decode the B x T token batch under each,
-and turn the logits into the loss.  :func:`staged_round` runs exactly the
+A device's round is: for each of K seeds, build the two shifted adapters
+(direction -> LoRA +- eps*direction -> GGUF in /dev/shm -> llama.cpp load),
+switch to each, decode the B x T token batch under it, and turn the logits
+into the loss.  :func:`staged_round` runs exactly the
 steps of :meth:`EdgeSession.perturbed` (a test pins their losses equal) with
 a clock around each stage, and :func:`plain_pass` scores the same tokens with
 no perturbation: their tokens/s ratio is the price of perturbed inference.
@@ -89,24 +89,22 @@ def _score(session, batch, adapters: list, st: Stages) -> float:  # noqa: ANN001
 def staged_round(session, batch, seeds: Sequence[int], eps: float, mask, dist: str = "gaussian"):  # noqa: ANN001, ANN201
     """:meth:`EdgeSession.perturbed` (central) step by step, with a clock per stage.
 
+    The adapter build runs on the main thread here (``perturbed`` overlaps it
+    with the previous seed's decodes), so ``build`` is what that overlap hides.
     Returns ``(loss_plus, loss_minus, Stages)``.
     """
-    from edge_client.session import perturbation_tensors
-    from fwdllm.contract import direction
-
     st = Stages()
-    main = session._main_set()
-    scale = eps * session.layout.scale
     plus, minus = np.empty(len(seeds)), np.empty(len(seeds))
     for k, seed in enumerate(seeds):
         t = time.perf_counter()
-        vdir = direction(int(seed), session.layout, mask, dist)
-        pert = session._load_temp(session.layout, perturbation_tensors(session.layout, session.tensors, vdir, mask), 0.0)
+        ads = [session._load_file(f) for f in session.write_shifted(int(seed), eps, mask, dist, (1, -1))]
         st.build += time.perf_counter() - t
-        plus[k] = _score(session, batch, main + [(pert, scale)], st)
-        minus[k] = _score(session, batch, main + [(pert, -scale)], st)
+        plus[k] = _score(session, batch, [(ads[0], 1.0)], st)
+        minus[k] = _score(session, batch, [(ads[1], 1.0)], st)
         t = time.perf_counter()
-        session.engine.free_adapter(pert)
+        session.engine.set_adapters(session._main_set())
+        for ad in ads:
+            session.engine.free_adapter(ad)
         st.build += time.perf_counter() - t
     return plus, minus, st
 

@@ -5,14 +5,15 @@ In one run, on the same examples and the same loaded model + LoRA:
 * plain batched scoring (``EdgeSession.evaluate``) repeated as many times as
   the perturbed evaluation makes passes, and
 * perturbed scoring (``EdgeSession.perturbed``, central difference: two
-  passes per seed plus one adapter write+load per seed),
+  passes per seed, each under its own shifted adapter, written ahead by a
+  helper thread and loaded per seed),
 
 interleaved round by round so that a noisy (shared) machine hurts both alike.
 The headline is ``ratio = perturbed tokens/s / plain tokens/s`` (goal >= 0.95).
 It also times one adapter/scale switch (the scheduler re-reserve llama.cpp
 does on the next decode) as the difference between a decode right after a
 switch and the same decode repeated, and the per-seed write+load of the
-perturbation adapter.  ``--mem`` additionally loads the model in each
+two shifted adapters.  ``--mem`` additionally loads the model in each
 mmap/repack mode in a fresh process and records peak RSS and speed.
 """
 
@@ -57,15 +58,14 @@ def _memory_modes(model: str, threads: int) -> list[dict]:
     return out
 
 
-def _switch_ms(session, batch, pert, scale: float, reps: int) -> tuple[float, float]:  # noqa: ANN001
-    """(ms for a decode right after a scale switch) - (ms for the same decode
+def _switch_ms(session, batch, ads: list, reps: int) -> tuple[float, float]:  # noqa: ANN001
+    """(ms for a decode right after an adapter switch) - (ms for the same decode
     again), median over ``reps``; and the plain decode ms."""
     eng = session.engine
     chunk = [batch.seqs[i] for i in batch.chunks[0]]
-    main = session._main_set()
     extra, plain = [], []
     for k in range(reps):
-        eng.set_adapters(main + [(pert, scale if k % 2 else -scale)])
+        eng.set_adapters([(ads[k % 2], 1.0)])
         t0 = time.perf_counter()
         eng.decode(chunk)
         t1 = time.perf_counter()
@@ -101,10 +101,10 @@ def throughput(model: str, task_name: str, examples: int, seeds: int, rounds: in
     from tqdm import tqdm
 
     from bench.torch_ref import random_lora
-    from edge_client.session import EdgeSession, perturbation_tensors
+    from edge_client.session import EdgeSession
     from edge_client.tasks import default_data, load_task, read_examples
     from fwdllm.adapter_io import base_shapes
-    from fwdllm.contract import LoraLayout, PerturbMask, direction
+    from fwdllm.contract import LoraLayout, PerturbMask
 
     task = load_task(task_name)
     ex = read_examples(task, default_data(task_name, "dev"), limit=examples)
@@ -124,11 +124,12 @@ def throughput(model: str, task_name: str, examples: int, seeds: int, rounds: in
             pert_tok += res.n_tokens
             pert_s += res.seconds
         t0 = time.perf_counter()
-        vdir = direction(0, layout, mask)
-        pert = s._load_temp(layout, perturbation_tensors(layout, s.tensors, vdir, mask), 0.0)
+        ads = [s._load_file(f) for f in s.write_shifted(0, eps, mask, "gaussian", (1, -1))]
         load_ms = 1000 * (time.perf_counter() - t0)
-        switch_ms, decode_ms = _switch_ms(s, batch, pert, eps * layout.scale, reps=6)
-        s.engine.free_adapter(pert)
+        switch_ms, decode_ms = _switch_ms(s, batch, ads, reps=6)
+        s.engine.set_adapters(s._main_set())
+        for ad in ads:
+            s.engine.free_adapter(ad)
         model_path = str(s.model_path)
     result = {
         "model": model_path,

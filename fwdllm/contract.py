@@ -283,8 +283,8 @@ def tensor_direction(seed: int, name: str, shape: tuple[int, ...], dist: str = "
 
     * ``rademacher``: one raw bit per entry, +-1.
     * ``gaussian``: Irwin-Hall(12), the sum of twelve 16-bit uniforms (three
-      raw words per entry), centred and scaled by 2^-16.  Everything before the
-      final float32 rounding is exact integer arithmetic, and a sum over all
+      raw words per entry), centred and scaled by 2^-16.  Every step is exact
+      (integers below 2^24, then a power-of-two scale), and a sum over all
       16-bit lanes of the words does not depend on byte order, so the result is
       bit-identical everywhere.  Support is +-6, variance 1 - 2^-32: all a ZO
       estimator needs from a Gaussian.
@@ -298,9 +298,13 @@ def tensor_direction(seed: int, name: str, shape: tuple[int, ...], dist: str = "
         return (1 - 2 * signs).astype(np.float32).reshape(shape)
     if dist != "gaussian":
         raise ValueError(f"unknown distribution {dist!r}; choose from {DISTRIBUTIONS}")
-    lanes = bg.random_raw(3 * n).view(np.uint16).reshape(n, 12)
-    centred = lanes.sum(axis=1, dtype=np.int64) - np.int64(6 * 0xFFFF)
-    return (centred.astype(np.float64) * 2.0**-16).astype(np.float32).reshape(shape)
+    # The lane sum runs as a float32 mat-vec (2x faster than an integer
+    # reduction over a 12-wide axis): every partial sum is an integer below
+    # 12 * 0xFFFF < 2^24, so each float32 addition is exact in any order, and
+    # so are the centring and the power-of-two scaling.
+    lanes = bg.random_raw(3 * n).view(np.uint16).reshape(n, 12).astype(np.float32)
+    centred = lanes @ np.ones(12, dtype=np.float32) - np.float32(6 * 0xFFFF)
+    return (centred * np.float32(2.0**-16)).reshape(shape)
 
 
 def direction(

@@ -49,5 +49,5 @@ def test_fidelity_tiny(tiny_model: Path, parts: str):
 @pytest.mark.slow
 @pytest.mark.torch
 def test_fidelity_smollm2(smollm2: Path):
-    r = _check(smollm2, {}, 16, 8, ["q", "v"], "b", 3e-2, 0.02)
+    r = _check(smollm2, {}, 32, 8, ["q", "v"], "b", 3e-2, 0.02)
     assert r["sign_agreement"] >= 0.9 and r["pearson"] >= 0.9
