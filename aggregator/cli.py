@@ -47,6 +47,19 @@ def _targets(value: str) -> tuple[str, ...]:
     return names
 
 
+def parse_layers(value: str | None) -> tuple[int, int] | None:
+    """``START:STOP`` -> a half-open layer range (checked against the model later)."""
+    if value is None:
+        return None
+    try:
+        start, stop = (int(x) for x in value.split(":"))
+    except ValueError:
+        raise UserError(f"--layers: expected START:STOP, e.g. 0:15; got {value!r}") from None
+    if not 0 <= start < stop:
+        raise UserError(f"--layers: need 0 <= START < STOP, got {value!r}")
+    return start, stop
+
+
 def training_options(f: Callable) -> Callable:
     """Options that define a run's training (shared by serve and simulate)."""
     opts = [
@@ -67,6 +80,8 @@ def training_options(f: Callable) -> Callable:
         click.option("--lora-alpha", type=float, default=DEFAULTS["lora_alpha"], show_default=True, help="LoRA alpha (scale = alpha/rank)."),
         click.option("--targets", default=DEFAULTS["targets"], show_default=True, help=f"LoRA targets, from {','.join(TARGETS)}."),
         click.option("--parts", type=click.Choice(PARTS), default=DEFAULTS["parts"], show_default=True, help="Which LoRA factor to perturb (B starts at zero)."),
+        click.option("--layers", default=None, metavar="START:STOP",
+                     help="Train only layers START..STOP-1 (e.g. 0:15; `fwdllm profile` recommends one). Default: all."),
         click.option("--dist", type=click.Choice(DISTRIBUTIONS), default="gaussian", show_default=True, help="Perturbation distribution."),
         click.option("--one-sided/--central", default=DEFAULTS["one_sided"], show_default=True,
                      help="Forward differences (K+1 passes: the O(eps) term is zero-mean) or central (2K)."),
@@ -82,7 +97,7 @@ BOOL_FLAGS = {"one_sided": ("--one-sided", "--central")}
 
 TRAINING_KEYS = (
     "task dev dev_limit eval_every strategy k eps batch_size lr optimizer momentum schedule warmup "
-    "rank lora_alpha targets parts dist one_sided seed strategy_opt"
+    "rank lora_alpha targets parts layers dist one_sided seed strategy_opt"
 ).split()
 
 
@@ -115,7 +130,7 @@ def _specs(kw: dict[str, Any], rounds: int) -> tuple[OptimizerSpec, StrategySpec
             k=kw["k"],
             eps=kw["eps"],
             batch_size=kw["batch_size"],
-            mask=PerturbMask(parts=kw["parts"]),
+            mask=PerturbMask(parts=kw["parts"], layers=parse_layers(kw["layers"])),
             dist=kw["dist"],
             one_sided=kw["one_sided"],
             extra=_strategy_extra(kw["strategy_opt"]),

@@ -280,11 +280,11 @@ def block_ranges(n_layers: int, n_blocks: int) -> list[tuple[int, int]]:
 
 def block_mask(round: int, n_layers: int, n_blocks: int, base: PerturbMask) -> PerturbMask:
     """The mask of 1-based ``round``: ``base`` restricted to block
-    ``(round - 1) mod n_blocks``.  Each round's estimate then lives in
-    ``d_b ~ d / n_blocks`` dimensions, so for a fixed K its relative variance
-    ``(d_b + 1)/K`` (:func:`zo_norm_relvar`) is ``n_blocks`` times smaller
-    than the full-space one, at the price of updating one block per round."""
-    if base.layers is not None:
-        raise ValueError("block-cyclic schedule needs a base mask over all layers")
-    start, stop = block_ranges(n_layers, n_blocks)[(round - 1) % n_blocks]
-    return PerturbMask(parts=base.parts, layers=(start, stop), targets=base.targets)
+    ``(round - 1) mod n_blocks`` of its layer range (all layers if none).
+    Each round's estimate then lives in ``d_b ~ d / n_blocks`` dimensions, so
+    for a fixed K its relative variance ``(d_b + 1)/K`` (:func:`zo_norm_relvar`)
+    is ``n_blocks`` times smaller than the full-space one, at the price of
+    updating one block per round."""
+    lo, hi = base.layers or (0, n_layers)
+    start, stop = block_ranges(hi - lo, n_blocks)[(round - 1) % n_blocks]
+    return PerturbMask(parts=base.parts, layers=(lo + start, lo + stop), targets=base.targets)

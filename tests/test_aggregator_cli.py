@@ -54,3 +54,14 @@ def test_metrics_trim_drops_unfinished_rounds_and_torn_lines(tmp_path: Path) -> 
     assert [r["round"] for r in checkpoint.read_metrics(tmp_path)] == [0, 1, 2, 3]
     checkpoint.trim_metrics(tmp_path, 2)
     assert [json.loads(x)["round"] for x in (tmp_path / checkpoint.METRICS).read_text().splitlines()] == [0, 1, 2]
+
+
+def test_layers_option_is_checked(tmp_path: Path, tiny_model: Path) -> None:
+    """--layers must parse as START:STOP and fit the model; nothing is written otherwise."""
+    for value, why in (("3:1", "need 0 <= START < STOP"), ("a:b", "expected START:STOP"),
+                       ("0:99", "the model has 4 layers")):
+        out = tmp_path / value.replace(":", "-")
+        res = CliRunner().invoke(aggregator, ["serve", "--model", str(tiny_model), "--out", str(out), "--rounds", "1",
+                                              "--layers", value])
+        assert res.exit_code == 2 and why in res.output, res.output
+        assert not (out / "run.json").exists()

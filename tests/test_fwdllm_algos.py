@@ -216,6 +216,8 @@ def test_block_mask_cycles_and_shrinks_the_perturbed_dimension() -> None:
     assert [m.layers for m in masks] == [(0, 2), (2, 4), (4, 6)] * 2
     dims = [sum(np.prod(layout.shapes()[n]) for n in m.names(layout)) for m in masks[:3]]
     assert dims == [full // 3] * 3
+    inner = [algos.block_mask(r, 6, 2, PerturbMask(layers=(2, 6))).layers for r in range(1, 4)]
+    assert inner == [(2, 4), (4, 6), (2, 4)]  # blocks cycle inside --layers
     with pytest.raises(ValueError):
         algos.block_mask(1, 6, 3, PerturbMask(layers=(0, 2)))
     with pytest.raises(ValueError):

@@ -260,7 +260,9 @@ def test_fwdllm_trains_through_the_real_aggregator(tmp_path: Path) -> None:
 
 def test_fwdllm_on_llama_cpp_lowers_the_training_loss(tmp_path: Path, tiny_model: Path, data_dir: Path) -> None:
     """The real path: INT4 tiny GGUF in llama.cpp behind each worker, the
-    combined strategy with block-cyclic on top; the batch loss must fall."""
+    combined strategy with block-cyclic on top, restricted to layers 1-3
+    (``--layers 1:4``); the batch loss must fall and layer 0 must stay untouched."""
+    from fwdllm.adapter_io import read_adapter
     from convert.lora import layout_for_base
     from edge_client.session import EdgeSession
     from edge_client.tasks import load_task, read_examples
@@ -275,6 +277,7 @@ def test_fwdllm_on_llama_cpp_lowers_the_training_loss(tmp_path: Path, tiny_model
     examples = read_examples(task, data_dir / "sst2" / "train.tsv", limit=8)
     layout = layout_for_base(tiny_model, 4, 8.0, ("q", "v"))
     s = StrategySpec(name="fwdllm", k=4, run_seed=2, eps=1e-2, batch_size=8, one_sided=True,
+                     mask=PerturbMask(parts="b", layers=(1, 4)),
                      extra={"layout": layout.to_dict(), "k_max": 12, "blocks": 2})
     sessions = [EdgeSession(tiny_model, task, n_threads=1, max_batch=8) for _ in range(2)]
     try:
@@ -286,6 +289,9 @@ def test_fwdllm_on_llama_cpp_lowers_the_training_loss(tmp_path: Path, tiny_model
     assert [r["block"] for r in recs] == [0, 1] * 3
     assert all(r["perturbations"] >= 4 for r in recs)
     assert recs[-1]["loss"] < recs[0]["loss"], [r["loss"] for r in recs]
+    _, final = read_adapter(tmp_path / checkpoint.ADAPTER)
+    moved = {t.layer for t in layout.targets if np.any(final[t.b_name] != 0)}
+    assert moved == {1, 2, 3}  # blocks (1,3) and (3,4) of --layers 1:4; layer 0 never perturbed
 
 
 def _free_port() -> int:
