@@ -186,7 +186,7 @@ def where_time_goes(r: dict[str, Any]) -> list[tuple[str, float]]:
     return [
         ("adapter build (direction, write, load, free)", s["build"] / p),
         ("adapter switch (set_adapters)", s["switch"] / p),
-        ("extra decode (re-reserve after switch + LoRA matmuls)", s["decode"] / p - r["plain_decode_s"]),
+        ("extra decode (scheduler re-reserve after each adapter swap)", s["decode"] / p - r["plain_decode_s"]),
         ("extra loss", s["loss"] / p - (r["plain_pass_s"] - r["plain_decode_s"])),
     ]
 
