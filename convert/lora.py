@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from fwdllm.gguf_file import field, open_gguf
+from fwdllm.gguf_file import read_header
 from fwdllm.adapter_io import base_shapes, write_adapter
 from fwdllm.contract import LoraLayout
 from fwdllm.errors import UserError
@@ -33,15 +33,15 @@ class BaseModel:
 
 def open_base(base_path: str | os.PathLike) -> BaseModel:
     """Read a LLaMA model GGUF's weight shapes and head counts (header only)."""
-    reader = open_gguf(base_path)
-    arch = field(reader, "general.architecture")
-    if field(reader, "general.type", "model") == "adapter":
+    header = read_header(base_path)
+    arch = header.field("general.architecture")
+    if header.field("general.type", "model") == "adapter":
         raise UserError(f"{base_path}: is a LoRA adapter, expected a base model")
     if arch != "llama":
         raise UserError(f"{base_path}: architecture {arch!r}, fwdllm supports 'llama'")
-    n_head = int(field(reader, "llama.attention.head_count"))
+    n_head = int(header.field("llama.attention.head_count"))
     return BaseModel(Path(base_path), base_shapes(base_path), n_head,
-                     int(field(reader, "llama.attention.head_count_kv", n_head)))
+                     int(header.field("llama.attention.head_count_kv", n_head)))
 
 
 def parse_layers(spec: str | None) -> list[int] | None:

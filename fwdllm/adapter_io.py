@@ -15,16 +15,16 @@ import gguf
 import numpy as np
 
 from fwdllm.contract import TARGETS, LoraLayout, LoraTarget
-from fwdllm.gguf_file import field, open_gguf
+from fwdllm.gguf_file import field, open_gguf, read_header
 
 def base_shapes(model_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
     """Base weight name -> (n_out, n_in) for every 2-D ``blk.*`` weight.
 
-    Reads only the GGUF header and tensor infos (memory-mapped), so it is cheap
-    even for a 7B file.
+    Reads only the GGUF header's tensor table (:func:`read_header`), so it is
+    cheap in time and memory even for a 7B file.
     """
     out: dict[str, tuple[int, int]] = {}
-    for t in open_gguf(model_path).tensors:
+    for t in read_header(model_path).tensors:
         if t.name.startswith("blk.") and len(t.shape) == 2:
             n_in, n_out = (int(x) for x in t.shape)  # ggml order: ne0 = n_in
             out[t.name] = (n_out, n_in)

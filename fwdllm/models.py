@@ -26,7 +26,7 @@ from pathlib import Path
 import click
 
 from fwdllm.errors import UserError
-from fwdllm.gguf_file import field, open_gguf
+from fwdllm.gguf_file import read_header
 
 CHUNK = 1 << 20
 
@@ -150,7 +150,7 @@ def model_sha256(path: str | os.PathLike) -> str:
 
 def check_llama_gguf(path: Path) -> None:
     """Raise ``UserError`` unless ``path`` is a complete llama-architecture GGUF."""
-    arch = field(open_gguf(path), "general.architecture", "<none>")
+    arch = read_header(path).field("general.architecture", "<none>")
     if arch != "llama":
         raise UserError(f"{path} is a '{arch}' model; fwdllm supports llama-architecture GGUFs only")
 

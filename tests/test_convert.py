@@ -17,6 +17,7 @@ from convert.quantize import quantize
 from convert.synth import synth_vocab, write_synth
 from fwdllm.adapter_io import read_adapter
 from fwdllm.errors import UserError
+from fwdllm.gguf_file import read_header
 from fwdllm.log import quiet_llama
 
 
@@ -90,6 +91,28 @@ def test_inspect_model(tiny_model: Path) -> None:
     assert info["tensor_types"] == {"Q4_0": 29, "F32": 9, "Q6_K": 1}
     text = CliRunner().invoke(convert, ["inspect", str(tiny_model)])
     assert text.exit_code == 0 and "head_kv: 2" in text.output
+
+
+def test_read_header_matches_gguf_py_and_refuses_damage(tmp_path: Path, tiny_model: Path) -> None:
+    """The light header reader (no metadata arrays) sees what gguf-py sees:
+    every scalar/string field, every tensor's name, shape, type and offset;
+    cut files are refused with one line, at any cut point."""
+    reader = gguf.GGUFReader(str(tiny_model))
+    header = read_header(tiny_model)
+    assert [(t.name, tuple(int(x) for x in t.shape), int(t.tensor_type), int(t.data_offset)) for t in reader.tensors] \
+        == [(t.name, t.shape, t.ggml_type, reader.data_offset + t.offset) for t in header.tensors]
+    arrays = {k for k, f in reader.fields.items() if f.types and f.types[0] == gguf.GGUFValueType.ARRAY}
+    assert "tokenizer.ggml.tokens" in arrays and not arrays & set(header.fields)
+    for key, f in reader.fields.items():
+        if key not in arrays and not key.startswith("GGUF."):
+            assert header.field(key) == pytest.approx(f.contents()) if isinstance(f.contents(), float) \
+                else header.field(key) == f.contents(), key
+    data = tiny_model.read_bytes()
+    for cut in (10, 2_000, reader.data_offset - 1, len(data) - 1):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(UserError, match="truncated|damaged"):
+            read_header(bad)
 
 
 @pytest.mark.parametrize(("quant", "tensor_type"), [("Q8_0", "Q8_0"), ("Q4_K_M", "Q4_K")])
