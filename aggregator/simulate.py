@@ -24,8 +24,8 @@ from aggregator.checkpoint import read_metrics
 from fwdllm.errors import UserError
 
 #: --quick / --long presets; explicit options win.  The quick preset took
-#: SmolLM2-135M Q4_0 from 0.815 to 0.840 on the first 200 SST-2 dev rows
-#: (dev loss 0.476 -> 0.378) in 165 s of training with 4 clients.
+#: SmolLM2-135M Q4_0 on the first 200 SST-2 dev rows, 4 clients: dev loss
+#: 0.476 -> 0.414, accuracy 0.815 -> 0.805 (noise: SE ~0.027) in 96 s.
 PRESETS: dict[bool, dict[str, Any]] = {
     True: {"rounds": 40, "dev_limit": 200, "eval_every": 20},
     False: {"rounds": 100, "dev_limit": None, "eval_every": 50},
