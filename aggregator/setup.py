@@ -46,9 +46,9 @@ def new_run(
         layout, tensors = init_lora(model, lora.rank, lora.alpha, lora.targets, lora.init_seed)
     except ValueError as e:
         raise UserError(f"cannot build the LoRA: {e}") from None
-    n_layers = 1 + max(t.layer for t in layout.targets)
-    if strategy.mask.layers is not None and strategy.mask.layers[1] > n_layers:
-        raise UserError(f"--layers {strategy.mask.layers[0]}:{strategy.mask.layers[1]}: the model has {n_layers} layers")
+    if strategy.mask.layers is not None and strategy.mask.layers[1] > layout.n_layers:
+        raise UserError(f"--layers {strategy.mask.layers[0]}:{strategy.mask.layers[1]}: "
+                        f"the model has {layout.n_layers} layers")
     if not strategy.mask.names(layout):
         raise UserError(f"perturbation mask {strategy.mask.to_dict()} selects no tensor of the LoRA")
     cfg = RunConfig(

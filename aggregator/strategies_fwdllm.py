@@ -109,7 +109,7 @@ class FwdLLM(Strategy):
             raise ValueError("discriminative sampling and block-cyclic schedules need spec.extra['layout']")
         self.k_max = self.opts.k_max or 4 * spec.k
         if self.opts.blocks > 1:  # fail at startup, not at the first round
-            algos.block_mask(1, self._n_layers(), self.opts.blocks, spec.mask)
+            algos.block_mask(1, self.layout.n_layers, self.opts.blocks, spec.mask)
         # state that survives rounds (state_dict)
         self._tp: dict[str, float] = {}
         self._prev: dict[str, dict[str, list]] = {}  # block -> raw estimate of its last round
@@ -137,7 +137,7 @@ class FwdLLM(Strategy):
         self._block = (round - 1) % o.blocks
         self._mask = s.mask
         if o.blocks > 1:
-            self._mask = algos.block_mask(round, self._n_layers(), o.blocks, s.mask)
+            self._mask = algos.block_mask(round, self.layout.n_layers, o.blocks, s.mask)
         self._issued, self._proj, self._queue = [], {}, []
         self._obs_seeds, self._obs_vals = [], []
         self._raw = None
@@ -147,10 +147,6 @@ class FwdLLM(Strategy):
         total = s.k if o.pacing else algos.overprovision(s.k, o.slack) if o.adaptive else s.k
         self._share = self._split(total, participants)
         return RoundConfig(mask=self._mask, eps=s.eps, dist=s.dist, one_sided=s.one_sided)
-
-    def _n_layers(self) -> int:
-        assert self.layout is not None
-        return max(self.layout.layers) + 1
 
     def _split(self, total: int, participants: list[ClientView]) -> dict[str, int]:
         """Seeds per task: proportional to throughput (adaptive) or even.

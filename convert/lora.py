@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from fwdllm.gguf_file import read_header
-from fwdllm.adapter_io import base_shapes, write_adapter
+from fwdllm.adapter_io import header_shapes, write_adapter
 from fwdllm.contract import LoraLayout
 from fwdllm.errors import UserError
 
@@ -40,7 +40,7 @@ def open_base(base_path: str | os.PathLike) -> BaseModel:
     if arch != "llama":
         raise UserError(f"{base_path}: architecture {arch!r}, fwdllm supports 'llama'")
     n_head = int(header.field("llama.attention.head_count"))
-    return BaseModel(Path(base_path), base_shapes(base_path), n_head,
+    return BaseModel(Path(base_path), header_shapes(header), n_head,
                      int(header.field("llama.attention.head_count_kv", n_head)))
 
 

@@ -101,10 +101,7 @@ def shifted_tensors(
     layout: LoraLayout, tensors: dict[str, np.ndarray], vdir: dict[str, np.ndarray], delta: float
 ) -> dict[str, np.ndarray]:
     """The LoRA moved by ``delta`` along ``vdir`` (absent = zero), float32."""
-    return {
-        n: (t + np.float32(delta) * vdir[n]).astype(np.float32) if n in vdir else t
-        for n, t in tensors.items()
-    }
+    return {n: t + np.float32(delta) * vdir[n] if n in vdir else t for n, t in tensors.items()}
 
 
 class EdgeSession:

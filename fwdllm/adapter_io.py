@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 
 from fwdllm.contract import TARGETS, LoraLayout, LoraTarget
-from fwdllm.gguf_file import field, open_gguf, read_header
+from fwdllm.gguf_file import GGUFHeader, field, open_gguf, read_header
 
 def base_shapes(model_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
     """Base weight name -> (n_out, n_in) for every 2-D ``blk.*`` weight.
@@ -23,8 +23,13 @@ def base_shapes(model_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
     Reads only the GGUF header's tensor table (:func:`read_header`), so it is
     cheap in time and memory even for a 7B file.
     """
+    return header_shapes(read_header(model_path))
+
+
+def header_shapes(header: GGUFHeader) -> dict[str, tuple[int, int]]:
+    """:func:`base_shapes` of an already-read header."""
     out: dict[str, tuple[int, int]] = {}
-    for t in read_header(model_path).tensors:
+    for t in header.tensors:
         if t.name.startswith("blk.") and len(t.shape) == 2:
             n_in, n_out = (int(x) for x in t.shape)  # ggml order: ne0 = n_in
             out[t.name] = (n_out, n_in)

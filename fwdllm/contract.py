@@ -143,6 +143,11 @@ class LoraLayout:
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted({t.layer for t in self.targets}))
 
+    @property
+    def n_layers(self) -> int:
+        """Layer count of the base model as far as the LoRA covers it (highest index + 1)."""
+        return max(self.layers) + 1
+
     def shapes(self) -> dict[str, tuple[int, int]]:
         """Tensor name -> numpy shape, in canonical order (a before b)."""
         out: dict[str, tuple[int, int]] = {}

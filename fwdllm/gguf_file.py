@@ -13,6 +13,7 @@ device-side caller) uses :func:`read_header`, which walks the header with
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -24,22 +25,31 @@ import gguf
 from fwdllm.errors import UserError
 
 
-def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
-    """A memory-mapped reader for ``path``, or a UserError saying what is wrong."""
-    path = Path(path)
+def _require_gguf(path: Path) -> None:
+    """UserError unless ``path`` is a file starting with the GGUF magic."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise UserError(f"{path}: not a GGUF file")
+
+
+def _check_extent(path: Path, end: int) -> None:
+    """UserError if the tensor data should run past the end of the file."""
+    size = path.stat().st_size
+    if end > size:
+        raise UserError(f"{path}: truncated GGUF ({size} bytes, tensors need {end})")
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """A memory-mapped reader for ``path``, or a UserError saying what is wrong."""
+    path = Path(path)
+    _require_gguf(path)
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on damaged files
         raise UserError(f"{path}: damaged or truncated GGUF ({e})") from None
-    size = path.stat().st_size
-    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if end > size:
-        raise UserError(f"{path}: truncated GGUF ({size} bytes, tensors need {end})")
+    _check_extent(path, max((t.data_offset + t.n_bytes for t in reader.tensors), default=0))
     return reader
 
 
@@ -111,12 +121,10 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
     """The header of ``path`` without its metadata arrays, or a UserError
     saying what is wrong (missing, foreign, damaged or truncated file)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
+    _require_gguf(path)
     try:
         with open(path, "rb", buffering=1 << 16) as f:
-            if f.read(4) != b"GGUF":
-                raise UserError(f"{path}: not a GGUF file")
+            f.seek(4)  # the magic
             version, n_tensors, n_kv = _unpack(f, "I"), _unpack(f, "Q"), _unpack(f, "Q")
             if version < 2:
                 raise ValueError(f"GGUF version {version} is not supported")
@@ -138,15 +146,10 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
             data_start = -(-f.tell() // align) * align
     except (EOFError, ValueError, struct.error) as e:
         raise UserError(f"{path}: damaged or truncated GGUF ({e})") from None
-    end = max((data_start + t.offset + _n_bytes(t) for t in tensors), default=0)
-    if end > path.stat().st_size:
-        raise UserError(f"{path}: truncated GGUF ({path.stat().st_size} bytes, tensors need {end})")
+    _check_extent(path, max((data_start + t.offset + _n_bytes(t) for t in tensors), default=0))
     return GGUFHeader(fields, tensors)
 
 
 def _n_bytes(t: TensorInfo) -> int:
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.ggml_type)]
-    n = 1
-    for d in t.shape:
-        n *= d
-    return n // block * size
+    return math.prod(t.shape) // block * size
