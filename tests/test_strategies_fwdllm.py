@@ -248,12 +248,22 @@ def serve(tmp: Path, s: StrategySpec, layout: LoraLayout, rounds: int, clients: 
 
 def test_fwdllm_trains_through_the_real_aggregator(tmp_path: Path) -> None:
     """3 real workers over ZeroMQ, the combined strategy: rounds complete, the
-    loss falls, every client lands on the server's adapter."""
+    objective falls, every client lands on the server's adapter.
+
+    The reported round losses carry each batch's noise (0.01), which is larger
+    than five rounds of progress, so the check is on the exact, noise-free
+    objective at the final adapter against the round-0 one."""
+    from fwdllm.adapter_io import read_adapter
+
     layout = synthetic_layout()
     s = StrategySpec(name="fwdllm", k=8, run_seed=1, extra={"layout": layout.to_dict(), "k_max": 32})
     clients = [(f"c{i}", QuadraticScorer(noise=0.01), 100.0 * (i + 1)) for i in range(3)]
     recs = serve(tmp_path, s, layout, 5, clients, lr=0.05)
-    assert recs[-1]["loss"] < recs[0]["loss"]
+    names = s.mask.names(layout)
+    start = synthetic_run(5, OptimizerSpec(), s, layout)[1].tensors
+    _, final = read_adapter(tmp_path / checkpoint.ADAPTER)
+    exact = QuadraticScorer()
+    assert exact.loss(final, names, 0) < exact.loss(start, names, 0) - 1e-3
     assert all(r["strategy"] == "fwdllm" and r["perturbations"] >= 8 for r in recs)
     assert "kappa" in recs[-1] and recs[-1]["pacing_n_seeds"] >= 8
 
