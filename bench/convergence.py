@@ -49,8 +49,8 @@ def run_simulate(model: str, strategy: str, run_dir: Path, task: str, opts: dict
 
     args = [sys.executable, "-c", "from aggregator.cli import simulate; simulate()", "--model", model,
             "--strategy", strategy, "--out", str(run_dir), "--task", task]
-    for k, v in opts.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
+    for k, v in opts.items():  # None: a bare flag such as --central
+        args += [f"--{k.replace('_', '-')}"] + ([] if v is None else [str(v)])
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
     records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
     done = any(r["round"] == opts["rounds"] for r in records)
@@ -79,6 +79,30 @@ def curve(records: list[dict[str, Any]]) -> dict[str, list[float]]:
     return out
 
 
+def parse_entry(entry: str) -> tuple[str, dict[str, str]]:
+    """``zo-sgd`` or ``zo-sgd:targets=v:lr=0.2`` -> (strategy, extra simulate
+    options).  Variants of one strategy then share the shards, the dev rows
+    and the backprop ceiling of one invocation."""
+    from aggregator.cli import simulate
+    from fwdllm.errors import UserError
+
+    name, *pairs = entry.split(":")
+    fixed = {"model", "strategy", "out", "task", "clients", "shard_size", "rounds", "dev_limit", "eval_every",
+             "seed", "threads", "quick", "port"}
+    params = [p for p in simulate.params if p.name not in fixed]
+    valued = {p.name.replace("_", "-") for p in params if not p.is_flag}
+    flags = {o.lstrip("-") for p in params if p.is_flag for o in p.opts + p.secondary_opts} - {"help", "h"}
+    opts: dict[str, str | None] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if (key in valued and sep) or (key in flags and not sep):
+            opts[key] = value if sep else None
+        else:
+            raise UserError(f"bad option {pair!r} in strategy {entry!r}: want KEY=VALUE with KEY one of "
+                            f"{sorted(valued)}, or a flag from {sorted(flags)}")
+    return name, opts
+
+
 def passes_to(c: dict[str, list[float]], target: float) -> float | None:
     """Forward passes at the first evaluation reaching ``target`` accuracy."""
     return next((f for f, a in zip(c["forward_passes"], c["accuracy"]) if a >= target), None)
@@ -87,7 +111,8 @@ def passes_to(c: dict[str, list[float]], target: float) -> float | None:
 @click.command("convergence")
 @click.option("--model", default="smollm2-135m", show_default=True)
 @click.option("--strategies", default="zo-sgd", show_default=True,
-              help="fwdllm strategies (simulate --strategy), comma-separated; 'all' = every registered one")
+              help="fwdllm strategies (simulate --strategy), comma-separated; 'all' = every registered one. "
+                   "An entry may carry simulate options: 'zo-sgd:targets=v:lr=0.2'")
 @click.option("--baselines", default="fedavg-lora,fedcybgd", show_default=True, help="backprop baselines ('' = none)")
 @click.option("--clients", type=int, default=4, show_default=True)
 @click.option("--shard-size", type=int, default=500, show_default=True)
@@ -114,6 +139,7 @@ def convergence(model, strategies, baselines, clients, shard_size, rounds, bp_ro
       fwdllm bench convergence --model smollm2-135m --task sst2
       fwdllm bench convergence --strategies all --rounds 60 --task agnews
       fwdllm bench convergence --baselines fedavg-lora --bp-rounds 20
+      fwdllm bench convergence --strategies zo-sgd,zo-sgd:targets=v --rounds 300
     """
     from aggregator.simulate import write_shards
     from aggregator.strategy import STRATEGIES
@@ -123,8 +149,9 @@ def convergence(model, strategies, baselines, clients, shard_size, rounds, bp_ro
     from fwdllm.models import resolve_model
 
     names = sorted(STRATEGIES) if strategies == "all" else [s for s in strategies.split(",") if s]
+    entries = {s: parse_entry(s) for s in names}
     bps = [b for b in baselines.split(",") if b]
-    bad = [s for s in names if s not in STRATEGIES] + [b for b in bps if b not in BACKPROP]
+    bad = [s for s, (name, _) in entries.items() if name not in STRATEGIES] + [b for b in bps if b not in BACKPROP]
     if bad:
         raise UserError(f"unknown strategy/baseline {bad}; strategies: {sorted(STRATEGIES)}, baselines: {BACKPROP}")
     path = resolve_model(model)
@@ -135,9 +162,9 @@ def convergence(model, strategies, baselines, clients, shard_size, rounds, bp_ro
     curves: dict[str, dict[str, list[float]]] = {}
     opts = dict(clients=clients, shard_size=shard_size, rounds=rounds, k=k, batch_size=batch_size,
                 dev_limit=dev_limit, eval_every=eval_every, seed=seed, threads=1, **({"lr": lr} if lr else {}))
-    for s in names:
+    for s, (name, extra) in entries.items():
         click.echo(f"simulate --strategy {s} ({rounds} rounds)", err=True)
-        curves[s] = curve(run_simulate(str(path), s, runs / s, ref, opts))
+        curves[s] = curve(run_simulate(str(path), name, runs / s.replace(":", "_"), ref, {**opts, **extra}))
     if bps:
         spec = bench_task(task, label_words)
         shards = [read_examples(spec, p) for p in write_shards(ref, runs / "bp-shards", clients, shard_size, None, seed)]

@@ -115,13 +115,26 @@ def test_convergence_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     from bench.convergence import convergence
 
     _invoke(convergence, ["--model", str(tiny_model), "--clients", "2", "--shard-size", "16", "--rounds", "2",
-                          "-k", "2", "-b", "2", "--dev-limit", "8", "--eval-every", "1", "--bp-rounds", "2",
-                          "--local-steps", "1", "--bp-eval-every", "1", "--out", str(tmp_path), *WORDS])
+                          "--strategies", "zo-sgd,zo-sgd:k=4:central", "-k", "2", "-b", "2", "--dev-limit", "8",
+                          "--eval-every", "1", "--bp-rounds", "2", "--local-steps", "1", "--bp-eval-every", "1",
+                          "--out", str(tmp_path), *WORDS])
     data = _result(tmp_path, "convergence")
     curves = data["curves"]
-    assert set(curves) == {"zo-sgd", "fedavg-lora", "fedcybgd"}
-    assert curves["zo-sgd"]["forward_passes"] == [0, 4, 8]  # K=2 central per round
+    assert set(curves) == {"zo-sgd", "zo-sgd:k=4:central", "fedavg-lora", "fedcybgd"}
+    assert curves["zo-sgd"]["forward_passes"] == [0, 4, 8]  # K=2 one-sided: 1 seed + 1 base pass per client
+    assert curves["zo-sgd:k=4:central"]["forward_passes"] == [0, 8, 16]  # 2 seeds x 2 signs per client
     assert curves["fedavg-lora"]["forward_passes"] == [0, 2, 4]  # 2 clients x 1 local step
     assert curves["fedcybgd"]["forward_passes"] == [0, 1, 2]
     # FedCyBGD uploads one of two blocks; FedAvg-LoRA the whole adapter, down and up
     assert curves["fedcybgd"]["bytes"][1] == 0.75 * curves["fedavg-lora"]["bytes"][1]
+
+
+@pytest.mark.parametrize("entry", ["zo-sgd:lr", "zo-sgd:bogus=1", "zo-sgd:central=1", "zo-sgd:rounds=3"])
+def test_convergence_refuses_bad_strategy_options(entry: str) -> None:
+    from bench.convergence import parse_entry
+    from fwdllm.errors import UserError
+
+    assert parse_entry("pacing:lr=0.2:central:strategy-opt=k_max=8") == (
+        "pacing", {"lr": "0.2", "central": None, "strategy-opt": "k_max=8"})
+    with pytest.raises(UserError, match="bad option"):
+        parse_entry(entry)
