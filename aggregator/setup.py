@@ -17,10 +17,12 @@ from fwdllm.optim import Optimizer, OptimizerSpec
 
 @dataclass(frozen=True)
 class LoraSpec:
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = ("q", "v")
-    init_seed: int = 0
+    """The trainable adapter of a new run (the CLI's DEFAULTS hold the measured defaults)."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    init_seed: int
 
 
 def new_run(

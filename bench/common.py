@@ -94,6 +94,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-markdown table (pastes into bench/README.md as is)."""
 
     def cell(v: Any) -> str:
+        if v is None:  # not measured / not reached
+            return "-"
         if isinstance(v, float):
             return f"{v:.4g}"
         return str(v)

@@ -65,3 +65,16 @@ def test_layers_option_is_checked(tmp_path: Path, tiny_model: Path) -> None:
                                               "--layers", value])
         assert res.exit_code == 2 and why in res.output, res.output
         assert not (out / "run.json").exists()
+
+
+
+def test_targets_option_takes_both_spellings(tmp_path: Path, tiny_model: Path) -> None:
+    """``q+v`` (the profiler's spelling, usable inside a comma-separated bench
+    entry) means ``q,v``; a bad name is a one-line error with nothing written."""
+    from aggregator.cli import _targets
+
+    assert _targets("v+q") == _targets("v, q") == ("v", "q")
+    res = CliRunner().invoke(aggregator, ["serve", "--model", str(tiny_model), "--out", str(tmp_path / "bad"),
+                                          "--rounds", "1", "--targets", "q+x"])
+    assert res.exit_code == 2 and "--targets: unknown ['x']" in res.output, res.output
+    assert not (tmp_path / "bad" / "run.json").exists()
