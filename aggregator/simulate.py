@@ -24,12 +24,11 @@ from aggregator.checkpoint import read_metrics
 from fwdllm.errors import UserError
 
 #: --quick / --long presets; explicit options win.  Measured with SmolLM2-135M
-#: Q4_0, SST-2, 4 clients on 2 cores, default training options: --long went
-#: 0.766 -> 0.834 on the full dev split (best 0.835) in 11 min; 100 rounds
-#: reach only ~0.80.  The quick preset is a smoke run: on 200 dev rows its
-#: accuracy moves within noise (SE ~0.027); the dev loss is what falls.
+#: Q4_0, SST-2, 4 clients on 2 cores, default training options, full dev split:
+#: --quick went 0.766 -> 0.818 (dev loss 0.502 -> 0.430) in 2.4 min;
+#: --long went 0.766 -> 0.834 (best 0.835) in 11 min.
 PRESETS: dict[bool, dict[str, Any]] = {
-    True: {"rounds": 40, "dev_limit": 200, "eval_every": 20},
+    True: {"rounds": 50, "dev_limit": None, "eval_every": 25},
     False: {"rounds": 300, "dev_limit": None, "eval_every": 50},
 }
 
