@@ -13,20 +13,17 @@ import click
 from aggregator.profile import profile  # noqa: F401 - `fwdllm profile` (issue 7), registered by fwdllm.cli
 from aggregator.security import server_key_options, server_keys
 from aggregator.strategy import STRATEGIES, StrategySpec
-from fwdllm.contract import DISTRIBUTIONS, PARTS, TARGETS, PerturbMask
+from fwdllm.contract import DISTRIBUTIONS, PARTS, TARGETS, PerturbMask, split_targets
 from fwdllm.errors import UserError
 from fwdllm.optim import OPTIMIZERS, SCHEDULES, OptimizerSpec
 
-#: Defaults measured on SmolLM2-135M / SST-2, 4 clients on 2 cores:
-#: lr 0.1 with eps 3e-2 took dev loss 0.476 -> 0.38-0.41 (first 200 dev rows)
-#: in 40 rounds; lr 0.03 with eps 1e-2 needed 100 rounds for 0.766 -> 0.794
-#: on the full dev split, and constant lr 0.02 for 70 rounds reached 0.772.
-#: eps: llama.cpp's INT4 projected gradients agree best with torch's exact
-#: ones at 3e-2 on SmolLM2 (32 rows: sign 0.91, Pearson 0.98; 1e-2 gives 0.91/0.94).
-#: targets v: `fwdllm profile` found v's B holding as much gradient as q+v's
-#: in a quarter of the dimensions; in 300 rounds on the full SST-2 dev split
-#: v reached 0.835 against 0.805 for q,v (and 0.806 already after 50 rounds),
-#: and on AG News the two tied after 120 rounds (0.7725 v, 0.7712 q,v).
+#: Defaults measured on SmolLM2-135M INT4, SST-2 and AG News, 4 clients on 2
+#: cores (tables and commands: docs/strategies.md, bench/README.md):
+#: eps 3e-2 gives the best agreement with torch's exact projections (32 rows:
+#: sign 0.91, Pearson 0.98); lr 0.1 is the edge of stability (0.2 diverges);
+#: targets v reached 0.835 on the full SST-2 dev split in 300 rounds against
+#: 0.805 for q,v, and tied with q,v on AG News; one-sided, Gaussian and SGD
+#: tie or beat central, Rademacher and Adam per forward pass.
 DEFAULTS: dict[str, Any] = {
     "k": 16,
     "eps": 3e-2,
@@ -44,9 +41,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 def _targets(value: str) -> tuple[str, ...]:
-    """``q,v`` or ``q+v`` (the profiler's spelling, and the one that survives
-    inside a comma-separated ``bench convergence --strategies`` entry)."""
-    names = tuple(t.strip() for t in value.replace("+", ",").split(",") if t.strip())
+    """:func:`split_targets`, checked before anything is written."""
+    names = split_targets(value)
     bad = [t for t in names if t not in TARGETS]
     if bad or not names:
         raise UserError(f"--targets: unknown {bad or value!r}; choose from {','.join(TARGETS)}")

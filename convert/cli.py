@@ -9,6 +9,7 @@ import click
 
 from convert.quantize import QUANTS
 from convert.synth import PRESETS
+from fwdllm.contract import split_targets
 
 # Plain strings validated by the library (not click.Choice), so that a bad
 # value gives fwdllm's one-line error like every other bad input.
@@ -75,7 +76,7 @@ def inspect_cmd(file: Path, as_json: bool) -> None:
 
 
 def _targets(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
-    return [t.strip() for t in value.split(",") if t.strip()]
+    return list(split_targets(value))
 
 
 @convert.command("lora-init")

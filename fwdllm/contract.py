@@ -45,6 +45,14 @@ TARGETS: dict[str, str] = {
     "down": "ffn_down",
 }
 
+
+def split_targets(value: str) -> tuple[str, ...]:
+    """``q,v`` or ``q+v`` -> ``("q", "v")``: the one spelling of a target list
+    on every command line (``+`` is the profiler's, and survives inside a
+    comma-separated ``bench convergence --strategies`` entry).  Names are
+    checked where the layout is built (:meth:`LoraLayout.for_base`)."""
+    return tuple(t.strip() for t in value.replace("+", ",").split(",") if t.strip())
+
 #: PEFT module names for the same targets (used by convert's PEFT bridge).
 PEFT_MODULES: dict[str, str] = {
     "q": "self_attn.q_proj",
