@@ -18,6 +18,7 @@ runs by llama.cpp on the INT4 file; round 0 of each row shows the gap.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,11 +83,12 @@ def curve(records: list[dict[str, Any]]) -> dict[str, list[float]]:
 def parse_entry(entry: str) -> tuple[str, dict[str, str]]:
     """``zo-sgd`` or ``zo-sgd:targets=v:lr=0.2`` -> (strategy, extra simulate
     options).  Variants of one strategy then share the shards, the dev rows
-    and the backprop ceiling of one invocation."""
+    and the backprop ceiling of one invocation.  A ``:`` starts a new option
+    only before a letter, so values keep theirs (``layers=0:10``)."""
     from aggregator.cli import simulate
     from fwdllm.errors import UserError
 
-    name, *pairs = entry.split(":")
+    name, *pairs = re.split(r":(?=[A-Za-z])", entry)
     fixed = {"model", "strategy", "out", "task", "clients", "shard_size", "rounds", "dev_limit", "eval_every",
              "seed", "threads", "quick", "port"}
     params = [p for p in simulate.params if p.name not in fixed]

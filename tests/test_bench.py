@@ -136,5 +136,6 @@ def test_convergence_refuses_bad_strategy_options(entry: str) -> None:
 
     assert parse_entry("pacing:lr=0.2:central:strategy-opt=k_max=8") == (
         "pacing", {"lr": "0.2", "central": None, "strategy-opt": "k_max=8"})
+    assert parse_entry("zo-sgd:layers=0:10:lr=0.2") == ("zo-sgd", {"layers": "0:10", "lr": "0.2"})
     with pytest.raises(UserError, match="bad option"):
         parse_entry(entry)
