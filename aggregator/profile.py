@@ -15,6 +15,10 @@ whose gradient is zero (LoRA A while B is still zero) scores 0.  ``descent =
 |g| * cosine`` is the first-order loss decrease per unit step along G: it also
 credits a set for how much gradient it holds.  Candidates are ranked by
 ``--by`` and the best one is written as training options.
+
+Before that, :func:`census` takes the exact gradient of all seven targets in
+every layer (torch only, seconds) and reports where it lives, which tells
+which targets are worth a candidate at all.
 """
 
 from __future__ import annotations
@@ -149,6 +153,51 @@ def measure(session, ref, cand: Candidate, batches: Sequence[list], k: int, eps:
                     math.sqrt(k / (k + dim + 1)), g * c)
 
 
+def census(session, ref, rank: int, parts: str, batches: Sequence[list], seed: int) -> list[dict[str, Any]]:  # noqa: ANN001
+    """Exact gradient of every (target, layer) at the fresh init, torch only.
+
+    One backward pass per batch covers all seven targets, so this costs
+    seconds where scoring a candidate through llama.cpp costs minutes.  Each
+    row has ``sq = |mean over batches of dL/dtheta|^2`` and ``d``; what a ZO
+    step gains per unit of noise scales with the density ``sq / d``
+    (``cos(G, g) ~ sqrt(K/d)`` times ``|g|``), which is why the census ranks
+    targets by it.
+    """
+    from convert.lora import init_lora
+
+    layout, tensors = init_lora(session.model_path, rank, 2.0 * rank, TARGETS, seed)
+    session.set_lora(layout, tensors)
+    names = PerturbMask(parts=parts).names(layout)
+    mean: dict[str, np.ndarray] = {}
+    for batch in batches:
+        prepared = session.prepare(batch)
+        _, grads = ref.loss_and_grad(layout, session.tensors, prepared.seqs, prepared.targets,
+                                     session.task.kind, session.label_ids)
+        for n in names:
+            mean[n] = mean.get(n, 0.0) + grads[n].astype(np.float64) / len(batches)
+    rows = []
+    for t in layout.targets:
+        own = [n for n in (t.a_name, t.b_name) if n in mean]
+        rows.append({"target": t.target, "layer": t.layer, "d": sum(int(mean[n].size) for n in own),
+                     "sq": sum(float(np.sum(mean[n] ** 2)) for n in own)})
+    return rows
+
+
+def census_by_target(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per target: share of the total squared gradient, dimensions, density
+    relative to the whole adapter (1 = average), densest first."""
+    total_sq = sum(r["sq"] for r in rows) or 1.0
+    total_d = sum(r["d"] for r in rows)
+    out = []
+    for target in dict.fromkeys(r["target"] for r in rows):
+        sq = sum(r["sq"] for r in rows if r["target"] == target)
+        d = sum(r["d"] for r in rows if r["target"] == target)
+        out.append({"target": target, "share": sq / total_sq, "d": d,
+                    "density": (sq / total_sq) / (d / total_d),
+                    "layer_share": [r["sq"] / sq if sq else 0.0 for r in rows if r["target"] == target]})
+    return sorted(out, key=lambda r: -r["density"])
+
+
 def recommendation(best: Candidate) -> dict[str, Any]:
     """The winner as ``simulate``/``serve`` training options."""
     return {"rank": best.rank, "lora_alpha": 2.0 * best.rank, "targets": ",".join(best.targets),
@@ -181,8 +230,10 @@ def profile(model_name: str, task: str, data: Path | None, label_words: str | No
             threads: int, seed: int, out: Path) -> None:
     """Rank LoRA trainable sets by how well K INT4 perturbations estimate their gradient.
 
-    Needs the [torch] extra (exact gradients). Writes OUT with every
-    candidate's numbers and "recommended" training options.
+    Needs the [torch] extra (exact gradients). First prints a gradient census
+    (seconds: torch only): each target's share of the exact gradient and its
+    density, the share per share of dimensions. Writes OUT with the census,
+    every candidate's numbers and "recommended" training options.
 
     \b
     Examples:
@@ -207,8 +258,13 @@ def profile(model_name: str, task: str, data: Path | None, label_words: str | No
     cands = [Candidate.parse(c) for c in candidates] or default_candidates(n_layers)
     with EdgeSession(model, spec, n_threads=threads, max_batch=batch_size) as session:
         ref = TorchRef(session.model_path, n_threads=threads)
+        targets = census_by_target(census(session, ref, cands[0].rank, cands[0].parts, picked, seed))
         results = [measure(session, ref, c, picked, k, eps, one_sided, state, seed)
                    for c in tqdm(cands, desc="profiling", unit="set")]
+    click.echo(f"gradient census (exact, fresh init, r{cands[0].rank} {cands[0].parts}): density = share of |g|^2 "
+               "per share of dimensions")
+    for t in targets:
+        click.echo(f"  {t['target']:>5}  share {t['share']:6.3f}  d {t['d']:>8}  density {t['density']:6.2f}")
     results.sort(key=lambda m: -(m.cosine if by == "cosine" else m.descent))
     head = ["set", "d", "|g|", "cos(G,g)", "exact p", "theory", "|g|*cos"]
     click.echo("  ".join(f"{h:>12}" for h in head))
@@ -217,6 +273,7 @@ def profile(model_name: str, task: str, data: Path | None, label_words: str | No
     report = {
         "model": str(model), "task": spec.name, "k": k, "eps": eps, "one_sided": one_sided, "state": state,
         "batches": batches, "batch_size": batch_size, "ranked_by": by,
+        "census": targets,
         "candidates": [{**asdict(m), "candidate": asdict(m.candidate), "label": m.candidate.label} for m in results],
         "recommended": recommendation(results[0].candidate),
     }

@@ -37,6 +37,30 @@ def test_profile_ranks_sets_and_writes_the_recommendation(tiny_model: Path, tmp_
     assert a_only["grad_norm"] == 0 and a_only["cosine"] == 0
     assert data["recommended"] == {"rank": 2, "lora_alpha": 4.0, "targets": "v", "parts": "b", "layers": [2, 4]}
     assert "recommended: r2 v b layers=2:4" in r.output
+    census = {t["target"]: t for t in data["census"]}
+    assert set(census) == {"q", "k", "v", "o", "gate", "up", "down"} and "gradient census" in r.output
+    assert sum(t["share"] for t in census.values()) == pytest.approx(1.0)
+    assert census["v"]["d"] == 4 * 128 * 2 and sum(census["v"]["layer_share"]) == pytest.approx(1.0)
+    assert [t["density"] for t in data["census"]] == sorted((t["density"] for t in data["census"]), reverse=True)
+
+
+def test_census_sees_no_gradient_in_a_while_b_is_zero(tiny_model: Path) -> None:
+    """dL/dA = 0 at B = 0 for every target; B carries all of it. A census
+    that mixed up the factors or the layers would fail one of the two."""
+    from aggregator.profile import census
+    from bench.torch_ref import TorchRef
+    from edge_client.session import EdgeSession
+    from edge_client.tasks import Example, load_task
+
+    spec = load_task("sst2", label_words=("good", "bad"))
+    batch = [Example("a fine film", 0), Example("dull and long", 1)]
+    with EdgeSession(tiny_model, spec, n_threads=2, max_batch=2) as session:
+        ref = TorchRef(session.model_path, n_threads=2)
+        a_rows = census(session, ref, 2, "a", [batch], seed=0)
+        b_rows = census(session, ref, 2, "b", [batch], seed=0)
+    assert len(a_rows) == len(b_rows) == 7 * 4
+    assert all(r["sq"] == 0.0 for r in a_rows)
+    assert all(r["sq"] > 0.0 for r in b_rows)
 
 
 def test_profile_rejects_a_bad_candidate(tiny_model: Path, tmp_path: Path) -> None:
