@@ -286,6 +286,9 @@ class Worker:
             self.done = msg.reason or "bye"
         elif isinstance(msg, Error) and msg.code == "join":
             # A restarted aggregator that our socket silently reconnected to.
+            # A SnapshotRequest still unanswered died with the old one: allow
+            # asking again, or the worker heartbeats forever without scoring.
+            self.snap_asked = False
             self._send(sock, self.make_join(self.scorer))
         elif isinstance(msg, Error):
             log.warning("aggregator rejected our last message: %s", msg.reason)

@@ -79,6 +79,41 @@ def test_kill9_aggregator_at_random_points_then_resume_is_bit_identical(tmp_path
             t.join(10)
 
 
+def test_worker_asks_a_restarted_aggregator_again_for_the_snapshot_the_old_one_never_sent(tmp_path: Path) -> None:
+    """The aggregator dies between its Welcome and the Snapshot the worker asked
+    for; the worker's socket silently reconnects to the restarted one, which
+    answers "join". The lost request must be asked again, or the worker
+    heartbeats forever without ever scoring (CI once hung on exactly this)."""
+    import zmq
+
+    from aggregator.fake import synthetic_run
+    from aggregator.strategy import StrategySpec
+    from fwdllm.contract import Message, SnapshotRequest, Welcome
+    from fwdllm.optim import OptimizerSpec
+
+    url = free_url()
+    cfg, replica = synthetic_run(2, OptimizerSpec(lr=0.05, total_rounds=2), StrategySpec(k=4))
+    dead = zmq.Context.instance().socket(zmq.ROUTER)
+    dead.setsockopt(zmq.LINGER, 0)
+    dead.bind(url)
+    worker, thread = start_worker(url, "c0", give_up_s=30)
+    try:
+        assert dead.poll(10_000), "no Join"
+        ident, *_ = dead.recv_multipart()
+        welcome = Welcome(run_id=cfg.run_id, heartbeat_s=0.2, config={
+            "task": cfg.task_name, "task_ref": cfg.task, "layout": cfg.layout, "optimizer": cfg.optimizer,
+            "version": replica.version, "adapter_sha256": replica.sha, "rounds": cfg.rounds})
+        dead.send_multipart([ident, *welcome.to_frames()])
+        wait_until(lambda: dead.poll(0) and isinstance(Message.from_frames(dead.recv_multipart()[1:]),
+                                                       SnapshotRequest), 10, "the SnapshotRequest")
+    finally:
+        dead.close(0)  # dies without answering
+    with serving(tmp_path / "run", rounds=2, k=4, min_clients=1, url=url) as agg:
+        wait_until(lambda: agg.replica.version >= 2, 20, "two rounds scored by the reconnected worker")
+    worker.done = "test over"
+    thread.join(10)
+
+
 @pytest.mark.slow
 def test_kill9_of_30_percent_of_clients_mid_round(tmp_path: Path) -> None:
     n, dead = 10, 3
