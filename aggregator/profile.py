@@ -166,12 +166,11 @@ def census(session, ref, rank: int, parts: str, batches: Sequence[list], seed: i
     from convert.lora import init_lora
 
     layout, tensors = init_lora(session.model_path, rank, 2.0 * rank, TARGETS, seed)
-    session.set_lora(layout, tensors)
     names = PerturbMask(parts=parts).names(layout)
     mean: dict[str, np.ndarray] = {}
-    for batch in batches:
+    for batch in batches:  # the session only tokenizes: no adapter goes into llama.cpp
         prepared = session.prepare(batch)
-        _, grads = ref.loss_and_grad(layout, session.tensors, prepared.seqs, prepared.targets,
+        _, grads = ref.loss_and_grad(layout, tensors, prepared.seqs, prepared.targets,
                                      session.task.kind, session.label_ids)
         for n in names:
             mean[n] = mean.get(n, 0.0) + grads[n].astype(np.float64) / len(batches)

@@ -75,6 +75,24 @@ class ServerOptions:
     keys: security.ServerKeys | None = None  # CURVE + allow-list; None = plaintext (warned)
 
 
+def welcome(cfg: RunConfig, replica: Replica, heartbeat_s: float) -> Welcome:
+    """What a joining client must mirror: task, layout, optimizer, and the
+    version and hash its replica must match (else it asks for a snapshot)."""
+    return Welcome(
+        run_id=cfg.run_id,
+        heartbeat_s=heartbeat_s,
+        config={
+            "task": cfg.task_name,
+            "task_ref": cfg.task,
+            "layout": cfg.layout,
+            "optimizer": cfg.optimizer,
+            "version": replica.version,
+            "adapter_sha256": replica.sha,
+            "rounds": cfg.rounds,
+        },
+    )
+
+
 @dataclass
 class Peer:
     identity: bytes
@@ -498,21 +516,7 @@ class Aggregator:
             log.info("client %s joined (%.0f tok/s, %d examples)", msg.client_id, msg.tokens_per_s, msg.n_examples)
         else:
             peer.join, peer.last_seen = msg, time.monotonic()
-        cfg = self.config
-        welcome = Welcome(
-            run_id=cfg.run_id,
-            heartbeat_s=self.opts.heartbeat_s,
-            config={
-                "task": cfg.task_name,
-                "task_ref": cfg.task,
-                "layout": cfg.layout,
-                "optimizer": cfg.optimizer,
-                "version": self.replica.version,
-                "adapter_sha256": self.replica.sha,
-                "rounds": cfg.rounds,
-            },
-        )
-        self._send(peer, welcome, "control")
+        self._send(peer, welcome(self.config, self.replica, self.opts.heartbeat_s), "control")
         if carried[1] is not None:  # a reconnected worker may have lost its task
             self._send(peer, carried[1], "control")
 

@@ -236,8 +236,7 @@ class Worker:
 
     def _session(self, sock: zmq.Socket) -> bool:
         """One connection's life; returns True if the server ever answered."""
-        self.snap_asked = False
-        self._send(sock, self.make_join(self.scorer))
+        self._join(sock)
         answered = False
         now = time.monotonic()
         alive_until = now + self.heartbeat_s * LIVENESS
@@ -257,6 +256,13 @@ class Worker:
             if now >= alive_until:
                 return answered
         return answered
+
+    def _join(self, sock: zmq.Socket) -> None:
+        """Start over with an aggregator that does not know us (a new socket,
+        or a restarted aggregator): a SnapshotRequest sent before is void, so
+        it may be asked again, or the worker heartbeats forever unscored."""
+        self.snap_asked = False
+        self._send(sock, self.make_join(self.scorer))
 
     def _send(self, sock: zmq.Socket, msg: Message) -> None:
         sock.send_multipart(msg.to_frames())
@@ -285,11 +291,7 @@ class Worker:
         elif isinstance(msg, Bye):
             self.done = msg.reason or "bye"
         elif isinstance(msg, Error) and msg.code == "join":
-            # A restarted aggregator that our socket silently reconnected to.
-            # A SnapshotRequest still unanswered died with the old one: allow
-            # asking again, or the worker heartbeats forever without scoring.
-            self.snap_asked = False
-            self._send(sock, self.make_join(self.scorer))
+            self._join(sock)  # a restarted aggregator that our socket silently reconnected to
         elif isinstance(msg, Error):
             log.warning("aggregator rejected our last message: %s", msg.reason)
             self.events("error", reason=msg.reason)

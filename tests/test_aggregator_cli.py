@@ -67,7 +67,6 @@ def test_layers_option_is_checked(tmp_path: Path, tiny_model: Path) -> None:
         assert not (out / "run.json").exists()
 
 
-
 def test_targets_option_takes_both_spellings(tmp_path: Path, tiny_model: Path) -> None:
     """``q+v`` (the profiler's spelling, usable inside a comma-separated bench
     entry) means ``q,v``; a bad name is a one-line error with nothing written."""

@@ -87,8 +87,9 @@ def test_worker_asks_a_restarted_aggregator_again_for_the_snapshot_the_old_one_n
     import zmq
 
     from aggregator.fake import synthetic_run
+    from aggregator.server import welcome
     from aggregator.strategy import StrategySpec
-    from fwdllm.contract import Message, SnapshotRequest, Welcome
+    from fwdllm.contract import Message, SnapshotRequest
     from fwdllm.optim import OptimizerSpec
 
     url = free_url()
@@ -100,10 +101,7 @@ def test_worker_asks_a_restarted_aggregator_again_for_the_snapshot_the_old_one_n
     try:
         assert dead.poll(10_000), "no Join"
         ident, *_ = dead.recv_multipart()
-        welcome = Welcome(run_id=cfg.run_id, heartbeat_s=0.2, config={
-            "task": cfg.task_name, "task_ref": cfg.task, "layout": cfg.layout, "optimizer": cfg.optimizer,
-            "version": replica.version, "adapter_sha256": replica.sha, "rounds": cfg.rounds})
-        dead.send_multipart([ident, *welcome.to_frames()])
+        dead.send_multipart([ident, *welcome(cfg, replica, heartbeat_s=0.2).to_frames()])
         wait_until(lambda: dead.poll(0) and isinstance(Message.from_frames(dead.recv_multipart()[1:]),
                                                        SnapshotRequest), 10, "the SnapshotRequest")
     finally:
