@@ -7,7 +7,8 @@ Layout of ``RUN_DIR``::
     state.npz       the authoritative checkpoint: adapter tensors, optimizer
                     state, version (= rounds finished), strategy state,
                     elapsed seconds.  Replaced atomically after every round.
-    adapter.gguf    the same adapter as a llama.cpp LoRA (written just before
+    adapter.gguf    the run's product as a llama.cpp LoRA: the adapter, or
+                    its moving average under ``--ema`` (written just before
                     state.npz, so it is never older than the checkpoint)
     metrics.jsonl   one JSON line per round (round 0 = before training)
 
@@ -92,7 +93,7 @@ def read_config(run_dir: Path) -> RunConfig:
 
 def save(run_dir: Path, replica: Replica, strategy_state: dict[str, Any], elapsed_s: float) -> None:
     """Checkpoint after a finished round: adapter.gguf, then state.npz."""
-    write_adapter(run_dir / ADAPTER, replica.layout, replica.tensors)
+    write_adapter(run_dir / ADAPTER, replica.layout, replica.optimizer.averaged(replica.tensors))
     meta = {"strategy": strategy_state, "elapsed_s": elapsed_s}
     buf = io.BytesIO()
     np.savez(

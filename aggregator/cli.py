@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "lr": 0.1,
     "optimizer": "sgd",
     "momentum": 0.0,
+    "ema": 0.0,
     "rank": 8,
     "lora_alpha": 16.0,
     "targets": "v",
@@ -76,6 +77,9 @@ def training_options(f: Callable) -> Callable:
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["lr"], show_default=True, help="Learning rate."),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS["optimizer"], show_default=True),
         click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS["momentum"], show_default=True, help="SGD momentum."),
+        click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS["ema"], show_default=True,
+                     help="Decay of a moving average of the adapter over rounds (0 = off). The average is what is "
+                          "evaluated and written to adapter.gguf; it costs no forward passes."),
         click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS["schedule"], show_default=True, help="LR schedule over the rounds."),
         click.option("--warmup", type=click.IntRange(0), default=0, show_default=True, help="Linear LR warmup rounds."),
         click.option("--rank", type=click.IntRange(1, 256), default=DEFAULTS["rank"], show_default=True, help="LoRA rank."),
@@ -98,7 +102,7 @@ def training_options(f: Callable) -> Callable:
 BOOL_FLAGS = {"one_sided": ("--one-sided", "--central")}
 
 TRAINING_KEYS = (
-    "task dev dev_limit eval_every strategy k eps batch_size lr optimizer momentum schedule warmup "
+    "task dev dev_limit eval_every strategy k eps batch_size lr optimizer momentum ema schedule warmup "
     "rank lora_alpha targets parts layers dist one_sided seed strategy_opt"
 ).split()
 
@@ -122,6 +126,7 @@ def _specs(kw: dict[str, Any], rounds: int) -> tuple[OptimizerSpec, StrategySpec
             name=kw["optimizer"],
             lr=kw["lr"],
             momentum=kw["momentum"],
+            ema=kw["ema"],
             schedule=kw["schedule"],
             warmup=kw["warmup"],
             total_rounds=rounds,

@@ -111,8 +111,18 @@ def evaluator(cfg: RunConfig, model: Path, threads: int | None):  # noqa: ANN201
     session = EdgeSession(model, task, n_threads=threads)
 
     def evaluate(replica: Replica) -> dict[str, float]:
-        session.set_lora(replica.layout, replica.tensors)
-        r = session.evaluate(examples)
-        return {"dev_loss": r.loss, "dev_accuracy": r.accuracy, "dev_n": r.n, "eval_s": round(r.seconds, 3)}
+        """``dev_*`` of the adapter the run ships (the weight average under
+        ``--ema``), plus ``dev_*_raw`` of the last iterate when they differ,
+        so one run shows what the average buys."""
+        views = {"": replica.optimizer.averaged(replica.tensors)}
+        if replica.optimizer.spec.ema:
+            views["_raw"] = replica.tensors
+        out: dict[str, float] = {}
+        for suffix, tensors in views.items():
+            session.set_lora(replica.layout, tensors)
+            r = session.evaluate(examples)
+            out.update({f"dev_loss{suffix}": r.loss, f"dev_accuracy{suffix}": r.accuracy,
+                        "dev_n": r.n, f"eval_s{suffix}": round(r.seconds, 3)})
+        return out
 
     return evaluate

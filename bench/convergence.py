@@ -65,8 +65,11 @@ def run_simulate(model: str, strategy: str, run_dir: Path, task: str, opts: dict
 
 def curve(records: list[dict[str, Any]]) -> dict[str, list[float]]:
     """Cumulative forward passes, bytes per client (down+up) and wall time at
-    every evaluated round."""
+    every evaluated round; ``accuracy_raw`` too when the run averaged its
+    adapter (``--ema``: ``accuracy`` is the average's, this the last iterate's)."""
     out: dict[str, list[float]] = {"round": [], "forward_passes": [], "bytes": [], "wall_s": [], "accuracy": []}
+    if any(r.get("dev_accuracy_raw") is not None for r in records):
+        out["accuracy_raw"] = []
     fwd = nbytes = wall = 0.0
     for r in sorted(records, key=lambda r: r["round"]):
         if r["round"] > 0:
@@ -77,6 +80,19 @@ def curve(records: list[dict[str, Any]]) -> dict[str, list[float]]:
             for k, v in (("round", r["round"]), ("forward_passes", fwd), ("bytes", nbytes), ("wall_s", wall),
                          ("accuracy", r["dev_accuracy"])):
                 out[k].append(float(v))
+            if "accuracy_raw" in out:
+                out["accuracy_raw"].append(float(r.get("dev_accuracy_raw", r["dev_accuracy"])))
+    return out
+
+
+def with_last_iterates(curves: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, list[float]]]:
+    """``curves`` plus a ``NAME (last iterate)`` row for every averaged run, so
+    a table shows what the average bought on the very same trajectory."""
+    out = {}
+    for name, c in curves.items():
+        out[name] = c
+        if "accuracy_raw" in c:
+            out[f"{name} (last iterate)"] = {**c, "accuracy": c["accuracy_raw"]}
     return out
 
 
@@ -179,6 +195,7 @@ def convergence(model, strategies, baselines, clients, shard_size, rounds, bp_ro
             click.echo(f"{b} ({bp_rounds} rounds, backprop)", err=True)
             tl.load(start)
             curves[b] = curve(run_backprop(b, tl, shards, dev, cfg, on_record=lambda r: click.echo(r, err=True)))
+    curves = with_last_iterates(curves)
     ceiling = max(curves["fedavg-lora"]["accuracy"]) if "fedavg-lora" in curves else None
     rows = []
     for name, c in curves.items():

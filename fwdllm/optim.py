@@ -32,6 +32,11 @@ class OptimizerSpec:
     schedule: str = "constant"
     warmup: int = 0
     total_rounds: int = 1
+    #: decay of the exponential moving average of the adapter over rounds
+    #: (0 = off).  ZO iterates carry noise of order ``lr * |g| * sqrt(d/K)``
+    #: per round; averaging them cancels the part of it that the curvature
+    #: keeps pulling back, at no forward-pass cost (docs/strategies.md).
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -40,6 +45,8 @@ class OptimizerSpec:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema decay must be in [0, 1), got {self.ema}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for 0-based ``step``: linear warmup, then the schedule."""
@@ -64,8 +71,8 @@ class OptimizerSpec:
 class Optimizer:
     """SGD (with momentum) or Adam over a dict of float32 tensors.
 
-    State (momentum / moments, step count) lives here and is saved in
-    checkpoints and snapshots via :meth:`state_arrays`.
+    State (momentum / moments, the weight average, step count) lives here and
+    is saved in checkpoints and snapshots via :meth:`state_arrays`.
     """
 
     def __init__(self, spec: OptimizerSpec) -> None:
@@ -73,6 +80,7 @@ class Optimizer:
         self.step_count = 0
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
+        self.avg: dict[str, np.ndarray] = {}
 
     def step(self, params: dict[str, np.ndarray], grad: Mapping[str, np.ndarray], lr: float) -> None:
         """In-place update of ``params`` with gradient estimate ``grad``."""
@@ -82,6 +90,8 @@ class Optimizer:
         for name, g in grad.items():
             g = g.astype(np.float32, copy=True)
             p = params[name]
+            if s.ema and name not in self.avg:
+                self.avg[name] = p.copy()  # the average starts at the initial adapter
             if s.weight_decay:
                 g += np.float32(s.weight_decay) * p
             if s.name == "sgd":
@@ -100,11 +110,21 @@ class Optimizer:
                 mhat = m / np.float32(1 - s.beta1**t)
                 vhat = v / np.float32(1 - s.beta2**t)
                 p -= np.float32(lr) * mhat / (np.sqrt(vhat) + np.float32(s.adam_eps))
+            if s.ema:
+                a = self.avg[name]
+                a *= np.float32(s.ema)
+                a += np.float32(1 - s.ema) * p
+
+    def averaged(self, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The adapter to evaluate and ship: the moving average when ``ema`` is
+        on (``params`` itself before the first step), else ``params``."""
+        return {n: self.avg.get(n, p) if self.spec.ema else p for n, p in params.items()}
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """Flat dict for ``np.savez``: ``m/<name>``, ``v/<name>``, ``step``."""
+        """Flat dict for ``np.savez``: ``m/<name>``, ``v/<name>``, ``a/<name>``, ``step``."""
         out = {f"m/{k}": a for k, a in self.m.items()}
         out.update({f"v/{k}": a for k, a in self.v.items()})
+        out.update({f"a/{k}": a for k, a in self.avg.items()})
         out["step"] = np.array(self.step_count, dtype=np.int64)
         return out
 
@@ -112,3 +132,4 @@ class Optimizer:
         self.step_count = int(arrays["step"])
         self.m = {k[2:]: np.array(a, dtype=np.float32) for k, a in arrays.items() if k.startswith("m/")}
         self.v = {k[2:]: np.array(a, dtype=np.float32) for k, a in arrays.items() if k.startswith("v/")}
+        self.avg = {k[2:]: np.array(a, dtype=np.float32) for k, a in arrays.items() if k.startswith("a/")}

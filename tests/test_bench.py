@@ -115,12 +115,17 @@ def test_convergence_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     from bench.convergence import convergence
 
     _invoke(convergence, ["--model", str(tiny_model), "--clients", "2", "--shard-size", "16", "--rounds", "2",
-                          "--strategies", "zo-sgd,zo-sgd:k=4:central", "-k", "2", "-b", "2", "--dev-limit", "8",
+                          "--strategies", "zo-sgd,zo-sgd:k=4:central,zo-sgd:ema=0.5", "-k", "2", "-b", "2", "--dev-limit", "8",
                           "--eval-every", "1", "--bp-rounds", "2", "--local-steps", "1", "--bp-eval-every", "1",
                           "--out", str(tmp_path), *WORDS])
     data = _result(tmp_path, "convergence")
     curves = data["curves"]
-    assert set(curves) == {"zo-sgd", "zo-sgd:k=4:central", "fedavg-lora", "fedcybgd"}
+    assert set(curves) == {"zo-sgd", "zo-sgd:k=4:central", "zo-sgd:ema=0.5", "zo-sgd:ema=0.5 (last iterate)",
+                           "fedavg-lora", "fedcybgd"}
+    # the averaged run is evaluated twice per round: its average and, as its own row, its last iterate
+    ema, last = curves["zo-sgd:ema=0.5"], curves["zo-sgd:ema=0.5 (last iterate)"]
+    assert len(ema["accuracy"]) == len(last["accuracy"]) == 3 and ema["accuracy"][0] == last["accuracy"][0]
+    assert last["accuracy"] == curves["zo-sgd"]["accuracy"]  # the same trajectory as the plain run
     assert curves["zo-sgd"]["forward_passes"] == [0, 4, 8]  # K=2 one-sided: 1 seed + 1 base pass per client
     assert curves["zo-sgd:k=4:central"]["forward_passes"] == [0, 8, 16]  # 2 seeds x 2 signs per client
     assert curves["fedavg-lora"]["forward_passes"] == [0, 2, 4]  # 2 clients x 1 local step
