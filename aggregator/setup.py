@@ -115,7 +115,7 @@ def evaluator(cfg: RunConfig, model: Path, threads: int | None):  # noqa: ANN201
         ``--ema``), plus ``dev_*_raw`` of the last iterate when they differ,
         so one run shows what the average buys."""
         views = {"": replica.optimizer.averaged(replica.tensors)}
-        if replica.optimizer.spec.ema:
+        if replica.optimizer.avg:  # before the first step the average is the adapter itself
             views["_raw"] = replica.tensors
         out: dict[str, float] = {}
         for suffix, tensors in views.items():
