@@ -7,6 +7,7 @@ from bench.convergence import convergence
 from bench.fidelity import fidelity
 from bench.load import load
 from bench.memory import memory
+from bench.probe import probe
 from bench.round import round_cmd
 from bench.throughput import throughput
 
@@ -24,8 +25,9 @@ def bench() -> None:
       fwdllm bench comm -k 16
       fwdllm bench fidelity --k-max 256
       fwdllm bench load --clients 10,100,1000
+      fwdllm bench probe --task agnews
     """
 
 
-for _cmd in (throughput, round_cmd, convergence, memory, comm, fidelity, load):
+for _cmd in (throughput, round_cmd, convergence, memory, comm, fidelity, load, probe):
     bench.add_command(_cmd)

@@ -1,0 +1,196 @@
+"""``fwdllm bench probe``: what a classifier head on the frozen INT4 features can reach.
+
+The classification loss only reads the label words' logits at the last prompt
+position, ``z = E_lab h``, where ``h`` is the final-normed hidden state (the
+LM head's input) and ``E_lab`` the label words' rows of the output matrix.
+Training a correction ``dW`` of those rows is a linear probe on frozen
+features that starts exactly at zero-shot.  This bench measures, on the real
+llama.cpp features of the INT4 model:
+
+* **exact**: ``dW`` fitted by full-batch Adam with L2 on ``n`` training rows
+  (several ``n``): the accuracy a head-only fine-tune can reach at all;
+* **zo**: the same head trained the way fwdllm trains (K seeds per round, one-
+  sided differences, ``clients`` batches of ``batch_size`` per round, cosine
+  lr), simulated in numpy on the same features: how much of it zeroth-order
+  SGD gets in ``rounds`` rounds, with ``d = n_labels * n_embd`` dimensions.
+
+The head's perturbation is scaled by ``1/sqrt(n_embd)`` so that ``eps``
+moves a logit by about ``eps`` times the RMS of ``h``'s entries.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import click
+import numpy as np
+
+from bench.common import bench_task, figure, out_option, save_figure, task_options, threads_option, write_result
+
+
+def head_features(model: Path, prompts: Sequence[str], threads: int, batch: int = 16) -> np.ndarray:
+    """(n, n_embd) last-position hidden states after the final norm, from llama.cpp."""
+    import llama_cpp
+
+    from fwdllm.log import quiet_llama
+
+    quiet_llama()
+    llm = llama_cpp.Llama(model_path=str(model), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_LAST,
+                          n_ctx=4096, n_batch=4096, n_ubatch=4096, n_seq_max=batch, n_threads=threads,
+                          verbose=False)
+    out: list[list[float]] = []
+    for i in range(0, len(prompts), batch):
+        out.extend(llm.embed(list(prompts[i:i + batch]), normalize=False))
+    llm.close()
+    return np.asarray(out, dtype=np.float64)
+
+
+def label_rows(model: Path, words: Sequence[str]) -> np.ndarray:
+    """Dequantized output-matrix rows of each word's first token (the tied
+    embedding when the model has no ``output.weight``)."""
+    import gguf
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    ids = [llm.tokenize(w.encode(), add_bos=False, special=False)[0] for w in words]
+    llm.close()
+    tensors = {t.name: t for t in gguf.GGUFReader(model).tensors}
+    t = tensors.get("output.weight") or tensors["token_embd.weight"]
+    return gguf.quants.dequantize(t.data, t.tensor_type)[ids].astype(np.float64)
+
+
+def restricted(h: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """(mean CE, accuracy, softmax) of the label-restricted logits ``h @ w.T``."""
+    z = h @ w.T
+    z = z - z.max(1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(1, keepdims=True)
+    return float(-np.log(p[np.arange(len(y)), y]).mean()), float((z.argmax(1) == y).mean()), p
+
+
+def fit_exact(h: np.ndarray, y: np.ndarray, w0: np.ndarray, l2: float, iters: int = 1500) -> np.ndarray:
+    """``w0 + dW`` minimising CE + ``l2/2 |dW|^2`` (full-batch Adam, lr 1e-2)."""
+    dw, m, v = np.zeros_like(w0), np.zeros_like(w0), np.zeros_like(w0)
+    for t in range(1, iters + 1):
+        p = restricted(h, y, w0 + dw)[2]
+        p[np.arange(len(y)), y] -= 1
+        g = p.T @ h / len(y) + l2 * dw
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        dw -= 1e-2 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+    return w0 + dw
+
+
+def zo_train(h: np.ndarray, y: np.ndarray, dev: tuple[np.ndarray, np.ndarray], w0: np.ndarray, *, rounds: int,
+             lr: float, eps: float, k: int, clients: int, batch_size: int, evals: int, seed: int) -> list[float]:
+    """Dev accuracy at ``evals`` evenly spaced rounds of simulated one-sided ZO-SGD on the head."""
+    rng = np.random.default_rng(seed)
+    scale = 1.0 / math.sqrt(w0.shape[1])
+    a = np.zeros_like(w0)
+    per_client = max(1, k // clients)
+    accs = []
+    for r in range(rounds):
+        g = np.zeros_like(a)
+        for _ in range(clients):
+            b = rng.choice(len(y), batch_size, replace=False)
+            base = restricted(h[b], y[b], w0 + scale * a)[0]
+            for _ in range(per_client):
+                v = rng.standard_normal(a.shape)
+                g += (restricted(h[b], y[b], w0 + scale * (a + eps * v))[0] - base) / eps * v
+        a -= lr * 0.5 * (1 + math.cos(math.pi * r / rounds)) * g / (per_client * clients)
+        if (r + 1) % max(1, rounds // evals) == 0:
+            accs.append(restricted(dev[0], dev[1], w0 + scale * a)[1])
+    return accs
+
+
+@click.command("probe")
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--train", "n_train", default="64,256,1000,3000", show_default=True, help="training-set sizes of the exact fit (comma-separated)")
+@click.option("--dev-limit", type=int, default=None, help="dev rows (default: the whole dev split)")
+@click.option("--l2", default="0,1e-3,1e-2", show_default=True, help="L2 strengths of the exact fit")
+@click.option("--rounds", type=int, default=300, show_default=True, help="rounds of the simulated ZO run")
+@click.option("--zo-lr", default="0.3,1,3", show_default=True, help="learning rates of the simulated ZO runs")
+@click.option("--eps", type=float, default=3e-2, show_default=True)
+@click.option("-k", "--k", "k", type=int, default=16, show_default=True)
+@click.option("--clients", type=int, default=4, show_default=True)
+@click.option("-b", "--batch-size", type=int, default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@task_options
+@threads_option
+@out_option
+def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_size, seed, task, label_words,  # noqa: ANN001
+          threads, out_dir: Path) -> None:
+    """Linear-probe ceiling of the frozen INT4 features, exact and by simulated ZO-SGD.
+
+    \b
+    Examples:
+      fwdllm bench probe --task agnews
+      fwdllm bench probe --task sst2 --train 1000 --zo-lr 1
+    """
+    from edge_client.tasks import default_data, read_examples
+    from fwdllm.errors import UserError
+    from fwdllm.models import resolve_model
+
+    path = resolve_model(model)
+    spec = bench_task(task, label_words)
+    sizes = sorted({int(x) for x in n_train.split(",")})
+    train = read_examples(spec, default_data(spec.name, "train"))
+    if sizes[-1] > len(train):
+        raise UserError(f"--train {sizes[-1]} exceeds the {len(train)} training rows")
+    picked = np.random.default_rng(seed).choice(len(train), sizes[-1], replace=False)
+    train = [train[i] for i in picked]
+    dev = read_examples(spec, default_data(spec.name, "dev"), limit=dev_limit)
+    t0 = time.perf_counter()
+    with click.progressbar(length=2, label="llama.cpp features (train, dev)", file=None) as bar:
+        h_train = head_features(path, [e.prompt for e in train], threads)
+        bar.update(1)
+        h_dev = head_features(path, [e.prompt for e in dev], threads)
+        bar.update(1)
+    feature_s = time.perf_counter() - t0
+    y_train, y_dev = np.array([e.label for e in train]), np.array([e.label for e in dev])
+    w0 = label_rows(path, spec.label_words)
+    zero_loss, zero_acc, _ = restricted(h_dev, y_dev, w0)
+    exact_rows = []
+    for n in sizes:
+        for lam in (float(x) for x in l2.split(",")):
+            w = fit_exact(h_train[:n], y_train[:n], w0, lam)
+            loss, acc, _ = restricted(h_dev, y_dev, w)
+            exact_rows.append([n, lam, acc, loss, restricted(h_train[:n], y_train[:n], w)[1]])
+    zo_curves = {}
+    for lr in (float(x) for x in zo_lr.split(",")):
+        zo_curves[lr] = zo_train(h_train, y_train, (h_dev, y_dev), w0, rounds=rounds, lr=lr, eps=eps, k=k,
+                                 clients=clients, batch_size=batch_size, evals=6, seed=seed)
+    passes = rounds * (k + clients)
+    write_result(
+        out_dir,
+        "probe",
+        {"model": str(path), "task": task, "n_embd": int(w0.shape[1]), "d_head": int(w0.size),
+         "zero_shot": {"accuracy": zero_acc, "loss": zero_loss}, "feature_s": feature_s,
+         "zo": {"rounds": rounds, "k": k, "clients": clients, "batch_size": batch_size, "eps": eps,
+                "forward_passes": passes, "curves": {str(lr): c for lr, c in zo_curves.items()}}},
+        {
+            f"exact linear probe on {path.name} features ({task}, {len(dev)} dev rows; zero-shot {zero_acc:.4f})": (
+                ["train rows", "L2", "dev acc", "dev loss", "train acc"], exact_rows),
+            f"simulated ZO-SGD on the head (d = {w0.size}, K={k} one-sided, {clients}x{batch_size} rows/round)": (
+                ["lr", *[f"round {rounds * (i + 1) // 6}" for i in range(6)]],
+                [[lr, *c] for lr, c in zo_curves.items()]),
+        },
+    )
+    fig, axes = figure(2)
+    for lam in sorted({r[1] for r in exact_rows}):
+        pts = [(r[0], r[2]) for r in exact_rows if r[1] == lam]
+        axes[0].plot(*zip(*pts), "o-", label=f"exact, L2 {lam:g}")
+    axes[0].axhline(zero_acc, color="gray", ls=":", label="zero-shot")
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("training rows")
+    for lr, c in zo_curves.items():
+        axes[1].plot([rounds * (i + 1) // 6 for i in range(len(c))], c, "o-", label=f"ZO lr {lr:g}")
+    axes[1].axhline(zero_acc, color="gray", ls=":")
+    axes[1].set_xlabel("rounds (simulated)")
+    for ax in axes:
+        ax.set_ylabel(f"{task} dev accuracy")
+        ax.legend(fontsize=8)
+    save_figure(fig, out_dir, "probe")
