@@ -125,7 +125,8 @@ def _handshake(url: str, ck: ClientKeys | None, timeout_s: float = 3.0) -> tuple
         poller.register(s, zmq.POLLIN)
         poller.register(mon, zmq.POLLIN)
         end = time.monotonic() + timeout_s
-        while time.monotonic() < end and not welcomed:
+        # the monitor's HANDSHAKE_SUCCEEDED may trail the Welcome on a loaded machine: wait for both
+        while time.monotonic() < end and not (welcomed and zmq.EVENT_HANDSHAKE_SUCCEEDED in seen):
             for sock, _ in poller.poll(100):
                 if sock is mon:
                     seen.add(recv_monitor_message(mon)["event"])
