@@ -48,16 +48,18 @@ def head_features(model: Path, prompts: Sequence[str], threads: int, batch: int 
     return np.asarray(out, dtype=np.float64)
 
 
-def label_rows(model: Path, words: Sequence[str]) -> np.ndarray:
-    """Dequantized output-matrix rows of each word's first token (the tied
-    embedding when the model has no ``output.weight``)."""
+def label_rows(model: Path, spec) -> np.ndarray:  # noqa: ANN001 - TaskSpec
+    """Dequantized output-matrix rows of the verbalizer's token ids, as the
+    engine defines them (:attr:`EdgeSession.label_ids`); the tied embedding
+    when the model has no ``output.weight``."""
     import gguf
-    import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
-    ids = [llm.tokenize(w.encode(), add_bos=False, special=False)[0] for w in words]
-    llm.close()
-    tensors = {t.name: t for t in gguf.GGUFReader(model).tensors}
+    from edge_client.session import EdgeSession
+    from fwdllm.gguf_file import open_gguf
+
+    with EdgeSession(model, spec, n_threads=1) as session:
+        ids = session.label_ids
+    tensors = {t.name: t for t in open_gguf(model).tensors}
     t = tensors.get("output.weight") or tensors["token_embd.weight"]
     return gguf.quants.dequantize(t.data, t.tensor_type)[ids].astype(np.float64)
 
@@ -151,7 +153,7 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
         bar.update(1)
     feature_s = time.perf_counter() - t0
     y_train, y_dev = np.array([e.label for e in train]), np.array([e.label for e in dev])
-    w0 = label_rows(path, spec.label_words)
+    w0 = label_rows(path, spec)
     zero_loss, zero_acc, _ = restricted(h_dev, y_dev, w0)
     exact_rows = []
     for n in sizes:
