@@ -10,6 +10,9 @@ Layout of ``RUN_DIR``::
     adapter.gguf    the run's product as a llama.cpp LoRA: the adapter, or
                     its moving average under ``--ema`` (written just before
                     state.npz, so it is never older than the checkpoint)
+    head.npy        runs with ``--head`` only: the classifier-head correction
+                    (label words x n_embd, float32; ``fwdllm eval --head``),
+                    averaged like adapter.gguf and written with it
     metrics.jsonl   one JSON line per round (round 0 = before training)
 
 Crash safety: every file is written to a temporary name and renamed, and the
@@ -32,12 +35,13 @@ import numpy as np
 
 from edge_client.worker import Replica
 from fwdllm.adapter_io import write_adapter
-from fwdllm.contract import LoraLayout
+from fwdllm.contract import HEAD, LoraLayout
 from fwdllm.optim import OptimizerSpec
 
 RUN_JSON = "run.json"
 STATE = "state.npz"
 ADAPTER = "adapter.gguf"
+HEAD_FILE = "head.npy"
 METRICS = "metrics.jsonl"
 
 
@@ -93,7 +97,12 @@ def read_config(run_dir: Path) -> RunConfig:
 
 def save(run_dir: Path, replica: Replica, strategy_state: dict[str, Any], elapsed_s: float) -> None:
     """Checkpoint after a finished round: adapter.gguf, then state.npz."""
-    write_adapter(run_dir / ADAPTER, replica.layout, replica.optimizer.averaged(replica.tensors))
+    shipped = replica.optimizer.averaged(replica.tensors)
+    write_adapter(run_dir / ADAPTER, replica.layout, shipped)
+    if replica.layout.head is not None:
+        buf = io.BytesIO()
+        np.save(buf, shipped[HEAD], allow_pickle=False)
+        atomic_write(run_dir / HEAD_FILE, buf.getvalue())
     meta = {"strategy": strategy_state, "elapsed_s": elapsed_s}
     buf = io.BytesIO()
     np.savez(

@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "optimizer": "sgd",
     "momentum": 0.0,
     "ema": 0.0,
+    "head": False,
+    "head_lr": 3e-3,
     "rank": 8,
     "lora_alpha": 16.0,
     "targets": "v",
@@ -80,6 +82,12 @@ def training_options(f: Callable) -> Callable:
         click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=DEFAULTS["ema"], show_default=True,
                      help="Decay of a moving average of the adapter over rounds (0 = off). The average is what is "
                           "evaluated and written to adapter.gguf; it costs no forward passes."),
+        click.option("--head/--no-head", default=DEFAULTS["head"], show_default=True,
+                     help="Also train a correction of the label words' output rows (classify tasks). Its gradient "
+                          "is exact and comes from the forward pass (no backward pass); costs "
+                          "n_labels*n_embd*4 bytes up and down per round. Written to RUN_DIR/head.npy."),
+        click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["head_lr"],
+                     show_default=True, help="Learning rate of the head (--head; it always steps with Adam), on the same schedule."),
         click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS["schedule"], show_default=True, help="LR schedule over the rounds."),
         click.option("--warmup", type=click.IntRange(0), default=0, show_default=True, help="Linear LR warmup rounds."),
         click.option("--rank", type=click.IntRange(1, 256), default=DEFAULTS["rank"], show_default=True, help="LoRA rank."),
@@ -99,10 +107,10 @@ def training_options(f: Callable) -> Callable:
 
 
 #: How simulate passes each boolean training option on to ``serve``.
-BOOL_FLAGS = {"one_sided": ("--one-sided", "--central")}
+BOOL_FLAGS = {"one_sided": ("--one-sided", "--central"), "head": ("--head", "--no-head")}
 
 TRAINING_KEYS = (
-    "task dev dev_limit eval_every strategy k eps batch_size lr optimizer momentum ema schedule warmup "
+    "task dev dev_limit eval_every strategy k eps batch_size lr optimizer momentum ema head head_lr schedule warmup "
     "rank lora_alpha targets parts layers dist one_sided seed strategy_opt"
 ).split()
 
@@ -127,6 +135,7 @@ def _specs(kw: dict[str, Any], rounds: int) -> tuple[OptimizerSpec, StrategySpec
             lr=kw["lr"],
             momentum=kw["momentum"],
             ema=kw["ema"],
+            head_lr=kw["head_lr"],
             schedule=kw["schedule"],
             warmup=kw["warmup"],
             total_rounds=rounds,
@@ -221,7 +230,7 @@ def serve(bind: str, model_name: str | None, rounds: int, out: Path | None, resu
         model = resolve_model(model_name)
         opt, strat = _specs(kw, rounds)
         dev = _dev_file(kw["task"], kw["dev"])
-        lora = setup.LoraSpec(kw["rank"], kw["lora_alpha"], _targets(kw["targets"]), kw["seed"])
+        lora = setup.LoraSpec(kw["rank"], kw["lora_alpha"], _targets(kw["targets"]), kw["seed"], kw["head"])
         eval_every = kw["eval_every"] or max(1, rounds // 5)
         cfg, replica = setup.new_run(out, model, model_sha256(model), kw["task"], dev, kw["dev_limit"],
                                      rounds, eval_every, lora, opt, strat)

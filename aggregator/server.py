@@ -53,6 +53,7 @@ from fwdllm.contract import (
     Task,
     Update,
     Welcome,
+    head_array,
 )
 
 log = logging.getLogger("fwdllm.aggregator")
@@ -122,9 +123,21 @@ class RoundState:
     bytes_up: dict[str, int] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
     by_id: dict[str, ClientView] = field(default_factory=dict)  # participants by client id (O(1) lookups at 1,000 clients)
+    #: classifier head: (client id, batch seed, seeds) -> (rows, exact gradient); summed in key order
+    head: dict[tuple, tuple[int, np.ndarray]] = field(default_factory=dict)
 
 
 Evaluate = Callable[[Replica], dict[str, float]]
+
+
+def head_mean(grads: dict[tuple, tuple[int, np.ndarray]]) -> bytes:
+    """The row-weighted mean of the round's head gradients as ``Update.head_grad``
+    (float64 sums in sorted key order: the arrival order never shows in the bits)."""
+    if not grads:
+        return b""
+    total = sum(rows for rows, _ in grads.values())
+    acc = sum((rows * g.astype(np.float64) for rows, g in (grads[k] for k in sorted(grads))), np.float64(0))
+    return np.ascontiguousarray(acc / total, dtype="<f4").tobytes()
 
 
 class Aggregator:
@@ -315,6 +328,16 @@ class Aggregator:
         if not (np.array_equal(msg.seeds, task.seeds) and len(msg.loss_plus) == n and len(msg.loss_minus) == n):
             self._send(peer, Error(reason="result does not match the task's seeds", code="result"), "control")
             return
+        head = None
+        if self.replica.layout.head is not None:
+            try:
+                head = (msg.head_rows, head_array(msg.head_grad, self.replica.layout))
+            except ProtocolError as e:
+                self._send(peer, Error(reason=f"result: {e}", code="result"), "control")
+                return
+            if msg.head_rows < 1:
+                self._send(peer, Error(reason="result: head_rows must be >= 1", code="result"), "control")
+                return
         eps = rs.config.eps
         if rs.config.one_sided:
             projected = (msg.loss_plus - msg.loss_minus) / eps
@@ -327,6 +350,8 @@ class Aggregator:
         scored = Scored(msg.seeds, projected, loss, msg.n_tokens, msg.seconds, passes)
         work = peer.work
         peer.work, peer.task = None, None
+        if head is not None:
+            rs.head[(peer.client_id, work.batch_seed, work.seeds)] = head
         rs.results += 1
         rs.losses.append(loss)
         rs.forward_passes += passes
@@ -355,6 +380,7 @@ class Aggregator:
             coeffs=step.coeffs,
             mask=rs.config.mask.to_dict(),
             dist=rs.config.dist,
+            head_grad=head_mean(rs.head),
         )
         sha = self.replica.apply(update)
         update = replace(update, adapter_sha256=sha)

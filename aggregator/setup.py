@@ -7,11 +7,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from aggregator import checkpoint, robust
 from aggregator.checkpoint import RunConfig
 from aggregator.strategy import Strategy, StrategySpec, make_strategy
+from edge_client.tasks import TaskSpec
 from edge_client.worker import Replica
+from fwdllm.contract import HEAD, LoraLayout
 from fwdllm.errors import UserError
+from fwdllm.gguf_file import read_header
 from fwdllm.optim import Optimizer, OptimizerSpec
 
 
@@ -23,6 +28,8 @@ class LoraSpec:
     alpha: float
     targets: tuple[str, ...]
     init_seed: int
+    #: also train a correction of the verbalizer's output rows (``--head``)
+    head: bool = False
 
 
 def new_run(
@@ -48,6 +55,8 @@ def new_run(
         layout, tensors = init_lora(model, lora.rank, lora.alpha, lora.targets, lora.init_seed)
     except ValueError as e:
         raise UserError(f"cannot build the LoRA: {e}") from None
+    if lora.head:
+        layout, tensors = with_head(layout, tensors, model, load_task(task))
     if strategy.mask.layers is not None and strategy.mask.layers[1] > layout.n_layers:
         raise UserError(f"--layers {strategy.mask.layers[0]}:{strategy.mask.layers[1]}: "
                         f"the model has {layout.n_layers} layers")
@@ -73,6 +82,18 @@ def new_run(
     checkpoint.save(out, replica, {}, 0.0)
     checkpoint.trim_metrics(out, 0)
     return cfg, replica
+
+
+def with_head(
+    layout: LoraLayout, tensors: dict[str, np.ndarray], model: Path, task: TaskSpec
+) -> tuple[LoraLayout, dict[str, np.ndarray]]:
+    """The layout and tensors plus a zero classifier head (label words x n_embd):
+    training starts exactly at the zero-shot model."""
+    if task.kind != "classify":
+        raise UserError(f"--head trains a classifier head and needs a classify task; {task.name} is {task.kind}")
+    n_embd = int(read_header(model).field("llama.embedding_length"))
+    layout = replace(layout, head=(len(task.label_words), n_embd))
+    return layout, {**tensors, HEAD: np.zeros(layout.head, np.float32)}
 
 
 def resume_run(run_dir: Path, model_sha: str) -> tuple[RunConfig, Replica, dict[str, Any], float]:

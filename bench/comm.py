@@ -28,9 +28,10 @@ def message_bytes(msg) -> int:  # noqa: ANN001 - fwdllm.contract.Message
     return sum(len(f) for f in msg.to_frames())
 
 
-def fwdllm_bytes(n_seeds: int, k_total: int, batch_size: int = 8) -> dict[str, int]:
+def fwdllm_bytes(n_seeds: int, k_total: int, batch_size: int = 8, head_floats: int = 0) -> dict[str, int]:
     """Encoded Task + Update (down) and Result (up) of one client scoring
-    ``n_seeds`` of a ``k_total``-seed central-difference round."""
+    ``n_seeds`` of a ``k_total``-seed central-difference round; with
+    ``--head``, Result and Update also carry ``head_floats`` float32s."""
     from fwdllm.contract import PerturbMask, Result, Task, Update
 
     rng = np.random.default_rng(0)
@@ -40,9 +41,12 @@ def fwdllm_bytes(n_seeds: int, k_total: int, batch_size: int = 8) -> dict[str, i
     task = Task(round=1234, version=1234, adapter_sha256=sha, seeds=seeds, mask=mask, eps=1e-2,
                 batch_size=batch_size, batch_seed=int(rng.integers(0, 2**32)))
     losses = rng.uniform(0.1, 2.0, (2, n_seeds))
-    result = Result(round=1234, seeds=seeds, loss_plus=losses[0], loss_minus=losses[1], n_tokens=4321, seconds=12.5)
+    head = rng.normal(size=head_floats).astype("<f4").tobytes()
+    result = Result(round=1234, seeds=seeds, loss_plus=losses[0], loss_minus=losses[1], n_tokens=4321, seconds=12.5,
+                    head_grad=head, head_rows=batch_size if head_floats else 0)
     update = Update(round=1234, version=1235, lr=1e-3, adapter_sha256=sha,
-                    seeds=rng.integers(0, 2**32, k_total, dtype=np.uint32), coeffs=rng.normal(size=k_total), mask=mask)
+                    seeds=rng.integers(0, 2**32, k_total, dtype=np.uint32), coeffs=rng.normal(size=k_total), mask=mask,
+                    head_grad=head)
     return {"task": message_bytes(task), "update": message_bytes(update), "result": message_bytes(result)}
 
 
@@ -59,8 +63,10 @@ def lora_layout(model: str, rank: int, targets: tuple[str, ...]):  # noqa: ANN20
 @click.option("--targets", default="q,v", show_default=True)
 @click.option("-k", "--k", "k", type=int, default=16, show_default=True, help="perturbations per round")
 @click.option("--clients", type=int, default=4, show_default=True, help="clients per round (= FedCyBGD blocks)")
+@click.option("--head-labels", type=click.IntRange(0), default=4, show_default=True,
+              help="also price --head with this many label words (0 = leave the row out)")
 @out_option
-def comm(model: str, rank: int, targets: str, k: int, clients: int, out_dir: Path) -> None:
+def comm(model: str, rank: int, targets: str, k: int, clients: int, head_labels: int, out_dir: Path) -> None:
     """Bytes per client per round: fwdllm's seeds and scalars vs dense LoRA vs block upload.
 
     \b
@@ -84,6 +90,14 @@ def comm(model: str, rank: int, targets: str, k: int, clients: int, out_dir: Pat
         ["FedAvg-LoRA (dense f32)", lora, lora],
         [f"FedCyBGD-LoRA ({blocks} blocks)", lora - block, block],
     ]
+    if head_labels:
+        from fwdllm.gguf_file import read_header
+        from fwdllm.models import resolve_model
+
+        n_embd = int(read_header(resolve_model(model)).field("llama.embedding_length"))
+        headed = fwdllm_bytes(per_client, k, head_floats=head_labels * n_embd)
+        rows.append([f"fwdllm --head ({head_labels} labels), {clients} clients x {per_client} seeds",
+                     headed["task"] + headed["update"], headed["result"]])
     table = [[name, down, up, up / rows[0][2], down / rows[0][1]] for name, down, up in rows]
     write_result(
         out_dir,

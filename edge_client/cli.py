@@ -73,8 +73,14 @@ def _load(kw: dict[str, Any]) -> tuple[TaskSpec, list, Any]:
     return task, examples, session
 
 
-def _load_lora(session: Any, lora: Path | None) -> None:
+def _load_lora(session: Any, lora: Path | None, head: Path | None = None) -> None:
+    """Apply ``lora`` (a llama.cpp adapter) and ``head`` (a run's head.npy)."""
+    import dataclasses
+
+    import numpy as np
+
     from fwdllm.adapter_io import read_adapter
+    from fwdllm.contract import HEAD
 
     if lora is None:
         return
@@ -82,13 +88,23 @@ def _load_lora(session: Any, lora: Path | None) -> None:
         layout, tensors = read_adapter(lora)
     except (ValueError, OSError) as e:
         raise UserError(f"cannot read LoRA {lora}: {e}") from None
+    if head is not None:
+        try:
+            rows = np.load(head, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise UserError(f"cannot read head {head}: {e}") from None
+        if rows.ndim != 2 or rows.dtype != np.float32:
+            raise UserError(f"{head}: expected a 2-d float32 array, got {rows.dtype} {rows.shape}")
+        layout, tensors = dataclasses.replace(layout, head=rows.shape), {**tensors, HEAD: rows}
     session.set_lora(layout, tensors)
 
 
 @click.command("eval")
 @task_options
 @click.option("--lora", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="LoRA adapter GGUF.")
-def eval_cmd(lora: Path | None, **kw: Any) -> None:
+@click.option("--head", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Classifier head of a --head run (RUN_DIR/head.npy), with that run's --lora.")
+def eval_cmd(lora: Path | None, head: Path | None, **kw: Any) -> None:
     """Accuracy and mean loss of a model (+ LoRA) on a task's data.
 
     \b
@@ -96,10 +112,13 @@ def eval_cmd(lora: Path | None, **kw: Any) -> None:
       fwdllm eval --model smollm2-135m --task sst2            # 872-row SST-2 dev split
       fwdllm eval --model smollm2-135m --task agnews --limit 200 --json
       fwdllm eval --model m.gguf --lora run/adapter.gguf --task spec.toml --data test.csv
+      fwdllm eval --model smollm2-135m --task agnews --lora run/adapter.gguf --head run/head.npy
     """
+    if head is not None and lora is None:
+        raise UserError("--head needs the run's --lora (the head was trained with it)")
     task, examples, session = _load(kw)
     with session:
-        _load_lora(session, lora)
+        _load_lora(session, lora, head)
         r = session.evaluate(examples, progress=True)
         tps = r.n_tokens / r.seconds
     acc = "" if r.accuracy is None else f"accuracy {r.accuracy:.4f}  "

@@ -35,6 +35,7 @@ import zmq
 
 from aggregator.security import ClientKeys, client_key_options, client_keys, secure_client, warn_if_plaintext
 from fwdllm.contract import (
+    HEAD,
     Bye,
     Error,
     Heartbeat,
@@ -52,6 +53,7 @@ from fwdllm.contract import (
     Welcome,
     adapter_sha256,
     combine,
+    head_array,
 )
 from fwdllm.errors import UserError
 from fwdllm.optim import Optimizer, OptimizerSpec
@@ -88,6 +90,8 @@ class Replica:
     def apply(self, update: Update) -> str:
         """Replay one step; returns the new hash (compare with the Update's)."""
         grad = combine(update.seeds, update.coeffs, self.layout, PerturbMask.from_dict(update.mask), update.dist)
+        if self.layout.head is not None and update.head_grad:
+            grad[HEAD] = head_array(update.head_grad, self.layout)
         self.optimizer.step(self.tensors, grad, update.lr)
         self.version = update.version
         self.sha = adapter_sha256(self.layout, self.tensors)
@@ -155,6 +159,8 @@ class Scorer:
             loss_minus=np.asarray(r.loss_minus, dtype=np.float64),
             n_tokens=int(r.n_tokens),
             seconds=float(r.seconds),
+            head_grad=b"" if r.head_grad is None else np.ascontiguousarray(r.head_grad, dtype="<f4").tobytes(),
+            head_rows=r.head_rows,
         )
 
 

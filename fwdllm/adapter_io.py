@@ -54,7 +54,7 @@ def write_adapter(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    shapes = layout.shapes()
+    shapes = layout.lora_shapes()  # a classifier head is not a llama.cpp tensor
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
     os.close(fd)
     try:

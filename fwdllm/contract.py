@@ -45,6 +45,13 @@ TARGETS: dict[str, str] = {
     "down": "ffn_down",
 }
 
+#: Name of the optional classifier-head correction in a layout: a
+#: (n_labels, n_embd) matrix added to the verbalizer's rows of the output
+#: matrix.  It is not a LoRA tensor (llama.cpp never sees it): the edge
+#: engine adds ``head @ h`` to the label logits itself, and its gradient
+#: ``(softmax - onehot) h^T`` comes in closed form from the forward pass.
+HEAD = "head.label_rows"
+
 
 def split_targets(value: str) -> tuple[str, ...]:
     """``q,v`` or ``q+v`` -> ``("q", "v")``: the one spelling of a target list
@@ -93,12 +100,16 @@ class LoraLayout:
 
     ``lora_a`` is (rank, n_in) and ``lora_b`` is (n_out, rank) in numpy order,
     exactly as llama.cpp reads them.  llama.cpp applies
-    ``W + user_scale * alpha / rank * B @ A``.
+    ``W + user_scale * alpha / rank * B @ A``.  ``head`` = (n_labels, n_embd)
+    adds the :data:`HEAD` tensor after the LoRA tensors (classification runs
+    with ``--head``); it travels, hashes and steps like a LoRA tensor but is
+    never written into a llama.cpp adapter.
     """
 
     rank: int
     alpha: float
     targets: tuple[LoraTarget, ...]
+    head: tuple[int, int] | None = None
 
     @classmethod
     def for_base(
@@ -156,12 +167,20 @@ class LoraLayout:
         """Layer count of the base model as far as the LoRA covers it (highest index + 1)."""
         return max(self.layers) + 1
 
-    def shapes(self) -> dict[str, tuple[int, int]]:
-        """Tensor name -> numpy shape, in canonical order (a before b)."""
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """LoRA tensor name -> numpy shape, in canonical order (a before b):
+        what a llama.cpp adapter file holds."""
         out: dict[str, tuple[int, int]] = {}
         for t in self.targets:
             out[t.a_name] = (self.rank, t.n_in)
             out[t.b_name] = (t.n_out, self.rank)
+        return out
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Every trainable tensor: the LoRA's, then the head if there is one."""
+        out = self.lora_shapes()
+        if self.head is not None:
+            out[HEAD] = self.head
         return out
 
     @property
@@ -187,6 +206,8 @@ class LoraLayout:
             "rank": self.rank,
             "alpha": self.alpha,
             "targets": [[t.layer, t.target, t.n_in, t.n_out] for t in self.targets],
+            # only when present, so head-less layouts keep their hashes
+            **({"head": list(self.head)} if self.head is not None else {}),
         }
 
     @classmethod
@@ -195,6 +216,7 @@ class LoraLayout:
             rank=int(d["rank"]),
             alpha=float(d["alpha"]),
             targets=tuple(LoraTarget(int(a), str(b), int(c), int(e)) for a, b, c, e in d["targets"]),
+            head=(int(d["head"][0]), int(d["head"][1])) if d.get("head") else None,
         )
 
 
@@ -559,6 +581,10 @@ class Result(Message):
     loss_minus: np.ndarray = _f64()
     n_tokens: int = 0
     seconds: float = 0.0
+    #: runs with a classifier head: the exact head gradient of the batch,
+    #: little-endian float32 (n_labels * n_embd), over ``head_rows`` examples
+    head_grad: bytes = b""
+    head_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -567,7 +593,9 @@ class Update(Message):
 
     The gradient estimate is ``sum_k coeffs_k * direction(seeds_k)``; every
     party feeds it to the same optimizer (``fwdllm.optim``) at learning rate
-    ``lr`` and must land on ``adapter_sha256``.
+    ``lr`` and must land on ``adapter_sha256``.  With a classifier head,
+    ``head_grad`` is the head's gradient (float32 bytes, the row-weighted mean
+    of the round's results), the only part not rebuilt from seeds.
     """
 
     TYPE: ClassVar[str] = "update"
@@ -579,6 +607,21 @@ class Update(Message):
     coeffs: np.ndarray = _f64()
     mask: dict = field(default_factory=dict)
     dist: str = "gaussian"
+    head_grad: bytes = b""
+
+
+def head_array(raw: bytes, layout: LoraLayout) -> np.ndarray:
+    """A ``head_grad`` field as a float32 array of the layout's head shape;
+    ``ProtocolError`` when it does not fit or is not finite."""
+    if layout.head is None:
+        raise ProtocolError("head_grad sent for a layout without a head")
+    n = layout.head[0] * layout.head[1]
+    if len(raw) != 4 * n:
+        raise ProtocolError(f"head_grad has {len(raw)} bytes, want {4 * n}")
+    arr = np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(layout.head)
+    if not np.all(np.isfinite(arr)):
+        raise ProtocolError("head_grad has a non-finite value")
+    return arr
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from typing import Mapping
 
 import numpy as np
 
+from fwdllm.contract import HEAD
+
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -37,6 +39,13 @@ class OptimizerSpec:
     #: per round; averaging them cancels the part of it that the curvature
     #: keeps pulling back, at no forward-pass cost (docs/strategies.md).
     ema: float = 0.0
+    #: learning rate of the classifier head (``--head``), on the same
+    #: schedule; 0 = ``lr``.  The head always steps with Adam: its curvature
+    #: is dominated by the mean of the hidden states (|h| ~ 40 on SmolLM2),
+    #: so plain SGD on the exact gradient overshoots at any rate that learns
+    #: in a few hundred rounds (docs/strategies.md), while Adam's
+    #: per-coordinate scale does not care.
+    head_lr: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -47,6 +56,8 @@ class OptimizerSpec:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema decay must be in [0, 1), got {self.ema}")
+        if not (self.head_lr >= 0 and math.isfinite(self.head_lr)):
+            raise ValueError(f"head learning rate must be >= 0, got {self.head_lr}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for 0-based ``step``: linear warmup, then the schedule."""
@@ -83,24 +94,27 @@ class Optimizer:
         self.avg: dict[str, np.ndarray] = {}
 
     def step(self, params: dict[str, np.ndarray], grad: Mapping[str, np.ndarray], lr: float) -> None:
-        """In-place update of ``params`` with gradient estimate ``grad``."""
+        """In-place update of ``params`` with gradient estimate ``grad``
+        (``lr`` is the scheduled rate; the head's is scaled by head_lr/lr)."""
         s = self.spec
         self.step_count += 1
         t = self.step_count
         for name, g in grad.items():
+            head = name == HEAD
+            rate = lr * s.head_lr / s.lr if head and s.head_lr else lr
             g = g.astype(np.float32, copy=True)
             p = params[name]
             if s.ema and name not in self.avg:
                 self.avg[name] = p.copy()  # the average starts at the initial adapter
             if s.weight_decay:
                 g += np.float32(s.weight_decay) * p
-            if s.name == "sgd":
+            if s.name == "sgd" and not head:
                 if s.momentum:
                     m = self.m.get(name)
                     m = g if m is None else np.float32(s.momentum) * m + g
                     self.m[name] = m
                     g = m
-                p -= np.float32(lr) * g
+                p -= np.float32(rate) * g
             else:
                 m = self.m.get(name, np.zeros_like(p))
                 v = self.v.get(name, np.zeros_like(p))
@@ -109,7 +123,7 @@ class Optimizer:
                 self.m[name], self.v[name] = m, v
                 mhat = m / np.float32(1 - s.beta1**t)
                 vhat = v / np.float32(1 - s.beta2**t)
-                p -= np.float32(lr) * mhat / (np.sqrt(vhat) + np.float32(s.adam_eps))
+                p -= np.float32(rate) * mhat / (np.sqrt(vhat) + np.float32(s.adam_eps))
             if s.ema:
                 a = self.avg[name]
                 a *= np.float32(s.ema)

@@ -73,6 +73,7 @@ def test_round_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
 
 def test_comm_bench_counts_encoded_messages(tiny_model: Path, tmp_path: Path) -> None:
     from bench.comm import comm, fwdllm_bytes
+    from fwdllm.gguf_file import read_header
 
     _invoke(comm, ["--model", str(tiny_model), "-k", "16", "--clients", "4", "--out", str(tmp_path)])
     data = _result(tmp_path, "comm")
@@ -85,6 +86,11 @@ def test_comm_bench_counts_encoded_messages(tiny_model: Path, tmp_path: Path) ->
     # (20 raw bytes; base64 in the JSON header adds a third)
     extra = fwdllm_bytes(64, 16)["result"] - fwdllm_bytes(16, 16)["result"]
     assert 48 * 20 <= extra <= 48 * 20 * 4 / 3 + 8
+    # --head adds its float32 gradient, raw, once each way
+    head = rows["fwdllm --head (4 labels), 4 clients x 4 seeds"]
+    plain = rows["fwdllm, 4 clients x 4 seeds"]
+    n_embd = int(read_header(tiny_model).field("llama.embedding_length"))
+    assert head[2] - plain[2] == head[1] - plain[1] == 4 * 4 * n_embd
 
 
 def test_fidelity_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:

@@ -61,14 +61,14 @@ class Fed:
         self.procs.append(p)
         return p
 
-    def aggregator(self, out: Path, rounds: int, resume: bool = False) -> subprocess.Popen:
+    def aggregator(self, out: Path, rounds: int, resume: bool = False, extra: tuple[str, ...] = ()) -> subprocess.Popen:
         args = ["aggregator", "serve", "--bind", self.url, "--min-clients", str(N_CLIENTS),
                 "--heartbeat", "0.5", "--threads", "1"]
         if resume:
             args += ["--resume", str(out), "--model", str(self.model)]
         else:
             args += ["--model", str(self.model), "--task", str(self.task), "--rounds", str(rounds),
-                     "--out", str(out), *TRAIN]
+                     "--out", str(out), *TRAIN, *extra]
         return self._spawn(args, f"aggregator-{out.name}.log")
 
     def client(self, i: int, events: Path) -> subprocess.Popen:
@@ -162,3 +162,53 @@ def test_kill9_aggregator_then_resume_is_bit_identical(fed: Fed) -> None:
     (_, ta), (_, tb) = read_adapter(ref / "adapter.gguf"), read_adapter(cut / "adapter.gguf")
     assert all(np.array_equal(ta[n], tb[n]) for n in ta)
     assert any(np.any(ta[n] != 0) for n in ta if n.endswith("lora_b"))  # it did train
+
+
+def test_head_run_trains_agrees_and_ships_head_npy(fed: Fed, tiny_model: Path) -> None:
+    """--head end to end: the exact head gradients travel up, their mean travels
+    down, every replica lands on the server's hash, and eval --head scores
+    exactly what the run trained."""
+    from click.testing import CliRunner
+
+    from edge_client.cli import eval_cmd
+    from edge_client.session import EdgeSession
+    from edge_client.tasks import load_task, read_examples
+    from fwdllm.contract import HEAD
+
+    out = fed.tmp / "head"
+    agg = fed.aggregator(out, rounds=3, extra=("--head", "--head-lr", "0.01"))
+    ev = [fed.tmp / f"h{i}.jsonl" for i in range(N_CLIENTS)]
+    for i in range(N_CLIENTS):
+        fed.client(i, ev[i])
+    assert agg.wait(180) == 0, fed.logs()
+    recs = read_metrics(out)
+    sha = {r["round"]: r["adapter_sha256"] for r in recs}
+    for path in ev:
+        seen = {e["round"]: e["sha"] for e in events(path) if e["event"] == "update"}
+        assert seen == sha, path
+    head = np.load(out / "head.npy")
+    n_head = head.size * 4
+    assert head.dtype == np.float32 and head.shape[0] == 2 and np.any(head != 0)
+    assert all(r["bytes_up_per_client"] > n_head and r["bytes_update"] > n_head for r in recs)
+
+    task = load_task(str(fed.task))
+    layout, tensors = read_adapter(out / "adapter.gguf")
+    import dataclasses
+
+    headed = dataclasses.replace(layout, head=head.shape)
+    with EdgeSession(tiny_model, task, n_threads=1) as s:
+        examples = [x for sh in fed.shards for x in read_examples(task, sh)]
+        s.set_lora(headed, {**layout.zeros(), HEAD: np.zeros_like(head)})
+        before = s.evaluate(examples).loss
+        s.set_lora(headed, {**tensors, HEAD: head})
+        after = s.evaluate(examples).loss
+        shard0 = s.evaluate(read_examples(task, fed.shards[0]))
+    assert after < before - 0.01, (before, after)
+    res = CliRunner().invoke(eval_cmd, ["--model", str(tiny_model), "--task", str(fed.task), "--data",
+                                        str(fed.shards[0]), "--lora", str(out / "adapter.gguf"),
+                                        "--head", str(out / "head.npy"), "--threads", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["loss"] == pytest.approx(shard0.loss, abs=1e-9)
+    res = CliRunner().invoke(eval_cmd, ["--model", str(tiny_model), "--task", str(fed.task),
+                                        "--head", str(out / "head.npy")])
+    assert res.exit_code == 2 and "--head needs the run's --lora" in res.output
