@@ -108,8 +108,6 @@ class Engine:
         self.n_embd = ll.llama_model_n_embd(self.model)
         self._adapters: list[ll.llama_adapter_lora_p] = []
         self._active: tuple = ()
-        self._hidden = False
-        self.rows: list[list[int]] = []
         self.switches = 0
 
     # ------------------------------------------------------------------ text
@@ -173,30 +171,9 @@ class Engine:
             chunks.append(cur)
         return chunks
 
-    def set_hidden(self, on: bool) -> None:
-        """Also keep the final-normed hidden state (the LM head's input) at
-        every output position; :meth:`hidden` reads it after a decode.
-
-        llama.cpp then copies ``n_embd`` more floats per output.  The logits
-        stay the same to float32 rounding (measured: bit-identical on
-        SmolLM2, at most 1.5e-7 apart on the tiny test model)."""
-        if on != self._hidden:
-            ll.llama_set_embeddings(self.ctx, on)
-            self._hidden = on
-
-    def hidden(self, rows: Sequence[int]) -> np.ndarray:
-        """(len(rows), n_embd) float32 hidden states of the last decode's
-        batch rows ``rows`` (needs :meth:`set_hidden`)."""
-        assert self._hidden, "set_hidden(True) before decoding"
-        out = np.empty((len(rows), self.n_embd), dtype=np.float32)
-        for j, r in enumerate(rows):
-            out[j] = np.ctypeslib.as_array(ll.llama_get_embeddings_ith(self.ctx, r), shape=(self.n_embd,))
-        return out
-
     def decode(self, seqs: Sequence[Seq]) -> list[np.ndarray]:
         """Decode up to n_seq_max sequences in one ``llama_decode``; return,
-        per sequence, a (len(outputs), n_vocab) float32 copy of its logits.
-        ``self.rows[i]`` are sequence i's batch rows (for :meth:`hidden`)."""
+        per sequence, a (len(outputs), n_vocab) float32 copy of its logits."""
         ll.llama_memory_clear(self.memory, True)
         b = self.batch
         k = 0
@@ -215,7 +192,6 @@ class Engine:
                 k += 1
             where.append(rows)
         b.n_tokens = k
-        self.rows = where
         rc = ll.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}) for {k} tokens in {len(seqs)} sequences")

@@ -32,7 +32,8 @@ releases the GIL - and only the llama.cpp load stays on the main thread.
 
 Classifier head (a layout with :data:`~fwdllm.contract.HEAD`): the label
 logits become ``z = E_lab h + head h`` where ``h`` is the final-normed hidden
-state llama.cpp already computed for the logits.  Because ``z`` is linear in
+state, recovered from the full logits row llama.cpp already returns
+(:mod:`edge_client.readout`: embeddings mode would make every token an output).  Because ``z`` is linear in
 ``head``, its gradient ``mean (softmax(z) - onehot(y)) h^T`` is exact and
 comes from the forward pass alone - no backward pass through any layer - so
 ``perturbed`` returns it next to the ZO scalars: from the base pass when
@@ -151,6 +152,7 @@ class EdgeSession:
         self._main = None
         self._image: AdapterImage | None = None
         self.head: np.ndarray | None = None  # float64 (n_labels, n_embd) when the layout has one
+        self._readout = None  # edge_client.readout.HiddenFromLogits, built for the first head
         self._decoded_tokens = 0
         self._decode_seconds = 0.0
 
@@ -172,7 +174,6 @@ class EdgeSession:
             self._check_head(layout)
             self._image = AdapterImage(layout)
         self.layout, self.tensors, self.head = layout, None, None
-        self.engine.set_hidden(layout is not None and layout.head is not None)
         if layout is None:
             self.engine.set_adapters([])
             return
@@ -190,6 +191,7 @@ class EdgeSession:
         self.engine.set_adapters([(self._main, 1.0)])
 
     def _check_head(self, layout: LoraLayout) -> None:
+        """A head must fit the task and model; builds the hidden-state readout once."""
         if layout.head is None:
             return
         if self.task.kind != "classify":
@@ -197,6 +199,10 @@ class EdgeSession:
         want = (len(self.label_ids), self.engine.n_embd)
         if tuple(layout.head) != want:
             raise UserError(f"head shape {tuple(layout.head)} does not fit this model and task {want}")
+        if self._readout is None:
+            from edge_client.readout import HiddenFromLogits
+
+            self._readout = HiddenFromLogits(self.model_path, self.engine.n_vocab, self.engine.n_embd)
 
     def _write_temp(self, tensors: dict[str, np.ndarray]) -> str:
         """Write an adapter of the current layout to a RAM-backed temp file
@@ -285,9 +291,8 @@ class EdgeSession:
         nll = terms = correct = 0.0
         t0 = time.perf_counter()
         for chunk in tqdm(batch.chunks, desc="scoring", unit="batch", disable=not progress, file=sys.stderr):
-            out = self.engine.decode([batch.seqs[i] for i in chunk])
-            for j, (i, logits) in enumerate(zip(chunk, out)):
-                h = self.engine.hidden(self.engine.rows[j]) if self.head is not None else None
+            for i, logits in zip(chunk, self.engine.decode([batch.seqs[i] for i in chunk])):
+                h = self._readout(logits) if self.head is not None else None
                 a, b, c = self._nll(logits, batch.targets[i], h, head_grad)
                 nll, terms, correct = nll + a, terms + b, correct + c
         self._decode_seconds += time.perf_counter() - t0
