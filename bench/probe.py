@@ -52,16 +52,12 @@ def label_rows(model: Path, spec) -> np.ndarray:  # noqa: ANN001 - TaskSpec
     """Dequantized output-matrix rows of the verbalizer's token ids, as the
     engine defines them (:attr:`EdgeSession.label_ids`); the tied embedding
     when the model has no ``output.weight``."""
-    import gguf
-
+    from edge_client.readout import output_rows
     from edge_client.session import EdgeSession
-    from fwdllm.gguf_file import open_gguf
 
     with EdgeSession(model, spec, n_threads=1) as session:
         ids = session.label_ids
-    tensors = {t.name: t for t in open_gguf(model).tensors}
-    t = tensors.get("output.weight") or tensors["token_embd.weight"]
-    return gguf.quants.dequantize(t.data, t.tensor_type)[ids].astype(np.float64)
+    return output_rows(model, ids)
 
 
 def restricted(h: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float, np.ndarray]:
