@@ -418,6 +418,8 @@ class Message:
         blobs: list[bytes] = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if _is_default(f, value):
+                continue  # the decoder fills it in: optional fields cost nothing when unused
             kind = f.metadata.get("array")
             if kind is not None:
                 arr = np.ascontiguousarray(value, dtype=_ARRAY_KINDS[kind])
@@ -456,6 +458,12 @@ class Message:
                 raise ProtocolError(f"{cls.TYPE}: missing field {f.name!r}")
             kwargs[f.name] = _decode_field(cls.TYPE, f, header[f.name], blobs)
         return cls(**kwargs)
+
+
+def _is_default(f: dataclasses.Field, value: Any) -> bool:
+    """Whether ``value`` is ``f``'s plain default (same type, equal), so
+    :meth:`Message.to_frames` may leave it out."""
+    return f.default is not dataclasses.MISSING and type(value) is type(f.default) and value == f.default
 
 
 def _decode_field(type_name: str, f: dataclasses.Field, raw: Any, blobs: list[bytes]) -> Any:

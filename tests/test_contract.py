@@ -140,6 +140,18 @@ def test_message_roundtrip(msg):
         assert np.array_equal(got, v) if isinstance(v, np.ndarray) else got == v
 
 
+def test_fields_at_their_default_stay_off_the_wire():
+    # a scalars-only Result carries no head fields and no blob frame; the
+    # decoder restores the defaults, and set fields still travel
+    plain = Result(round=3, seeds=np.array([1], np.uint32), loss_plus=np.array([0.5]), loss_minus=np.array([0.4]))
+    frames = plain.to_frames()
+    assert len(frames) == 1 and b"head" not in frames[0] and b"n_tokens" not in frames[0]
+    assert Message.from_frames(frames) == plain
+    headed = Message.from_frames(Result(1, plain.seeds, plain.loss_plus, plain.loss_minus, head_grad=b"\0" * 8,
+                                        head_rows=2).to_frames())
+    assert headed.head_grad == b"\0" * 8 and headed.head_rows == 2
+
+
 @pytest.mark.parametrize(
     "frames",
     [
