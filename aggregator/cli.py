@@ -34,7 +34,6 @@ DEFAULTS: dict[str, Any] = {
     "ema": 0.0,
     "head": False,
     "head_lr": 3e-3,
-    "head_decay": 0.0,
     "rank": 8,
     "lora_alpha": 16.0,
     "targets": "v",
@@ -89,9 +88,6 @@ def training_options(f: Callable) -> Callable:
                           "bytes up and down per round (4.6 KB for SST-2 on SmolLM2). Written to RUN_DIR/head.npy."),
         click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["head_lr"],
                      show_default=True, help="Learning rate of the head (--head; it always steps with Adam), on the same schedule."),
-        click.option("--head-decay", type=click.FloatRange(min=0), default=DEFAULTS["head_decay"], show_default=True,
-                     help="L2 pull of the head towards the label words' own rows (--head): its gradient gains "
-                          "HEAD_DECAY*head. Regularizes the read-out against the training stream."),
         click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS["schedule"], show_default=True, help="LR schedule over the rounds."),
         click.option("--warmup", type=click.IntRange(0), default=0, show_default=True, help="Linear LR warmup rounds."),
         click.option("--rank", type=click.IntRange(1, 256), default=DEFAULTS["rank"], show_default=True, help="LoRA rank."),
@@ -114,7 +110,7 @@ def training_options(f: Callable) -> Callable:
 BOOL_FLAGS = {"one_sided": ("--one-sided", "--central"), "head": ("--head", "--no-head")}
 
 TRAINING_KEYS = (
-    "task dev dev_limit eval_every strategy k eps batch_size lr optimizer momentum ema head head_lr head_decay schedule warmup "
+    "task dev dev_limit eval_every strategy k eps batch_size lr optimizer momentum ema head head_lr schedule warmup "
     "rank lora_alpha targets parts layers dist one_sided seed strategy_opt"
 ).split()
 
@@ -140,7 +136,6 @@ def _specs(kw: dict[str, Any], rounds: int) -> tuple[OptimizerSpec, StrategySpec
             momentum=kw["momentum"],
             ema=kw["ema"],
             head_lr=kw["head_lr"],
-            head_decay=kw["head_decay"],
             schedule=kw["schedule"],
             warmup=kw["warmup"],
             total_rounds=rounds,

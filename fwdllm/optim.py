@@ -46,12 +46,6 @@ class OptimizerSpec:
     #: in a few hundred rounds (docs/strategies.md), while Adam's
     #: per-coordinate scale does not care.
     head_lr: float = 0.0
-    #: L2 pull of the head towards zero (the label words' own rows): its
-    #: gradient gains ``head_decay * head``.  With few labels the read-out
-    #: overfits the training stream; the backprop-fitted probe on frozen
-    #: SmolLM2 features gains most from it on AG News (docs/strategies.md).
-    #: ``weight_decay`` stays the LoRA's.
-    head_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -64,8 +58,6 @@ class OptimizerSpec:
             raise ValueError(f"ema decay must be in [0, 1), got {self.ema}")
         if not (self.head_lr >= 0 and math.isfinite(self.head_lr)):
             raise ValueError(f"head learning rate must be >= 0, got {self.head_lr}")
-        if not (self.head_decay >= 0 and math.isfinite(self.head_decay)):
-            raise ValueError(f"head decay must be >= 0, got {self.head_decay}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for 0-based ``step``: linear warmup, then the schedule."""
@@ -114,9 +106,8 @@ class Optimizer:
             p = params[name]
             if s.ema and name not in self.avg:
                 self.avg[name] = p.copy()  # the average starts at the initial adapter
-            decay = s.head_decay if head else s.weight_decay
-            if decay:
-                g += np.float32(decay) * p
+            if s.weight_decay:
+                g += np.float32(s.weight_decay) * p
             if s.name == "sgd" and not head:
                 if s.momentum:
                     m = self.m.get(name)

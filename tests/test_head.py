@@ -107,23 +107,6 @@ def test_head_steps_with_adam_at_its_own_rate_while_lora_uses_sgd() -> None:
         OptimizerSpec(head_lr=-1.0)
 
 
-def test_head_decay_pulls_only_the_head_towards_zero() -> None:
-    # With a zero gradient, only the decay term moves anything: Adam's first
-    # step is then -rate * sign(head) on the head, and the LoRA stays put.
-    opt = Optimizer(OptimizerSpec(name="sgd", lr=0.1, head_lr=0.01, head_decay=0.05))
-    head = np.array([1.0, -2.0, 0.0], np.float32)
-    params = {"b": np.ones(3, np.float32), HEAD: head.copy()}
-    zero = np.zeros(3, np.float32)
-    opt.step(params, {"b": zero, HEAD: zero}, 0.1)
-    np.testing.assert_array_equal(params["b"], np.ones(3, np.float32))
-    np.testing.assert_allclose(params[HEAD], head - 0.01 * np.sign(head), rtol=1e-4)
-    undecayed = {"b": np.ones(3, np.float32), HEAD: head.copy()}
-    Optimizer(OptimizerSpec(name="sgd", lr=0.1, head_lr=0.01)).step(undecayed, {"b": zero, HEAD: zero}, 0.1)
-    np.testing.assert_array_equal(undecayed[HEAD], head)
-    with pytest.raises(ValueError, match="head decay"):
-        OptimizerSpec(head_decay=-0.1)
-
-
 def test_head_gradient_payloads_are_checked() -> None:
     layout = LoraLayout.for_base({"blk.0.attn_v.weight": (8, 8)}, rank=2, alpha=2.0, targets=["v"])
     headed = dataclasses.replace(layout, head=(2, 8))
