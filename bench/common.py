@@ -46,11 +46,11 @@ def task_options(fn: Callable) -> Callable:
     return click.option("--task", type=click.Choice(["sst2", "agnews"]), default="sst2", show_default=True)(fn)
 
 
-def bench_task(task: str, label_words: str | None):  # noqa: ANN201 - TaskSpec
+def bench_task(task: str, label_words: str | None, template: str | None = None):  # noqa: ANN201 - TaskSpec
     from edge_client.tasks import load_task
 
     words = tuple(w for w in label_words.split(",")) if label_words else None
-    return load_task(task, label_words=words)
+    return load_task(task, label_words=words, template=template)
 
 
 def peak_rss_bytes() -> int:

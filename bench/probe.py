@@ -13,6 +13,14 @@ llama.cpp features of the INT4 model:
   sided differences, ``clients`` batches of ``batch_size`` per round, cosine
   lr), simulated in numpy on the same features: how much of it zeroth-order
   SGD gets in ``rounds`` rounds, with ``d = n_labels * n_embd`` dimensions.
+* **head**: the head as ``--head`` trains it (the exact gradient of
+  ``clients x batch_size`` fresh rows per round, stepped by fwdllm's own
+  optimizer), over several sampling seeds.  A real ``--head`` run follows one
+  such draw; the spread says how far a single run's best can fall from the
+  mean on a dev split of this size.
+
+``--template`` swaps the task's prompt, so the same numbers rank prompts by
+what a head can read from their features (zero-shot accuracy does not).
 
 The head's perturbation is scaled by ``1/sqrt(n_embd)`` so that ``eps``
 moves a logit by about ``eps`` times the RMS of ``h``'s entries.
@@ -104,36 +112,63 @@ def zo_train(h: np.ndarray, y: np.ndarray, dev: tuple[np.ndarray, np.ndarray], w
     return accs
 
 
+def head_train(h: np.ndarray, y: np.ndarray, dev: tuple[np.ndarray, np.ndarray], w0: np.ndarray, *, rounds: int,
+               lr: float, clients: int, batch_size: int, evals: int, seed: int) -> list[float]:
+    """Dev accuracy at ``evals`` evenly spaced rounds of ``--head`` on frozen
+    features: :class:`fwdllm.optim.Optimizer` (Adam for the head, cosine
+    schedule) on the exact gradient, so the simulation cannot drift from the
+    product's step."""
+    from fwdllm.contract import HEAD
+    from fwdllm.optim import Optimizer, OptimizerSpec
+
+    spec = OptimizerSpec(lr=lr, head_lr=lr, schedule="cosine", total_rounds=rounds)
+    opt, params = Optimizer(spec), {HEAD: np.zeros(w0.shape, np.float32)}
+    rng = np.random.default_rng(seed)
+    accs = []
+    for r in range(rounds):
+        b = np.concatenate([rng.choice(len(y), batch_size, replace=False) for _ in range(clients)])
+        p = restricted(h[b], y[b], w0 + params[HEAD])[2]
+        p[np.arange(len(b)), y[b]] -= 1
+        opt.step(params, {HEAD: p.T @ h[b] / len(b)}, spec.lr_at(r))
+        if (r + 1) % max(1, rounds // evals) == 0:
+            accs.append(restricted(dev[0], dev[1], w0 + params[HEAD])[1])
+    return accs
+
+
 @click.command("probe")
 @click.option("--model", default="smollm2-135m", show_default=True)
 @click.option("--train", "n_train", default="64,256,1000,3000", show_default=True, help="training-set sizes of the exact fit (comma-separated)")
 @click.option("--dev-limit", type=int, default=None, help="dev rows (default: the whole dev split)")
 @click.option("--l2", default="0,1e-3,1e-2", show_default=True, help="L2 strengths of the exact fit")
-@click.option("--rounds", type=int, default=300, show_default=True, help="rounds of the simulated ZO run")
+@click.option("--rounds", type=int, default=300, show_default=True, help="rounds of the simulated ZO and --head runs")
 @click.option("--zo-lr", default="0.3,1,3", show_default=True, help="learning rates of the simulated ZO runs")
 @click.option("--eps", type=float, default=3e-2, show_default=True)
 @click.option("-k", "--k", "k", type=int, default=16, show_default=True)
 @click.option("--clients", type=int, default=4, show_default=True)
 @click.option("-b", "--batch-size", type=int, default=8, show_default=True)
+@click.option("--head-lr", default="1e-3,3e-3", show_default=True, help="learning rates of the simulated --head runs")
+@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="sampling seeds per --head lr")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--template", default=None, help="prompt template instead of the task's: {text} (or the task's columns), \\n for a newline")
 @task_options
 @threads_option
 @out_option
-def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_size, seed, task, label_words,  # noqa: ANN001
-          threads, out_dir: Path) -> None:
+def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_size, head_lr, seeds, seed,  # noqa: ANN001
+          template, task, label_words, threads, out_dir: Path) -> None:
     """Linear-probe ceiling of the frozen INT4 features, exact and by simulated ZO-SGD.
 
     \b
     Examples:
       fwdllm bench probe --task agnews
       fwdllm bench probe --task sst2 --train 1000 --zo-lr 1
+      fwdllm bench probe --task sst2 --template 'Review: a dull mess.\\nSentiment: negative\\nReview: {text}\\nSentiment:'
     """
     from edge_client.tasks import default_data, read_examples
     from fwdllm.errors import UserError
     from fwdllm.models import resolve_model
 
     path = resolve_model(model)
-    spec = bench_task(task, label_words)
+    spec = bench_task(task, label_words, template.replace("\\n", "\n") if template else None)
     sizes = sorted({int(x) for x in n_train.split(",")})
     train = read_examples(spec, default_data(spec.name, "train"))
     if sizes[-1] > len(train):
@@ -161,20 +196,32 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
     for lr in (float(x) for x in zo_lr.split(",")):
         zo_curves[lr] = zo_train(h_train, y_train, (h_dev, y_dev), w0, rounds=rounds, lr=lr, eps=eps, k=k,
                                  clients=clients, batch_size=batch_size, evals=6, seed=seed)
+    head_curves = {
+        lr: [head_train(h_train, y_train, (h_dev, y_dev), w0, rounds=rounds, lr=lr, clients=clients,
+                        batch_size=batch_size, evals=6, seed=seed + i) for i in range(seeds)]
+        for lr in (float(x) for x in head_lr.split(","))
+    }
     passes = rounds * (k + clients)
     write_result(
         out_dir,
         "probe",
-        {"model": str(path), "task": task, "n_embd": int(w0.shape[1]), "d_head": int(w0.size),
+        {"model": str(path), "task": task, "template": spec.template, "n_embd": int(w0.shape[1]), "d_head": int(w0.size),
          "zero_shot": {"accuracy": zero_acc, "loss": zero_loss}, "feature_s": feature_s,
          "zo": {"rounds": rounds, "k": k, "clients": clients, "batch_size": batch_size, "eps": eps,
-                "forward_passes": passes, "curves": {str(lr): c for lr, c in zo_curves.items()}}},
+                "forward_passes": passes, "curves": {str(lr): c for lr, c in zo_curves.items()}},
+         "head": {"rounds": rounds, "clients": clients, "batch_size": batch_size, "seeds": seeds,
+                  "curves": {str(lr): c for lr, c in head_curves.items()}}},
         {
             f"exact linear probe on {path.name} features ({task}, {len(dev)} dev rows; zero-shot {zero_acc:.4f})": (
                 ["train rows", "L2", "dev acc", "dev loss", "train acc"], exact_rows),
             f"simulated ZO-SGD on the head (d = {w0.size}, K={k} one-sided, {clients}x{batch_size} rows/round)": (
                 ["lr", *[f"round {rounds * (i + 1) // 6}" for i in range(6)]],
                 [[lr, *c] for lr, c in zo_curves.items()]),
+            f"simulated --head (exact gradient, Adam, cosine, {clients}x{batch_size} rows/round; {seeds} seeds)": (
+                ["head lr", *[f"round {rounds * (i + 1) // 6}, mean" for i in range(6)], "final min", "final max",
+                 "best, max over seeds"],
+                [[lr, *np.mean(c, axis=0).round(4).tolist(), min(r[-1] for r in c), max(r[-1] for r in c),
+                  max(max(r) for r in c)] for lr, c in head_curves.items()]),
         },
     )
     fig, axes = figure(2)
@@ -186,6 +233,9 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
     axes[0].set_xlabel("training rows")
     for lr, c in zo_curves.items():
         axes[1].plot([rounds * (i + 1) // 6 for i in range(len(c))], c, "o-", label=f"ZO lr {lr:g}")
+    for lr, c in head_curves.items():
+        axes[1].plot([rounds * (i + 1) // 6 for i in range(len(c[0]))], np.mean(c, axis=0), "s--",
+                     label=f"--head lr {lr:g} (mean of {seeds})")
     axes[1].axhline(zero_acc, color="gray", ls=":")
     axes[1].set_xlabel("rounds (simulated)")
     for ax in axes:

@@ -161,14 +161,18 @@ def test_probe_bench_features_are_the_engines_logits_and_the_exact_fit_separates
     from edge_client.tasks import default_data, read_examples
 
     _invoke(probe, ["--model", str(tiny_model), "--train", "8,16", "--dev-limit", "12", "--l2", "0",
-                    "--rounds", "6", "--zo-lr", "1", "--out", str(tmp_path), *WORDS])
+                    "--rounds", "6", "--zo-lr", "1", "--head-lr", "1e-2", "--seeds", "2",
+                    "--template", "Text: {text}\\nLabel:", "--out", str(tmp_path), *WORDS])
     data = _result(tmp_path, "probe")
+    assert data["template"] == "Text: {text}\nLabel:"
+    head = data["head"]["curves"]["0.01"]
+    assert len(head) == 2 and all(len(c) == 6 for c in head) and head[0] != head[1]  # two sampling seeds
     exact = data["tables"][next(t for t in data["tables"] if t.startswith("exact"))]["rows"]
     assert [r[0] for r in exact] == [8, 16]
     assert all(r[4] == 1.0 for r in exact)  # n < n_embd rows: an unregularised head fits them all
     assert len(data["zo"]["curves"]["1.0"]) == 6 and data["d_head"] == 2 * data["n_embd"]
     # zero-shot through the embedding path (float64 E_lab @ h) is the engine's restricted softmax
-    spec = bench_task("sst2", "good,bad")
+    spec = bench_task("sst2", "good,bad", "Text: {text}\nLabel:")  # the features came from this prompt
     with EdgeSession(tiny_model, spec, n_threads=2) as s:
         engine = s.evaluate(read_examples(spec, default_data("sst2", "dev"), limit=12))
     assert abs(data["zero_shot"]["loss"] - engine.loss) < 2e-3  # measured 5e-5: q8 activations vs float64
