@@ -43,7 +43,10 @@ def task_options(fn: Callable) -> Callable:
     (override the verbalizer, e.g. for a synthetic model whose tiny
     vocabulary merges the presets' words into one first token)."""
     fn = click.option("--label-words", default=None, help="comma-separated verbalizer override")(fn)
-    return click.option("--task", type=click.Choice(["sst2", "agnews"]), default="sst2", show_default=True)(fn)
+    from edge_client.tasks import PRESETS
+
+    names = [n for n, spec in PRESETS.items() if spec.kind == "classify"]
+    return click.option("--task", type=click.Choice(names), default="sst2", show_default=True)(fn)
 
 
 def bench_task(task: str, label_words: str | None, template: str | None = None):  # noqa: ANN201 - TaskSpec

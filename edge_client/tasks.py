@@ -20,6 +20,9 @@ Built-in presets
           from 0 after the header.  ``train`` is every other row.  Both are
           materialised once, in file order, under ``$FWDLLM_CACHE/data`` (default
           ``~/.cache/fwdllm/data``) so that every tool reads plain files.
+``sst2-2shot`` SST-2's data and split, with two fixed demonstrations in front
+          of the same prompt: 3x the tokens and 0.695 zero-shot, but features
+          that ``--head`` reads better (docs/strategies.md).
 ``agnews`` ``ag_news/{train,dev}.csv`` (``label,title,description``), labels
           1-4 = World, Sports, Business, Sci/Tech.  Template
           ``{title}. {description}\nThis news article is about`` -> `` world``/
@@ -53,6 +56,14 @@ KINDS = ("classify", "sft")
 FORMATS = ("tsv", "csv", "jsonl")
 SST2_DEV_ROWS = 872
 AGNEWS_TEMPLATE = "{title}. {description}\nThis news article is about"
+#: Two hand-written demonstrations (not from the data) in front of SST-2's
+#: prompt.  Zero-shot falls (0.695 against 0.766), but ``--head`` reads the
+#: last hidden state, and after them a linear fit on the frozen features
+#: reaches 0.862 against 0.831 (``fwdllm bench probe --template``).
+SST2_TWO_SHOT = (
+    "Review: an utterly charming and hilarious film.\nSentiment: positive\n"
+    "Review: a dull, lifeless mess.\nSentiment: negative\n"
+)
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,15 @@ PRESETS: dict[str, TaskSpec] = {
         text_columns=("sentence",),
         format="tsv",
         train="sst2/train.tsv",  # split by default_data(), see module docstring
+    ),
+    "sst2-2shot": TaskSpec(
+        name="sst2-2shot",
+        template=SST2_TWO_SHOT + "Review: {text}\nSentiment:",
+        label_words=(" negative", " positive"),
+        labels=("0", "1"),
+        text_columns=("sentence",),
+        format="tsv",
+        train="sst2/train.tsv",  # the same fixed split as sst2
     ),
     "agnews": TaskSpec(
         name="agnews",
@@ -203,7 +223,7 @@ def default_data(task_name: str, split: str) -> Path:
     if split not in ("train", "dev"):
         raise UserError(f"split must be train or dev, got {split!r}")
     spec = load_task(task_name)
-    if spec.name == "sst2":
+    if spec.train == PRESETS["sst2"].train:  # sst2 and sst2-2shot share the carved split
         return _sst2_split(split)
     rel = getattr(spec, split)
     if rel is None:

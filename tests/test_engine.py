@@ -74,6 +74,9 @@ def test_presets_and_sst2_split(data_dir):
     assert len(train) + SST2_DEV_ROWS == len(total)
     dev_lines = default_data("sst2", "dev").read_text().splitlines()[1:]
     assert sorted(dev_lines + train) == sorted(total)
+    two = read_examples(load_task("sst2-2shot"), default_data("sst2-2shot", "dev"))
+    assert [e.label for e in two] == [e.label for e in dev]  # the same carved split, another prompt
+    assert all(t.prompt.endswith(d.prompt) and len(t.prompt) > len(d.prompt) for t, d in zip(two, dev))
     ag = read_examples(load_task("agnews"), default_data("agnews", "dev"), limit=5)
     assert len(ag) == 5 and all(0 <= e.label < 4 for e in ag) and ag[0].line == 2
 
