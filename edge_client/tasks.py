@@ -129,15 +129,6 @@ PRESETS: dict[str, TaskSpec] = {
         format="tsv",
         train="sst2/train.tsv",  # split by default_data(), see module docstring
     ),
-    "sst2-2shot": TaskSpec(
-        name="sst2-2shot",
-        template=SST2_TWO_SHOT + "Review: {text}\nSentiment:",
-        label_words=(" negative", " positive"),
-        labels=("0", "1"),
-        text_columns=("sentence",),
-        format="tsv",
-        train="sst2/train.tsv",  # the same fixed split as sst2
-    ),
     "agnews": TaskSpec(
         name="agnews",
         template=AGNEWS_TEMPLATE,
@@ -150,6 +141,10 @@ PRESETS: dict[str, TaskSpec] = {
     ),
     "sft": TaskSpec(name="sft", kind="sft", template="{prompt}", format="jsonl"),
 }
+
+PRESETS["sst2-2shot"] = dataclasses.replace(  # the same data and carved split, another prompt
+    PRESETS["sst2"], name="sst2-2shot", template=SST2_TWO_SHOT + PRESETS["sst2"].template
+)
 
 _TUPLE_FIELDS = {"label_words", "labels", "text_columns"}
 
