@@ -61,6 +61,8 @@ class RunConfig:
     layout: dict[str, Any]
     optimizer: dict[str, Any]
     strategy: dict[str, Any]
+    #: the adapter round 0 started from (``--init-adapter``): path and sha256
+    init_adapter: dict[str, str] | None = None
 
     @property
     def lora_layout(self) -> LoraLayout:

@@ -93,6 +93,9 @@ def training_options(f: Callable) -> Callable:
         click.option("--rank", type=click.IntRange(1, 256), default=DEFAULTS["rank"], show_default=True, help="LoRA rank."),
         click.option("--lora-alpha", type=float, default=DEFAULTS["lora_alpha"], show_default=True, help="LoRA alpha (scale = alpha/rank)."),
         click.option("--targets", default=DEFAULTS["targets"], show_default=True, help=f"LoRA targets, from {','.join(TARGETS)} (comma- or plus-separated)."),
+        click.option("--init-adapter", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+                     help="Start from this LoRA GGUF (a run's adapter.gguf, or `fwdllm convert lora-from-peft` output) "
+                          "instead of a fresh one; --rank/--lora-alpha/--targets must match it."),
         click.option("--parts", type=click.Choice(PARTS), default=DEFAULTS["parts"], show_default=True, help="Which LoRA factor to perturb (B starts at zero)."),
         click.option("--layers", default=None, metavar="START:STOP",
                      help="Train only layers START..STOP-1 (e.g. 0:15; `fwdllm profile` recommends one). Default: all."),
@@ -111,7 +114,7 @@ BOOL_FLAGS = {"one_sided": ("--one-sided", "--central"), "head": ("--head", "--n
 
 TRAINING_KEYS = (
     "task dev dev_limit eval_every strategy k eps batch_size lr optimizer momentum ema head head_lr schedule warmup "
-    "rank lora_alpha targets parts layers dist one_sided seed strategy_opt"
+    "rank lora_alpha targets init_adapter parts layers dist one_sided seed strategy_opt"
 ).split()
 
 
@@ -230,7 +233,8 @@ def serve(bind: str, model_name: str | None, rounds: int, out: Path | None, resu
         model = resolve_model(model_name)
         opt, strat = _specs(kw, rounds)
         dev = _dev_file(kw["task"], kw["dev"])
-        lora = setup.LoraSpec(kw["rank"], kw["lora_alpha"], _targets(kw["targets"]), kw["seed"], kw["head"])
+        lora = setup.LoraSpec(kw["rank"], kw["lora_alpha"], _targets(kw["targets"]), kw["seed"], kw["head"],
+                                kw["init_adapter"])
         eval_every = kw["eval_every"] or max(1, rounds // 5)
         cfg, replica = setup.new_run(out, model, model_sha256(model), kw["task"], dev, kw["dev_limit"],
                                      rounds, eval_every, lora, opt, strat)

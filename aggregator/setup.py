@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,6 +31,8 @@ class LoraSpec:
     init_seed: int
     #: also train a correction of the verbalizer's output rows (``--head``)
     head: bool = False
+    #: start from this trained adapter instead of a fresh one (``--init-adapter``)
+    init_adapter: Path | None = None
 
 
 def new_run(
@@ -51,10 +54,13 @@ def new_run(
 
     if (out / checkpoint.STATE).exists() or (out / checkpoint.RUN_JSON).exists():
         raise UserError(f"{out} already holds a run; continue it with --resume {out} or pick another --out")
-    try:
-        layout, tensors = init_lora(model, lora.rank, lora.alpha, lora.targets, lora.init_seed)
-    except ValueError as e:
-        raise UserError(f"cannot build the LoRA: {e}") from None
+    if lora.init_adapter is not None:
+        layout, tensors = adapter_start(lora, model)
+    else:
+        try:
+            layout, tensors = init_lora(model, lora.rank, lora.alpha, lora.targets, lora.init_seed)
+        except ValueError as e:
+            raise UserError(f"cannot build the LoRA: {e}") from None
     if lora.head:
         layout, tensors = with_head(layout, tensors, model, load_task(task))
     if strategy.mask.layers is not None and strategy.mask.layers[1] > layout.n_layers:
@@ -75,6 +81,10 @@ def new_run(
         layout=layout.to_dict(),
         optimizer=asdict(optimizer),
         strategy=strategy.to_dict(),
+        init_adapter=None if lora.init_adapter is None else {
+            "path": str(lora.init_adapter),
+            "sha256": hashlib.sha256(lora.init_adapter.read_bytes()).hexdigest(),
+        },
     )
     out.mkdir(parents=True, exist_ok=True)
     replica = Replica(layout, tensors, Optimizer(optimizer), version=0)
@@ -82,6 +92,30 @@ def new_run(
     checkpoint.save(out, replica, {}, 0.0)
     checkpoint.trim_metrics(out, 0)
     return cfg, replica
+
+
+def adapter_start(lora: LoraSpec, model: Path) -> tuple[LoraLayout, dict[str, np.ndarray]]:
+    """The trained adapter ``lora.init_adapter`` as round 0 (a warm start).
+
+    Its layout must be the one ``--rank/--lora-alpha/--targets`` describe, so
+    that run.json stays a true description of the run; a mismatch is an error
+    naming the options that match the file, never a silent override.
+    """
+    from convert.lora import layout_for_base, read_lora_for
+
+    path = lora.init_adapter
+    layout, tensors = read_lora_for(path, model, "--init-adapter")
+    want = layout_for_base(model, lora.rank, lora.alpha, lora.targets)
+    if layout != want:
+        targets = ",".join(dict.fromkeys(t.target for t in layout.targets))
+        raise UserError(
+            f"--init-adapter {path}: rank {layout.rank}, alpha {layout.alpha:g}, targets {targets} on "
+            f"{len(layout.layers)} layers; this run asks for rank {want.rank}, alpha {want.alpha:g}, targets "
+            f"{','.join(lora.targets)} on {len(want.layers)} layers of {model.name}. Pass --rank {layout.rank} "
+            f"--lora-alpha {layout.alpha:g} --targets {targets} (adapters of another model or a subset of "
+            f"layers cannot be continued)"
+        )
+    return layout, tensors
 
 
 def with_head(

@@ -21,6 +21,9 @@ llama.cpp features of the INT4 model:
 
 ``--template`` swaps the task's prompt, so the same numbers rank prompts by
 what a head can read from their features (zero-shot accuracy does not).
+``--lora`` reads the features under a trained adapter (a run's
+``adapter.gguf``): what ``--head`` can reach when a run warm-starts from that
+LoRA with ``--init-adapter``.
 
 The head's perturbation is scaled by ``1/sqrt(n_embd)`` so that ``eps``
 moves a logit by about ``eps`` times the RMS of ``h``'s entries.
@@ -39,8 +42,10 @@ import numpy as np
 from bench.common import bench_task, figure, out_option, save_figure, task_options, threads_option, write_result
 
 
-def head_features(model: Path, prompts: Sequence[str], threads: int, batch: int = 16) -> np.ndarray:
-    """(n, n_embd) last-position hidden states after the final norm, from llama.cpp."""
+def head_features(model: Path, prompts: Sequence[str], threads: int, batch: int = 16,
+                  lora: Path | None = None) -> np.ndarray:
+    """(n, n_embd) last-position hidden states after the final norm, from llama.cpp
+    (under the adapter ``lora`` at scale 1, as the engine applies a run's LoRA)."""
     import llama_cpp
 
     from fwdllm.log import quiet_llama
@@ -48,7 +53,7 @@ def head_features(model: Path, prompts: Sequence[str], threads: int, batch: int 
     quiet_llama()
     llm = llama_cpp.Llama(model_path=str(model), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_LAST,
                           n_ctx=4096, n_batch=4096, n_ubatch=4096, n_seq_max=batch, n_threads=threads,
-                          verbose=False)
+                          lora_path=str(lora) if lora else None, verbose=False)
     out: list[list[float]] = []
     for i in range(0, len(prompts), batch):
         out.extend(llm.embed(list(prompts[i:i + batch]), normalize=False))
@@ -149,12 +154,14 @@ def head_train(h: np.ndarray, y: np.ndarray, dev: tuple[np.ndarray, np.ndarray],
 @click.option("--head-lr", default="1e-3,3e-3", show_default=True, help="learning rates of the simulated --head runs")
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="sampling seeds per --head lr")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lora", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="read the features under this trained LoRA GGUF (e.g. a run's adapter.gguf)")
 @click.option("--template", default=None, help="prompt template instead of the task's: {text} (or the task's columns), \\n for a newline")
 @task_options
 @threads_option
 @out_option
 def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_size, head_lr, seeds, seed,  # noqa: ANN001
-          template, task, label_words, threads, out_dir: Path) -> None:
+          lora, template, task, label_words, threads, out_dir: Path) -> None:
     """Linear-probe ceiling of the frozen INT4 features, exact and by simulated ZO-SGD.
 
     \b
@@ -162,12 +169,16 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
       fwdllm bench probe --task agnews
       fwdllm bench probe --task sst2 --train 1000 --zo-lr 1
       fwdllm bench probe --task sst2 --template 'Review: a dull mess.\\nSentiment: negative\\nReview: {text}\\nSentiment:'
+      fwdllm bench probe --task sst2-2shot --lora runs/long/adapter.gguf --rounds 400 --head-lr 1e-2
     """
+    from convert.lora import read_lora_for
     from edge_client.tasks import default_data, read_examples
     from fwdllm.errors import UserError
     from fwdllm.models import resolve_model
 
     path = resolve_model(model)
+    if lora is not None:  # a clear error before minutes of feature extraction
+        read_lora_for(lora, path, "--lora")
     spec = bench_task(task, label_words, template.replace("\\n", "\n") if template else None)
     sizes = sorted({int(x) for x in n_train.split(",")})
     train = read_examples(spec, default_data(spec.name, "train"))
@@ -178,9 +189,9 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
     dev = read_examples(spec, default_data(spec.name, "dev"), limit=dev_limit)
     t0 = time.perf_counter()
     with click.progressbar(length=2, label="llama.cpp features (train, dev)", file=None) as bar:
-        h_train = head_features(path, [e.prompt for e in train], threads)
+        h_train = head_features(path, [e.prompt for e in train], threads, lora=lora)
         bar.update(1)
-        h_dev = head_features(path, [e.prompt for e in dev], threads)
+        h_dev = head_features(path, [e.prompt for e in dev], threads, lora=lora)
         bar.update(1)
     feature_s = time.perf_counter() - t0
     y_train, y_dev = np.array([e.label for e in train]), np.array([e.label for e in dev])
@@ -205,7 +216,7 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
     write_result(
         out_dir,
         "probe",
-        {"model": str(path), "task": task, "template": spec.template, "n_embd": int(w0.shape[1]), "d_head": int(w0.size),
+        {"model": str(path), "lora": str(lora) if lora else None, "task": task, "template": spec.template, "n_embd": int(w0.shape[1]), "d_head": int(w0.size),
          "zero_shot": {"accuracy": zero_acc, "loss": zero_loss}, "feature_s": feature_s,
          "zo": {"rounds": rounds, "k": k, "clients": clients, "batch_size": batch_size, "eps": eps,
                 "forward_passes": passes, "curves": {str(lr): c for lr, c in zo_curves.items()}},

@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from fwdllm.gguf_file import read_header
-from fwdllm.adapter_io import header_shapes, write_adapter
+from fwdllm.adapter_io import header_shapes, read_adapter, write_adapter
 from fwdllm.contract import LoraLayout
 from fwdllm.errors import UserError
 
@@ -82,6 +82,17 @@ def check_fits(layout: LoraLayout, base: BaseModel, what: str) -> None:
             raise UserError(
                 f"{what} does not fit {base.path}: {t.base_name} is {have}, adapter expects {(t.n_out, t.n_in)}"
             )
+
+
+def read_lora_for(path: str | os.PathLike, base_path: str | os.PathLike, what: str) -> tuple[LoraLayout, dict[str, np.ndarray]]:
+    """A LoRA GGUF that must fit ``base_path``; any problem is a UserError
+    starting with ``what`` (the option that named the file)."""
+    try:
+        layout, tensors = read_adapter(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what}: {e}") from None
+    check_fits(layout, open_base(base_path), f"{what} {path}")
+    return layout, tensors
 
 
 def init_lora(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 from click.testing import CliRunner
 
 from aggregator import checkpoint
@@ -77,3 +79,33 @@ def test_targets_option_takes_both_spellings(tmp_path: Path, tiny_model: Path) -
                                           "--rounds", "1", "--targets", "q+x"])
     assert res.exit_code == 2 and "--targets: unknown ['x']" in res.output, res.output
     assert not (tmp_path / "bad" / "run.json").exists()
+
+
+def test_init_adapter_starts_the_run_from_it(tmp_path: Path, tiny_model: Path) -> None:
+    """--init-adapter: round 0 is the file's adapter (checkpoint and run.json say
+    so); a file whose layout differs from --rank/--lora-alpha/--targets, or that
+    is no adapter, is a one-line error with nothing written."""
+    from aggregator import setup
+    from aggregator.strategy import StrategySpec
+    from convert.lora import init_lora, write_lora
+    from fwdllm.adapter_io import read_adapter
+    from fwdllm.optim import OptimizerSpec
+
+    layout, tensors = init_lora(tiny_model, 4, 8.0, ("q", "v"), seed=1)
+    rng = np.random.default_rng(0)
+    trained = {k: v if k.endswith("lora_a") else rng.standard_normal(v.shape).astype(np.float32)
+               for k, v in tensors.items()}
+    ad = write_lora(tmp_path / "trained.gguf", layout, trained, tiny_model)
+    for path, why in ((ad, "Pass --rank 4 --lora-alpha 8 --targets q,v"), (tiny_model, "not a LoRA adapter")):
+        res = CliRunner().invoke(aggregator, ["serve", "--model", str(tiny_model), "--out", str(tmp_path / "bad"),
+                                              "--rounds", "1", "--init-adapter", str(path)])
+        assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, res.output
+        assert not (tmp_path / "bad" / "run.json").exists()
+
+    run = tmp_path / "run"
+    spec = setup.LoraSpec(4, 8.0, ("q", "v"), 0, init_adapter=ad)
+    setup.new_run(run, tiny_model, "sha", "sst2", None, None, 2, 1, spec, OptimizerSpec(), StrategySpec())
+    saved_layout, saved = read_adapter(run / checkpoint.ADAPTER)
+    assert saved_layout == layout and all(np.array_equal(saved[k], trained[k]) for k in trained)
+    digest = hashlib.sha256(ad.read_bytes()).hexdigest()
+    assert checkpoint.read_config(run).init_adapter == {"path": str(ad), "sha256": digest}

@@ -176,3 +176,36 @@ def test_probe_bench_features_are_the_engines_logits_and_the_exact_fit_separates
     with EdgeSession(tiny_model, spec, n_threads=2) as s:
         engine = s.evaluate(read_examples(spec, default_data("sst2", "dev"), limit=12))
     assert abs(data["zero_shot"]["loss"] - engine.loss) < 2e-3  # measured 5e-5: q8 activations vs float64
+
+
+def test_probe_reads_features_under_a_trained_lora(tiny_model: Path, tmp_path: Path) -> None:
+    """--lora: the probe's zero-shot is the engine's with that adapter as the
+    run's LoRA (what a run warm-started by --init-adapter begins from); a file
+    that is no LoRA adapter is a one-line error before any feature is read."""
+    from bench.common import bench_task
+    from bench.probe import probe
+    from bench.torch_ref import random_lora
+    from convert.lora import layout_for_base, write_lora
+    from edge_client.session import EdgeSession
+    from edge_client.tasks import default_data, read_examples
+
+    layout = layout_for_base(tiny_model, 4, 8.0, ("q", "v"))
+    tensors = random_lora(layout, seed=3, b_std=0.5)
+    adapter = write_lora(tmp_path / "trained.gguf", layout, tensors, tiny_model)
+    args = ["--model", str(tiny_model), "--train", "8", "--dev-limit", "12", "--l2", "0", "--rounds", "6",
+            "--zo-lr", "1", "--head-lr", "1e-2", "--seeds", "1", *WORDS]
+    _invoke(probe, [*args, "--lora", str(adapter), "--out", str(tmp_path / "p")])
+    data = _result(tmp_path / "p", "probe")
+    assert data["lora"] == str(adapter)
+    spec = bench_task("sst2", "good,bad", None)
+    dev = read_examples(spec, default_data("sst2", "dev"), limit=12)
+    with EdgeSession(tiny_model, spec, n_threads=2) as s:
+        base = s.evaluate(dev)
+        s.set_lora(layout, tensors)
+        tuned = s.evaluate(dev)
+    assert abs(tuned.loss - base.loss) > 1e-2, (tuned.loss, base.loss)  # the adapter changes the features
+    assert abs(data["zero_shot"]["loss"] - tuned.loss) < 2e-3, (data["zero_shot"]["loss"], tuned.loss)
+
+    res = CliRunner().invoke(probe, [*args, "--lora", str(tiny_model), "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "--lora: " in res.output and "not a LoRA adapter" in res.output, res.output
+    assert not (tmp_path / "bad" / "probe.json").exists()
