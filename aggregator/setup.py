@@ -101,10 +101,10 @@ def adapter_start(lora: LoraSpec, model: Path) -> tuple[LoraLayout, dict[str, np
     that run.json stays a true description of the run; a mismatch is an error
     naming the options that match the file, never a silent override.
     """
-    from convert.lora import layout_for_base, read_lora_for
+    from convert.lora import layout_for_base, open_base, read_lora_for
 
     path = lora.init_adapter
-    layout, tensors = read_lora_for(path, model, "--init-adapter")
+    layout, tensors = read_lora_for(path, open_base(model), "--init-adapter")
     want = layout_for_base(model, lora.rank, lora.alpha, lora.targets)
     if layout != want:
         targets = ",".join(dict.fromkeys(t.target for t in layout.targets))

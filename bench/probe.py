@@ -171,14 +171,14 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
       fwdllm bench probe --task sst2 --template 'Review: a dull mess.\\nSentiment: negative\\nReview: {text}\\nSentiment:'
       fwdllm bench probe --task sst2-2shot --lora runs/long/adapter.gguf --rounds 400 --head-lr 1e-2
     """
-    from convert.lora import read_lora_for
+    from convert.lora import open_base, read_lora_for
     from edge_client.tasks import default_data, read_examples
     from fwdllm.errors import UserError
     from fwdllm.models import resolve_model
 
     path = resolve_model(model)
     if lora is not None:  # a clear error before minutes of feature extraction
-        read_lora_for(lora, path, "--lora")
+        read_lora_for(lora, open_base(path), "--lora")
     spec = bench_task(task, label_words, template.replace("\\n", "\n") if template else None)
     sizes = sorted({int(x) for x in n_train.split(",")})
     train = read_examples(spec, default_data(spec.name, "train"))

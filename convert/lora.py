@@ -84,14 +84,14 @@ def check_fits(layout: LoraLayout, base: BaseModel, what: str) -> None:
             )
 
 
-def read_lora_for(path: str | os.PathLike, base_path: str | os.PathLike, what: str) -> tuple[LoraLayout, dict[str, np.ndarray]]:
-    """A LoRA GGUF that must fit ``base_path``; any problem is a UserError
-    starting with ``what`` (the option that named the file)."""
+def read_lora_for(path: str | os.PathLike, base: BaseModel, what: str) -> tuple[LoraLayout, dict[str, np.ndarray]]:
+    """A LoRA GGUF that must fit ``base``; any problem is a UserError
+    starting with ``what`` (the option or argument that named the file)."""
     try:
         layout, tensors = read_adapter(path)
     except (OSError, ValueError) as e:
         raise UserError(f"{what}: {e}") from None
-    check_fits(layout, open_base(base_path), f"{what} {path}")
+    check_fits(layout, base, f"{what} {path}")
     return layout, tensors
 
 

@@ -22,8 +22,7 @@ import numpy as np
 from convert.gguf_out import atomic_output
 from convert.inputs import read_json
 from convert.llama_meta import rope_permute, rope_unpermute
-from convert.lora import BaseModel, check_fits, open_base, write_lora
-from fwdllm.adapter_io import read_adapter
+from convert.lora import BaseModel, open_base, read_lora_for, write_lora
 from fwdllm.contract import PEFT_MODULES, LoraLayout
 from fwdllm.errors import UserError
 
@@ -114,12 +113,8 @@ def gguf_to_peft(lora_path: str | os.PathLike, base_path: str | os.PathLike, out
     from fwdllm.gguf_file import open_gguf
 
     open_gguf(lora_path)  # clear errors for missing/truncated files
-    try:
-        layout, tensors = read_adapter(lora_path)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     base = open_base(base_path)
-    check_fits(layout, base, str(lora_path))
+    layout, tensors = read_lora_for(lora_path, base, "LORA")
     out: dict[str, np.ndarray] = {}
     for t in layout.targets:
         key = f"base_model.model.model.layers.{t.layer}.{PEFT_MODULES[t.target]}"
