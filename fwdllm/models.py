@@ -141,8 +141,12 @@ def model_sha256(path: str | os.PathLike) -> str:
         index = {}
     if key not in index:
         index[key] = _hash_file(path, progress="hashing" if st.st_size > 1 << 30 else None)
+        # entries of files that are gone (tests' temporary models) would pile up forever
+        index = {k: v for k, v in index.items() if k == key or Path(k.rsplit(":", 2)[0]).exists()}
         index_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index_path.with_suffix(".tmp")
+        # per-process temp name: a simulation starts its aggregator and clients at once, and each may
+        # hash the same new model; a shared name let one process's replace pull the file from under another
+        tmp = index_path.with_name(f"hashes.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(index))
         os.replace(tmp, index_path)
     return index[key]

@@ -132,3 +132,24 @@ def test_model_sha256_of_user_file_is_cached(home: Path, tmp_path: Path) -> None
     assert (home / "hashes.json").exists()
     shutil.copy(path, tmp_path / "copy.gguf")
     assert store.model_sha256(tmp_path / "copy.gguf") == first
+
+
+def test_processes_hashing_new_files_at_once_do_not_trip_over_the_index(home: Path, tmp_path: Path) -> None:
+    """A simulation starts its aggregator and clients together and each hashes a
+    new model: concurrent index writes must not fail (they once shared one temp
+    file name, so one process's replace pulled it from under another); entries
+    of deleted files are dropped."""
+    files = [tmp_path / f"f{i}.bin" for i in range(120)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 64)
+    code = ("import sys; from pathlib import Path; from fwdllm.models import model_sha256\n"
+            "for p in sys.argv[1:]: model_sha256(Path(p))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, *map(str, files[j::4])],
+                              stderr=subprocess.PIPE, text=True) for j in range(4)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errs
+    files[0].unlink()
+    new = tmp_path / "new.bin"
+    new.write_bytes(b"x")
+    store.model_sha256(new)
+    assert str(files[0]) not in (home / "hashes.json").read_text()
