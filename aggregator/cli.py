@@ -73,7 +73,9 @@ def training_options(f: Callable) -> Callable:
         click.option("--dev-limit", type=click.IntRange(1), default=None, help="Evaluate on the first N dev examples only."),
         click.option("--eval-every", type=click.IntRange(1), default=None, help="Evaluate every N rounds (and after the last)."),
         click.option("--strategy", type=click.Choice(sorted(STRATEGIES)), default="zo-sgd", show_default=True, help="Training algorithm."),
-        click.option("--k", "k", type=click.IntRange(1, 4096), default=DEFAULTS["k"], show_default=True, help="Perturbations per round (all clients together)."),
+        click.option("--k", "k", type=click.IntRange(0, 4096), default=DEFAULTS["k"], show_default=True,
+                     help="Perturbations per round (all clients together). 0 with --head trains the head alone: "
+                          "one forward pass per client per round, the LoRA stays as it starts."),
         click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["eps"], show_default=True, help="Perturbation size."),
         click.option("--batch-size", type=click.IntRange(1, 256), default=DEFAULTS["batch_size"], show_default=True, help="Examples per client per round."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["lr"], show_default=True, help="Learning rate."),
@@ -131,7 +133,20 @@ def _strategy_extra(pairs: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def _check_head_only(kw: dict[str, Any]) -> None:
+    """``--k 0`` is a head-only run; say what it needs before anything is written."""
+    if kw["k"]:
+        return
+    if not kw["head"]:
+        raise UserError("--k 0 perturbs nothing and so trains nothing without --head (the head-only mode)")
+    if kw["strategy"] != "zo-sgd":
+        raise UserError(f"--k 0 (head-only) runs with --strategy zo-sgd; {kw['strategy']} chooses perturbations")
+    if not kw["one_sided"]:
+        raise UserError("--k 0 (head-only) needs --one-sided: the head's gradient comes from the base pass")
+
+
 def _specs(kw: dict[str, Any], rounds: int) -> tuple[OptimizerSpec, StrategySpec]:
+    _check_head_only(kw)
     try:
         opt = OptimizerSpec(
             name=kw["optimizer"],
@@ -276,4 +291,5 @@ def simulate(**kw: Any) -> None:
     """
     from aggregator.simulate import run_simulation
 
+    _specs(kw, kw["rounds"] or 1)  # bad training options fail here, before shards or processes exist
     run_simulation(**kw)

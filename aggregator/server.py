@@ -341,7 +341,7 @@ class Aggregator:
         eps = rs.config.eps
         if rs.config.one_sided:
             projected = (msg.loss_plus - msg.loss_minus) / eps
-            loss = float(msg.loss_minus[0]) if n else math.nan
+            loss = float(msg.loss_minus[0]) if n else msg.base_loss
             passes = n + 1
         else:
             projected = (msg.loss_plus - msg.loss_minus) / (2 * eps)

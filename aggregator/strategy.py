@@ -235,6 +235,10 @@ class ZOSGD(Strategy):
     gets seeds i, i+n, ...), each scores its share on one local batch, and
     the estimate is ``g = 1/K' * sum_k proj_k * u_k`` over the K' seeds that
     came back.  A dead client's seeds are simply missing from the sum.
+
+    K = 0 is the head-only mode (``--k 0 --head``): every participant scores
+    one batch at the current adapter and sends only its exact head gradient,
+    one forward pass per client, and the LoRA's estimate is empty.
     """
 
     name = "zo-sgd"
@@ -248,7 +252,8 @@ class ZOSGD(Strategy):
     def begin(self, round: int, participants: list[ClientView]) -> RoundConfig:
         s = self.spec
         seeds = [derive_seed(s.run_seed, "seed", round, k) for k in range(s.k)]
-        n = max(1, min(len(participants), s.k))
+        # k = 0 (head-only, --k 0 --head): every participant still scores a batch, with no seeds
+        n = max(1, min(len(participants), s.k)) if s.k else len(participants)
         self._order = seeds
         self._proj = {}
         self._plan = {

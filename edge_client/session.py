@@ -84,6 +84,7 @@ class PerturbedResult:
     seconds: float
     head_grad: np.ndarray | None = None  # float32 (n_labels, n_embd): exact head gradient (see module doc)
     head_rows: int = 0  # examples behind head_grad
+    base_loss: float | None = None  # the one-sided base pass's loss (the only loss when there are no seeds)
 
     @property
     def projected(self) -> np.ndarray:
@@ -327,6 +328,8 @@ class EdgeSession:
         if not (eps > 0 and np.isfinite(eps)):
             raise UserError(f"eps must be a positive number, got {eps}")
         seeds_arr = np.asarray(list(seeds), dtype=np.uint32)
+        if not len(seeds_arr) and not one_sided:
+            raise UserError("scoring without seeds needs one-sided differences (its base pass is all there is)")
         t0 = time.perf_counter()
         batch = self.prepare(examples)
         main = self._main_set()
@@ -362,6 +365,7 @@ class EdgeSession:
             seconds=time.perf_counter() - t0,
             head_grad=None if hg is None or not head_passes else (hg / (head_passes * len(batch.seqs))).astype(np.float32),
             head_rows=len(batch.seqs) if hg is not None else 0,
+            base_loss=base,
         )
 
     def _prefetch(

@@ -161,6 +161,7 @@ class Scorer:
             seconds=float(r.seconds),
             head_grad=b"" if r.head_grad is None else np.ascontiguousarray(r.head_grad, dtype="<f4").tobytes(),
             head_rows=r.head_rows,
+            base_loss=float(r.base_loss) if not len(r.seeds) else 0.0,
         )
 
 

@@ -593,6 +593,10 @@ class Result(Message):
     #: little-endian float32 (n_labels * n_embd), over ``head_rows`` examples
     head_grad: bytes = b""
     head_rows: int = 0
+    #: the batch loss at the current adapter, sent only by a task without
+    #: seeds (a head-only round, ``--k 0``): there is no ``loss_minus`` to
+    #: carry it, and it is the round's training loss
+    base_loss: float = 0.0
 
 
 @dataclass(frozen=True)

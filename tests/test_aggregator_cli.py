@@ -69,6 +69,23 @@ def test_layers_option_is_checked(tmp_path: Path, tiny_model: Path) -> None:
         assert not (out / "run.json").exists()
 
 
+def test_head_only_k0_is_checked_before_anything_is_written(tmp_path: Path, tiny_model: Path) -> None:
+    """--k 0 is the head-only mode: without --head, with another strategy, or
+    central, it is a one-line error and no run directory appears (simulate
+    checks before writing shards)."""
+    for extra, why in ((["--no-head"], "trains nothing without --head"),
+                       (["--head", "--strategy", "pacing"], "runs with --strategy zo-sgd"),
+                       (["--head", "--central"], "needs --one-sided")):
+        out = tmp_path / "bad"
+        res = CliRunner().invoke(aggregator, ["serve", "--model", str(tiny_model), "--out", str(out), "--rounds", "1",
+                                              "--k", "0", *extra])
+        assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, res.output
+        assert not out.exists()
+    res = CliRunner().invoke(simulate, ["--model", str(tiny_model), "--out", str(tmp_path / "sim"), "--k", "0"])
+    assert res.exit_code == 2 and "without --head" in res.output, res.output
+    assert not (tmp_path / "sim").exists()
+
+
 def test_targets_option_takes_both_spellings(tmp_path: Path, tiny_model: Path) -> None:
     """``q+v`` (the profiler's spelling, usable inside a comma-separated bench
     entry) means ``q,v``; a bad name is a one-line error with nothing written."""

@@ -214,3 +214,26 @@ def test_head_run_trains_agrees_and_ships_head_npy(fed: Fed, tiny_model: Path) -
     res = CliRunner().invoke(eval_cmd, ["--model", str(tiny_model), "--task", str(fed.task),
                                         "--head", str(out / "head.npy")])
     assert res.exit_code == 2 and "--head needs the run's --lora" in res.output
+
+
+def test_head_only_rounds_cost_one_pass_per_client_and_leave_the_lora(fed: Fed) -> None:
+    """--k 0 --head: every client scores one batch with no seeds, so a round is
+    one forward pass per client; the base loss travels up in place of the
+    missing loss_minus, the head learns, the LoRA stays bit for bit where it
+    started (B = 0), and the replicas still agree with the server."""
+    out = fed.tmp / "head-only"
+    agg = fed.aggregator(out, rounds=3, extra=("--head", "--head-lr", "0.01", "--k", "0"))
+    ev = [fed.tmp / f"o{i}.jsonl" for i in range(N_CLIENTS)]
+    for i in range(N_CLIENTS):
+        fed.client(i, ev[i])
+    assert agg.wait(180) == 0, fed.logs()
+    recs = [r for r in read_metrics(out) if r["round"] > 0]
+    assert [r["round"] for r in recs] == [1, 2, 3], fed.logs()
+    assert all(r["forward_passes"] == N_CLIENTS and r["perturbations"] == 0 for r in recs)
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in recs)
+    sha = {r["round"]: r["adapter_sha256"] for r in recs}
+    for path in ev:
+        assert {e["round"]: e["sha"] for e in events(path) if e["event"] == "update"} == sha, path
+    assert np.any(np.load(out / "head.npy") != 0)
+    _, end = read_adapter(out / "adapter.gguf")
+    assert all(not np.any(t) for n, t in end.items() if n.endswith("lora_b"))  # B starts at zero and stays there
