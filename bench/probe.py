@@ -118,15 +118,15 @@ def zo_train(h: np.ndarray, y: np.ndarray, dev: tuple[np.ndarray, np.ndarray], w
 
 
 def head_train(h: np.ndarray, y: np.ndarray, dev: tuple[np.ndarray, np.ndarray], w0: np.ndarray, *, rounds: int,
-               lr: float, clients: int, batch_size: int, evals: int, seed: int) -> list[float]:
+               lr: float, clients: int, batch_size: int, evals: int, seed: int, ema: float = 0.0) -> list[float]:
     """Dev accuracy at ``evals`` evenly spaced rounds of ``--head`` on frozen
     features: :class:`fwdllm.optim.Optimizer` (Adam for the head, cosine
-    schedule) on the exact gradient, so the simulation cannot drift from the
-    product's step."""
+    schedule, ``--ema`` average evaluated as a run evaluates it) on the exact
+    gradient, so the simulation cannot drift from the product's step."""
     from fwdllm.contract import HEAD
     from fwdllm.optim import Optimizer, OptimizerSpec
 
-    spec = OptimizerSpec(lr=lr, head_lr=lr, schedule="cosine", total_rounds=rounds)
+    spec = OptimizerSpec(lr=lr, head_lr=lr, schedule="cosine", total_rounds=rounds, ema=ema)
     opt, params = Optimizer(spec), {HEAD: np.zeros(w0.shape, np.float32)}
     rng = np.random.default_rng(seed)
     accs = []
@@ -136,7 +136,7 @@ def head_train(h: np.ndarray, y: np.ndarray, dev: tuple[np.ndarray, np.ndarray],
         p[np.arange(len(b)), y[b]] -= 1
         opt.step(params, {HEAD: p.T @ h[b] / len(b)}, spec.lr_at(r))
         if (r + 1) % max(1, rounds // evals) == 0:
-            accs.append(restricted(dev[0], dev[1], w0 + params[HEAD])[1])
+            accs.append(restricted(dev[0], dev[1], w0 + opt.averaged(params)[HEAD])[1])
     return accs
 
 
@@ -152,6 +152,8 @@ def head_train(h: np.ndarray, y: np.ndarray, dev: tuple[np.ndarray, np.ndarray],
 @click.option("--clients", type=int, default=4, show_default=True)
 @click.option("-b", "--batch-size", type=int, default=8, show_default=True)
 @click.option("--head-lr", default="1e-3,3e-3", show_default=True, help="learning rates of the simulated --head runs")
+@click.option("--head-ema", default="0", show_default=True,
+              help="--ema decays of the simulated --head runs (comma-separated; 0 = the last iterate)")
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="sampling seeds per --head lr")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--lora", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
@@ -160,7 +162,7 @@ def head_train(h: np.ndarray, y: np.ndarray, dev: tuple[np.ndarray, np.ndarray],
 @task_options
 @threads_option
 @out_option
-def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_size, head_lr, seeds, seed,  # noqa: ANN001
+def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_size, head_lr, head_ema, seeds, seed,  # noqa: ANN001
           lora, template, task, label_words, threads, out_dir: Path) -> None:
     """Linear-probe ceiling of the frozen INT4 features, exact and by simulated ZO-SGD.
 
@@ -169,7 +171,7 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
       fwdllm bench probe --task agnews
       fwdllm bench probe --task sst2 --train 1000 --zo-lr 1
       fwdllm bench probe --task sst2 --template 'Review: a dull mess.\\nSentiment: negative\\nReview: {text}\\nSentiment:'
-      fwdllm bench probe --task sst2-2shot --lora runs/long/adapter.gguf --rounds 400 --head-lr 1e-2
+      fwdllm bench probe --task sst2-2shot --lora runs/long/adapter.gguf --rounds 400 --head-lr 1e-2 --head-ema 0,0.95
     """
     from convert.lora import open_base, read_lora_for
     from edge_client.tasks import default_data, read_examples
@@ -207,10 +209,10 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
     for lr in (float(x) for x in zo_lr.split(",")):
         zo_curves[lr] = zo_train(h_train, y_train, (h_dev, y_dev), w0, rounds=rounds, lr=lr, eps=eps, k=k,
                                  clients=clients, batch_size=batch_size, evals=6, seed=seed)
-    head_curves = {
-        lr: [head_train(h_train, y_train, (h_dev, y_dev), w0, rounds=rounds, lr=lr, clients=clients,
-                        batch_size=batch_size, evals=6, seed=seed + i) for i in range(seeds)]
-        for lr in (float(x) for x in head_lr.split(","))
+    head_curves = {  # keyed (lr, ema); the same sampling seeds for every pair
+        (lr, ema): [head_train(h_train, y_train, (h_dev, y_dev), w0, rounds=rounds, lr=lr, clients=clients,
+                               batch_size=batch_size, evals=6, seed=seed + i, ema=ema) for i in range(seeds)]
+        for lr in (float(x) for x in head_lr.split(",")) for ema in (float(x) for x in head_ema.split(","))
     }
     passes = rounds * (k + clients)
     write_result(
@@ -221,7 +223,7 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
          "zo": {"rounds": rounds, "k": k, "clients": clients, "batch_size": batch_size, "eps": eps,
                 "forward_passes": passes, "curves": {str(lr): c for lr, c in zo_curves.items()}},
          "head": {"rounds": rounds, "clients": clients, "batch_size": batch_size, "seeds": seeds,
-                  "curves": {str(lr): c for lr, c in head_curves.items()}}},
+                  "curves": {f"{lr}" + (f" ema {ema}" if ema else ""): c for (lr, ema), c in head_curves.items()}}},
         {
             f"exact linear probe on {path.name} features ({task}, {len(dev)} dev rows; zero-shot {zero_acc:.4f})": (
                 ["train rows", "L2", "dev acc", "dev loss", "train acc"], exact_rows),
@@ -229,10 +231,10 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
                 ["lr", *[f"round {rounds * (i + 1) // 6}" for i in range(6)]],
                 [[lr, *c] for lr, c in zo_curves.items()]),
             f"simulated --head (exact gradient, Adam, cosine, {clients}x{batch_size} rows/round; {seeds} seeds)": (
-                ["head lr", *[f"round {rounds * (i + 1) // 6}, mean" for i in range(6)], "final min", "final max",
-                 "best, max over seeds"],
-                [[lr, *np.mean(c, axis=0).round(4).tolist(), min(r[-1] for r in c), max(r[-1] for r in c),
-                  max(max(r) for r in c)] for lr, c in head_curves.items()]),
+                ["head lr", "ema", *[f"round {rounds * (i + 1) // 6}, mean" for i in range(6)], "final min",
+                 "final max", "best, max over seeds"],
+                [[lr, ema, *np.mean(c, axis=0).round(4).tolist(), min(r[-1] for r in c), max(r[-1] for r in c),
+                  max(max(r) for r in c)] for (lr, ema), c in head_curves.items()]),
         },
     )
     fig, axes = figure(2)
@@ -244,9 +246,9 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
     axes[0].set_xlabel("training rows")
     for lr, c in zo_curves.items():
         axes[1].plot([rounds * (i + 1) // 6 for i in range(len(c))], c, "o-", label=f"ZO lr {lr:g}")
-    for lr, c in head_curves.items():
+    for (lr, ema), c in head_curves.items():
         axes[1].plot([rounds * (i + 1) // 6 for i in range(len(c[0]))], np.mean(c, axis=0), "s--",
-                     label=f"--head lr {lr:g} (mean of {seeds})")
+                     label=f"--head lr {lr:g}{f' ema {ema:g}' if ema else ''} (mean of {seeds})")
     axes[1].axhline(zero_acc, color="gray", ls=":")
     axes[1].set_xlabel("rounds (simulated)")
     for ax in axes:

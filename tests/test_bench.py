@@ -161,12 +161,14 @@ def test_probe_bench_features_are_the_engines_logits_and_the_exact_fit_separates
     from edge_client.tasks import default_data, read_examples
 
     _invoke(probe, ["--model", str(tiny_model), "--train", "8,16", "--dev-limit", "12", "--l2", "0",
-                    "--rounds", "6", "--zo-lr", "1", "--head-lr", "1e-2", "--seeds", "2",
+                    "--rounds", "6", "--zo-lr", "1", "--head-lr", "1e-2", "--head-ema", "0,0.9", "--seeds", "2",
                     "--template", "Text: {text}\\nLabel:", "--out", str(tmp_path), *WORDS])
     data = _result(tmp_path, "probe")
     assert data["template"] == "Text: {text}\nLabel:"
     head = data["head"]["curves"]["0.01"]
     assert len(head) == 2 and all(len(c) == 6 for c in head) and head[0] != head[1]  # two sampling seeds
+    averaged = data["head"]["curves"]["0.01 ema 0.9"]  # same seeds, the average evaluated instead
+    assert len(averaged) == 2 and averaged != head
     exact = data["tables"][next(t for t in data["tables"] if t.startswith("exact"))]["rows"]
     assert [r[0] for r in exact] == [8, 16]
     assert all(r[4] == 1.0 for r in exact)  # n < n_embd rows: an unregularised head fits them all
