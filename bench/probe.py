@@ -178,6 +178,9 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
     from fwdllm.errors import UserError
     from fwdllm.models import resolve_model
 
+    emas = [float(x) for x in head_ema.split(",")]
+    if not all(0.0 <= e < 1.0 for e in emas):  # found before minutes of feature extraction, not after
+        raise UserError(f"--head-ema: decays must be in [0, 1), got {head_ema}")
     path = resolve_model(model)
     if lora is not None:  # a clear error before minutes of feature extraction
         read_lora_for(lora, open_base(path), "--lora")
@@ -212,7 +215,7 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
     head_curves = {  # keyed (lr, ema); the same sampling seeds for every pair
         (lr, ema): [head_train(h_train, y_train, (h_dev, y_dev), w0, rounds=rounds, lr=lr, clients=clients,
                                batch_size=batch_size, evals=6, seed=seed + i, ema=ema) for i in range(seeds)]
-        for lr in (float(x) for x in head_lr.split(",")) for ema in (float(x) for x in head_ema.split(","))
+        for lr in (float(x) for x in head_lr.split(",")) for ema in emas
     }
     passes = rounds * (k + clients)
     write_result(

@@ -211,3 +211,6 @@ def test_probe_reads_features_under_a_trained_lora(tiny_model: Path, tmp_path: P
     res = CliRunner().invoke(probe, [*args, "--lora", str(tiny_model), "--out", str(tmp_path / "bad")])
     assert res.exit_code == 2 and "--lora: " in res.output and "not a LoRA adapter" in res.output, res.output
     assert not (tmp_path / "bad" / "probe.json").exists()
+    res = CliRunner().invoke(probe, [*args, "--head-ema", "0,1", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "--head-ema: decays must be in [0, 1)" in res.output, res.output
+    assert not (tmp_path / "bad" / "probe.json").exists()
