@@ -49,6 +49,23 @@ def task_options(fn: Callable) -> Callable:
     return click.option("--task", type=click.Choice(names), default="sst2", show_default=True)(fn)
 
 
+def number_list(kind: type, low: float = -float("inf"), high: float = float("inf"), *,
+                positive: bool = False) -> Callable:
+    """click callback for a comma-separated list of numbers in [low, high) (and > 0 with ``positive``): a
+    typo or a value out of range is click's one-line usage error before a bench spends minutes on features
+    or runs, not a traceback after."""
+    def parse(ctx: click.Context, param: click.Parameter, value: str) -> list:
+        try:
+            out = [kind(x) for x in value.split(",") if x.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {kind.__name__}s, got {value!r}") from None
+        if not out or not all(low <= x < high and (x > 0 or not positive) for x in out):
+            bounds = "positive" if positive else f"in [{low:g}, {high:g})"
+            raise click.BadParameter(f"values must be {bounds}, got {value!r}")
+        return out
+    return parse
+
+
 def bench_task(task: str, label_words: str | None, template: str | None = None):  # noqa: ANN201 - TaskSpec
     from edge_client.tasks import load_task
 

@@ -39,7 +39,8 @@ from typing import Sequence
 import click
 import numpy as np
 
-from bench.common import bench_task, figure, out_option, save_figure, task_options, threads_option, write_result
+from bench.common import (bench_task, figure, number_list, out_option, save_figure, task_options, threads_option,
+                          write_result)
 
 
 def head_features(model: Path, prompts: Sequence[str], threads: int, batch: int = 16,
@@ -142,17 +143,17 @@ def head_train(h: np.ndarray, y: np.ndarray, dev: tuple[np.ndarray, np.ndarray],
 
 @click.command("probe")
 @click.option("--model", default="smollm2-135m", show_default=True)
-@click.option("--train", "n_train", default="64,256,1000,3000", show_default=True, help="training-set sizes of the exact fit (comma-separated)")
+@click.option("--train", "n_train", default="64,256,1000,3000", show_default=True, callback=number_list(int, 1), help="training-set sizes of the exact fit (comma-separated)")
 @click.option("--dev-limit", type=int, default=None, help="dev rows (default: the whole dev split)")
-@click.option("--l2", default="0,1e-3,1e-2", show_default=True, help="L2 strengths of the exact fit")
+@click.option("--l2", default="0,1e-3,1e-2", show_default=True, callback=number_list(float, 0), help="L2 strengths of the exact fit")
 @click.option("--rounds", type=int, default=300, show_default=True, help="rounds of the simulated ZO and --head runs")
-@click.option("--zo-lr", default="0.3,1,3", show_default=True, help="learning rates of the simulated ZO runs")
+@click.option("--zo-lr", default="0.3,1,3", show_default=True, callback=number_list(float, positive=True), help="learning rates of the simulated ZO runs")
 @click.option("--eps", type=float, default=3e-2, show_default=True)
 @click.option("-k", "--k", "k", type=int, default=16, show_default=True)
 @click.option("--clients", type=int, default=4, show_default=True)
 @click.option("-b", "--batch-size", type=int, default=8, show_default=True)
-@click.option("--head-lr", default="1e-3,3e-3", show_default=True, help="learning rates of the simulated --head runs")
-@click.option("--head-ema", default="0", show_default=True,
+@click.option("--head-lr", default="1e-3,3e-3", show_default=True, callback=number_list(float, positive=True), help="learning rates of the simulated --head runs")
+@click.option("--head-ema", default="0", show_default=True, callback=number_list(float, 0, 1),
               help="--ema decays of the simulated --head runs (comma-separated; 0 = the last iterate)")
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="sampling seeds per --head lr")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -178,14 +179,11 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
     from fwdllm.errors import UserError
     from fwdllm.models import resolve_model
 
-    emas = [float(x) for x in head_ema.split(",")]
-    if not all(0.0 <= e < 1.0 for e in emas):  # found before minutes of feature extraction, not after
-        raise UserError(f"--head-ema: decays must be in [0, 1), got {head_ema}")
     path = resolve_model(model)
     if lora is not None:  # a clear error before minutes of feature extraction
         read_lora_for(lora, open_base(path), "--lora")
     spec = bench_task(task, label_words, template.replace("\\n", "\n") if template else None)
-    sizes = sorted({int(x) for x in n_train.split(",")})
+    sizes = sorted(set(n_train))
     train = read_examples(spec, default_data(spec.name, "train"))
     if sizes[-1] > len(train):
         raise UserError(f"--train {sizes[-1]} exceeds the {len(train)} training rows")
@@ -204,18 +202,18 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
     zero_loss, zero_acc, _ = restricted(h_dev, y_dev, w0)
     exact_rows = []
     for n in sizes:
-        for lam in (float(x) for x in l2.split(",")):
+        for lam in l2:
             w = fit_exact(h_train[:n], y_train[:n], w0, lam)
             loss, acc, _ = restricted(h_dev, y_dev, w)
             exact_rows.append([n, lam, acc, loss, restricted(h_train[:n], y_train[:n], w)[1]])
     zo_curves = {}
-    for lr in (float(x) for x in zo_lr.split(",")):
+    for lr in zo_lr:
         zo_curves[lr] = zo_train(h_train, y_train, (h_dev, y_dev), w0, rounds=rounds, lr=lr, eps=eps, k=k,
                                  clients=clients, batch_size=batch_size, evals=6, seed=seed)
     head_curves = {  # keyed (lr, ema); the same sampling seeds for every pair
         (lr, ema): [head_train(h_train, y_train, (h_dev, y_dev), w0, rounds=rounds, lr=lr, clients=clients,
                                batch_size=batch_size, evals=6, seed=seed + i, ema=ema) for i in range(seeds)]
-        for lr in (float(x) for x in head_lr.split(",")) for ema in emas
+        for lr in head_lr for ema in head_ema
     }
     passes = rounds * (k + clients)
     write_result(

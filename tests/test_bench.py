@@ -212,5 +212,7 @@ def test_probe_reads_features_under_a_trained_lora(tiny_model: Path, tmp_path: P
     assert res.exit_code == 2 and "--lora: " in res.output and "not a LoRA adapter" in res.output, res.output
     assert not (tmp_path / "bad" / "probe.json").exists()
     res = CliRunner().invoke(probe, [*args, "--head-ema", "0,1", "--out", str(tmp_path / "bad")])
-    assert res.exit_code == 2 and "--head-ema: decays must be in [0, 1)" in res.output, res.output
+    assert res.exit_code == 2 and "'--head-ema': values must be in [0, 1)" in res.output, res.output
+    res = CliRunner().invoke(probe, [*args, "--head-lr", "1e-2,x", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "'--head-lr': expected comma-separated floats" in res.output, res.output
     assert not (tmp_path / "bad" / "probe.json").exists()
