@@ -58,7 +58,8 @@ def number_list(kind: type, low: float = -float("inf"), high: float = float("inf
         try:
             out = [kind(x) for x in value.split(",") if x.strip()]
         except ValueError:
-            raise click.BadParameter(f"expected comma-separated {kind.__name__}s, got {value!r}") from None
+            noun = "integers" if kind is int else f"{kind.__name__}s"
+            raise click.BadParameter(f"expected comma-separated {noun}, got {value!r}") from None
         if not out or not all(low <= x < high and (x > 0 or not positive) for x in out):
             bounds = "positive" if positive else f"in [{low:g}, {high:g})"
             raise click.BadParameter(f"values must be {bounds}, got {value!r}")

@@ -27,7 +27,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from bench.common import bench_task, figure, out_option, save_figure, task_options, threads_option, write_result
+from bench.common import (bench_task, figure, number_list, out_option, save_figure, task_options, threads_option,
+                          write_result)
 
 
 def cosine(a: dict[str, np.ndarray], b: dict[str, np.ndarray], names: list[str]) -> float:
@@ -48,7 +49,7 @@ def k_grid(k_max: int) -> list[int]:
 @click.option("--k-llama", type=int, default=None,
               help="score only the first N seeds in llama.cpp (default: all); larger K use exact scalars only")
 @click.option("-b", "--batch", type=int, default=8, show_default=True)
-@click.option("--eps", default="3e-2", show_default=True,
+@click.option("--eps", "eps_list", default="3e-2", show_default=True, callback=number_list(float, positive=True),
               help="comma list: the first eps draws the K curve; every one gets a per-seed sign/Pearson row")
 @click.option("--rank", type=int, default=8, show_default=True)
 @click.option("--parts", type=click.Choice(["a", "b", "both"]), default="b", show_default=True)
@@ -56,7 +57,7 @@ def k_grid(k_max: int) -> list[int]:
 @task_options
 @threads_option
 @out_option
-def fidelity(model, k_max, k_llama, batch, eps, rank, parts, dist, task, label_words, threads, out_dir: Path) -> None:  # noqa: ANN001
+def fidelity(model, k_max, k_llama, batch, eps_list, rank, parts, dist, task, label_words, threads, out_dir: Path) -> None:  # noqa: ANN001
     """Cosine(aggregated ZO gradient on INT4 llama.cpp, exact torch gradient) vs K.
 
     \b
@@ -75,10 +76,6 @@ def fidelity(model, k_max, k_llama, batch, eps, rank, parts, dist, task, label_w
 
     if k_max < 1:
         raise UserError("--k-max must be >= 1")
-    try:
-        eps_list = [float(e) for e in str(eps).split(",")]
-    except ValueError:
-        raise UserError(f"--eps: expected a comma list of numbers, got {eps!r}") from None
     eps = eps_list[0]
     k_llama = min(k_llama or k_max, k_max)
     spec = bench_task(task, label_words)

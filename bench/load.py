@@ -30,7 +30,7 @@ import click
 import numpy as np
 import zmq
 
-from bench.common import out_option, write_result
+from bench.common import number_list, out_option, write_result
 
 HEARTBEAT_S = 1.0
 
@@ -144,14 +144,14 @@ def measure(n: int, rounds: int, k: int, timeout_s: float) -> dict[str, Any]:
 
 
 @click.command("load")
-@click.option("--clients", default="10,100,1000", show_default=True, help="Comma-separated swarm sizes.")
+@click.option("--clients", "sizes", default="10,100,1000", show_default=True, callback=number_list(int, 1), help="Comma-separated swarm sizes.")
 @click.option("--rounds", type=click.IntRange(2, 1000), default=6, show_default=True, help="Rounds per size (the first is warm-up).")
 @click.option("-k", "k", type=click.IntRange(1, 65536), default=16, show_default=True,
               help="Seeds per round (ZO-SGD gives them to min(K, clients) clients; the rest only heartbeat).")
 @click.option("--k-per-client", is_flag=True, help="K = number of clients (every client works every round).")
 @click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True, help="Give up on a size after this many seconds.")
 @out_option
-def load(clients: str, rounds: int, k: int, k_per_client: bool, timeout_s: float, out_dir: Path) -> None:
+def load(sizes: list[int], rounds: int, k: int, k_per_client: bool, timeout_s: float, out_dir: Path) -> None:
     """Aggregator overhead per round with 10 / 100 / 1,000 fake clients.
 
     The clients are lightweight protocol-speaking sockets (one child process)
@@ -163,14 +163,6 @@ def load(clients: str, rounds: int, k: int, k_per_client: bool, timeout_s: float
       fwdllm bench load                         # 10, 100, 1000 clients, K=16
       fwdllm bench load --clients 1000 --k-per-client
     """
-    from fwdllm.errors import UserError
-
-    try:
-        sizes = [int(c) for c in clients.split(",") if c.strip()]
-    except ValueError:
-        raise UserError(f"--clients {clients!r}: expected comma-separated integers") from None
-    if not sizes or min(sizes) < 1:
-        raise UserError("--clients needs positive sizes")
     results = []
     for n in sizes:
         r = measure(n, rounds, n if k_per_client else k, timeout_s)
