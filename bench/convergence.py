@@ -121,9 +121,24 @@ def parse_entry(entry: str) -> tuple[str, dict[str, str]]:
     return name, opts
 
 
-def passes_to(c: dict[str, list[float]], target: float) -> float | None:
-    """Forward passes at the first evaluation reaching ``target`` accuracy."""
-    return next((f for f, a in zip(c["forward_passes"], c["accuracy"]) if a >= target), None)
+SMOOTH = 3  # evaluations averaged by the second passes-to column
+
+
+def passes_to(c: dict[str, list[float]], target: float, window: int = 1) -> float | None:
+    """Forward passes at the first evaluation where the mean accuracy of the
+    last ``window`` evaluations (fewer at the start) reaches ``target``.
+
+    ``window=1`` is the first crossing.  On a plateau near the target that
+    crossing is decided by dev-set noise (SST-2's 872 rows: +-1.4 points), and
+    evaluating more often makes it earlier: plain ZO-SGD on q,v touched 0.810
+    at 600 passes, then hovered at ~0.80 for 5,000 more.  A mean over a few
+    evaluations is what a curve holds, not what it touched once."""
+    acc = c["accuracy"]
+    for i, f in enumerate(c["forward_passes"]):
+        recent = acc[max(0, i - window + 1): i + 1]
+        if sum(recent) / len(recent) >= target:
+            return f
+    return None
 
 
 @click.command("convergence")
@@ -201,7 +216,8 @@ def convergence(model, strategies, baselines, clients, shard_size, rounds, bp_ro
     for name, c in curves.items():
         rows.append([name, c["accuracy"][0], c["accuracy"][-1], max(c["accuracy"]), int(c["round"][-1]),
                      int(c["forward_passes"][-1]), int(c["bytes"][-1]), c["wall_s"][-1],
-                     passes_to(c, 0.95 * ceiling) if ceiling else None])
+                     passes_to(c, 0.95 * ceiling) if ceiling else None,
+                     passes_to(c, 0.95 * ceiling, SMOOTH) if ceiling else None])
     write_result(
         out_dir,
         "convergence",
@@ -209,7 +225,7 @@ def convergence(model, strategies, baselines, clients, shard_size, rounds, bp_ro
                                                         "bp_lr": bp_lr}, "ceiling": ceiling, "curves": curves},
         {f"{task} dev accuracy ({dev_limit} rows), {path.name}, {clients} clients": (
             ["method", "acc@0", "final acc", "best acc", "rounds", "forward passes", "bytes/client (down+up)",
-             "wall s", "passes to 95% of FedAvg-LoRA best"],
+             "wall s", "passes to 95% of FedAvg-LoRA best", f"same, mean of {SMOOTH} evals"],
             rows,
         )},
     )

@@ -142,6 +142,17 @@ def test_convergence_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     assert curves["fedcybgd"]["bytes"][1] == 0.75 * curves["fedavg-lora"]["bytes"][1]
 
 
+def test_passes_to_counts_a_lucky_evaluation_only_without_smoothing() -> None:
+    from bench.convergence import passes_to
+
+    # plain ZO-SGD on q,v, SST-2 (metrics of a real run, every 10 rounds): one evaluation touches 0.81
+    c = {"forward_passes": [0, 200, 400, 600, 800, 1000], "accuracy": [0.766, 0.795, 0.787, 0.810, 0.797, 0.790]}
+    assert passes_to(c, 0.805) == 600
+    assert passes_to(c, 0.805, window=3) is None  # no three evaluations in a row average 0.805
+    assert passes_to(c, 0.79, window=3) == 600  # (0.795 + 0.787 + 0.810) / 3
+    assert passes_to(c, 0.70, window=3) == 0
+
+
 @pytest.mark.parametrize("entry", ["zo-sgd:lr", "zo-sgd:bogus=1", "zo-sgd:central=1", "zo-sgd:rounds=3"])
 def test_convergence_refuses_bad_strategy_options(entry: str) -> None:
     from bench.convergence import parse_entry
