@@ -241,4 +241,27 @@ def _summary(out: Path) -> None:
         a, b = evals[0], evals[-1]
         click.echo(f"dev accuracy: before {a['dev_accuracy']:.4f} -> after {b['dev_accuracy']:.4f} "
                    f"(round {b['round']}); dev loss {a['dev_loss']:.4f} -> {b['dev_loss']:.4f}")
+    paced = pacing_summary(steps)
+    if paced:
+        click.echo(paced)
     click.echo(f"adapter: {out / 'adapter.gguf'}   metrics: {out / 'metrics.jsonl'}")
+
+
+def pacing_summary(steps: list[dict[str, Any]]) -> str | None:
+    """One line on how a paced run's rounds ended, or None for unpaced runs.
+
+    Pacing costs forward passes on purpose; whether it bought a certified
+    precision or just spent its cap every round decides if it was worth it,
+    and that is invisible in the accuracy line."""
+    paced = [r for r in steps if "pacing_passed" in r]
+    if not paced:
+        return None
+    passed = sum(bool(r["pacing_passed"]) for r in paced)
+    ks = [r["perturbations"] for r in paced]
+    line = (f"pacing: the variance test ended {passed} of {len(paced)} rounds, the cap of "
+            f"{paced[-1]['pacing_k_max']} seeds the rest; seeds per round: median {int(np.median(ks))}, "
+            f"{min(ks)}-{max(ks)}")
+    if passed < len(paced) / 2:
+        line += ("\n  most rounds ran to the cap: the scalars' noise hides |g|^2, so each round paid the cap "
+                 "for a precision the test never confirmed (docs/strategies.md, real-path ablation)")
+    return line

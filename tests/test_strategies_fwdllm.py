@@ -253,6 +253,7 @@ def test_fwdllm_trains_through_the_real_aggregator(tmp_path: Path) -> None:
     The reported round losses carry each batch's noise (0.01), which is larger
     than five rounds of progress, so the check is on the exact, noise-free
     objective at the final adapter against the round-0 one."""
+    from aggregator.simulate import pacing_summary
     from fwdllm.adapter_io import read_adapter
 
     layout = synthetic_layout()
@@ -266,6 +267,15 @@ def test_fwdllm_trains_through_the_real_aggregator(tmp_path: Path) -> None:
     assert exact.loss(final, names, 0) < exact.loss(start, names, 0) - 1e-3
     assert all(r["strategy"] == "fwdllm" and r["perturbations"] >= 8 for r in recs)
     assert "kappa" in recs[-1] and recs[-1]["pacing_n_seeds"] >= 8
+    # a round the test did not end ran to the cap; simulate's summary counts both kinds
+    assert all(r["pacing_k_max"] == 32 for r in recs)
+    assert all(r["pacing_passed"] or r["pacing_n_seeds"] >= 32 for r in recs)
+    passed = sum(r["pacing_passed"] for r in recs)
+    line = pacing_summary(recs)
+    assert line.startswith(f"pacing: the variance test ended {passed} of 5 rounds, the cap of 32 seeds the rest")
+    assert ("most rounds ran to the cap" in line) == (passed < 2.5)
+    assert pacing_summary([{**r, "pacing_passed": False} for r in recs]).count("\n") == 1
+    assert pacing_summary([{"round": 1, "perturbations": 16}]) is None  # unpaced runs say nothing
 
 
 def test_fwdllm_on_llama_cpp_lowers_the_training_loss(tmp_path: Path, tiny_model: Path, data_dir: Path) -> None:
