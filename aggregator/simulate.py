@@ -262,6 +262,6 @@ def pacing_summary(steps: list[dict[str, Any]]) -> str | None:
             f"{paced[-1]['pacing_k_max']} seeds the rest; seeds per round: median {int(np.median(ks))}, "
             f"{min(ks)}-{max(ks)}")
     if passed < len(paced) / 2:
-        line += ("\n  most rounds ran to the cap: the scalars' noise hides |g|^2, so each round paid the cap "
-                 "for a precision the test never confirmed (docs/strategies.md, real-path ablation)")
+        line += ("\n  most rounds ran to the cap: the test never confirmed the precision those seeds paid for "
+                 "(docs/strategies.md, 'The full strategy against plain ZO-SGD')")
     return line
