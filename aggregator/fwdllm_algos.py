@@ -76,6 +76,11 @@ class PacingStats:
     def to_dict(self) -> dict[str, float]:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
+    def passes(self, threshold: float, k_min: int) -> bool:
+        """The variance test alone, without the cap: what a round that ran
+        to ``k_max`` did *not* certify (NaN/inf ``rel_var`` fail it)."""
+        return self.n_seeds >= k_min and self.rel_var <= threshold
+
 
 def pacing_stats(
     seed_ids: Sequence[int], values: Sequence[float], rho_prior: float = 0.0, z: float = 2.0
@@ -143,7 +148,7 @@ def pace(
     signal is visible yet: keep collecting.
     """
     stats = pacing_stats(seed_ids, values, rho_prior, z)
-    done = stats.n_seeds >= k_max or (stats.n_seeds >= k_min and stats.rel_var <= threshold)
+    done = stats.n_seeds >= k_max or stats.passes(threshold, k_min)
     return done, stats
 
 

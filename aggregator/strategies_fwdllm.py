@@ -271,7 +271,7 @@ class FwdLLM(Strategy):
             info.update({f"pacing_{k}": v for k, v in stats.to_dict().items()})
             # whether the variance test or the cap ended the round: a run that lives at the cap pays
             # k_max seeds a round for a precision it never certifies (simulate's summary counts them)
-            info["pacing_passed"] = bool(stats.n_seeds >= self.spec.k and stats.rel_var <= o.threshold)
+            info["pacing_passed"] = bool(stats.passes(o.threshold, self.spec.k))
             info["pacing_k_max"] = self.k_max
             if stats.n_replicated and math.isfinite(stats.rho):
                 self._rho = stats.rho
