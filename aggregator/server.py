@@ -313,6 +313,7 @@ class Aggregator:
             batch_size=work.batch_size,
             batch_seed=work.batch_seed,
             one_sided=rs.config.one_sided,
+            stratify=self.strategy.spec.stratify,
         )
         peer.work, peer.task = work, task
         n = self._send(peer, task, "task")

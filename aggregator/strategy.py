@@ -147,6 +147,7 @@ class StrategySpec:
     mask: PerturbMask = PerturbMask(parts="b")
     dist: str = "gaussian"
     one_sided: bool = False
+    stratify: bool = False  # batches stratified by label (clients do the drawing)
     extra: dict[str, Any] = field(default_factory=dict)  # strategy-specific options
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,12 +160,15 @@ class StrategySpec:
             "mask": self.mask.to_dict(),
             "dist": self.dist,
             "one_sided": self.one_sided,
+            "stratify": self.stratify,
             "extra": dict(self.extra),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StrategySpec":
-        return cls(**{**d, "mask": PerturbMask.from_dict(d["mask"]), "extra": dict(d.get("extra", {}))})
+        # runs written before ``stratify`` existed drew uniform batches: resume them that way
+        return cls(**{"stratify": False, **d, "mask": PerturbMask.from_dict(d["mask"]),
+                      "extra": dict(d.get("extra", {}))})
 
 
 class Strategy(ABC):

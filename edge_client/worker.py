@@ -142,7 +142,7 @@ class Scorer:
     def score(self, layout: LoraLayout, tensors: dict[str, np.ndarray], task: Task) -> Result:
         from edge_client.tasks import sample_batch
 
-        batch = sample_batch(self.examples, task.batch_size, task.batch_seed)
+        batch = sample_batch(self.examples, task.batch_size, task.batch_seed, stratify=task.stratify)
         self.session.set_lora(layout, tensors)
         r = self.session.perturbed(
             batch,

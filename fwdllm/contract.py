@@ -575,6 +575,9 @@ class Task(Message):
     batch_size: int = 8
     batch_seed: int = 0
     one_sided: bool = False
+    #: draw the batch stratified by label (``edge_client.tasks.sample_batch``);
+    #: False is the uniform draw of clients that predate the field
+    stratify: bool = False
 
 
 @dataclass(frozen=True)

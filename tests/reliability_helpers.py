@@ -45,12 +45,12 @@ def join_msg(cid: str, sha: str = FAKE_MODEL_SHA) -> Join:
 
 
 def new_or_resumed(run_dir: Path, rounds: int, k: int, resume: bool, extra: dict[str, Any] | None = None,
-                   lr: float = 0.05, ema: float = 0.0) -> tuple[Any, Any, dict, float]:
+                   lr: float = 0.05, ema: float = 0.0, stratify: bool = False) -> tuple[Any, Any, dict, float]:
     """(config, replica, strategy state, elapsed) of a synthetic run, new or from its checkpoint."""
     if resume:
         return setup.resume_run(run_dir, FAKE_MODEL_SHA)
     cfg, replica = synthetic_run(rounds, OptimizerSpec(lr=lr, total_rounds=rounds, ema=ema),
-                                 StrategySpec(k=k, extra=extra or {}))
+                                 StrategySpec(k=k, stratify=stratify, extra=extra or {}))
     checkpoint.write_config(run_dir, cfg)
     checkpoint.save(run_dir, replica, {}, 0.0)  # round 0, as `aggregator serve` does
     return cfg, replica, {}, 0.0
@@ -58,8 +58,8 @@ def new_or_resumed(run_dir: Path, rounds: int, k: int, resume: bool, extra: dict
 
 def make_aggregator(run_dir: Path, url: str, rounds: int = 5, k: int = 16, resume: bool = False,
                     extra: dict[str, Any] | None = None, keys: ServerKeys | None = None, lr: float = 0.05,
-                    ema: float = 0.0, **opts: Any) -> Aggregator:
-    cfg, replica, state, elapsed = new_or_resumed(run_dir, rounds, k, resume, extra, lr, ema)
+                    ema: float = 0.0, stratify: bool = False, **opts: Any) -> Aggregator:
+    cfg, replica, state, elapsed = new_or_resumed(run_dir, rounds, k, resume, extra, lr, ema, stratify)
     options = ServerOptions(**{"bind": url, "heartbeat_s": HB, "liveness": 5, "round_timeout_s": 30.0,
                                "keys": keys, **opts})
     return Aggregator(run_dir, cfg, replica, setup.strategy_for(cfg, state), options, None, elapsed)

@@ -142,6 +142,19 @@ def test_silent_client_is_dropped_and_round_completes(tmp_path: Path) -> None:
     assert recs[0]["perturbations"] < 16  # the silent client's seeds are missing
 
 
+@pytest.mark.parametrize("stratify", [False, True])
+def test_tasks_carry_the_runs_batch_draw(tmp_path: Path, stratify: bool) -> None:
+    """The client draws the batch, so every Task must say how (``--batches``);
+    a run.json from before the option resumes with the uniform draw it had."""
+    with serving(tmp_path, rounds=1, min_clients=1, stratify=stratify) as agg, raw_socket(agg.opts.bind) as s:
+        s.send_multipart(join_msg("c").to_frames())
+        task = recv_msg(s, skip=(Heartbeat, Welcome))
+        assert isinstance(task, Task) and task.stratify is stratify
+    old = checkpoint.read_config(tmp_path).strategy
+    old.pop("stratify")
+    assert StrategySpec.from_dict(old).stratify is False
+
+
 def test_stalled_client_hits_deadline_and_late_result_is_ignored(tmp_path: Path) -> None:
     with serving(tmp_path, rounds=2, min_clients=2, round_timeout_s=1.0) as agg, raw_socket(agg.opts.bind) as s:
         worker, t = start_worker(agg.opts.bind, "c0")

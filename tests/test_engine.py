@@ -18,8 +18,10 @@ from edge_client.tasks import (
     SST2_DEV_ROWS,
     default_data,
     load_task,
+    Example,
     read_examples,
     sample_batch,
+    stratum_sizes,
 )
 from fwdllm.adapter_io import base_shapes, write_adapter
 from fwdllm.contract import LoraLayout, PerturbMask, direction
@@ -125,6 +127,33 @@ def test_sample_batch_is_deterministic_and_distinct():
     assert sorted(sample_batch(items[:3], 10, 1)) == [0, 1, 2]
 
 
+def test_stratified_batches_keep_each_labels_share_and_are_unbiased():
+    # 13 rows of label 0, 7 of label 1, 5 of label 2: a batch of 8 holds each
+    # label's share rounded down or up, never a lucky all-of-one-label draw
+    labels = [0] * 13 + [1] * 7 + [2] * 5
+    rows = [Example(prompt=f"r{i}", label=lab) for i, lab in enumerate(labels)]
+    quota = [8 * 13 / 25, 8 * 7 / 25, 8 * 5 / 25]
+    for seed in range(200):
+        batch = sample_batch(rows, 8, seed, stratify=True)
+        assert len(batch) == 8 and len({e.prompt for e in batch}) == 8
+        counts = [sum(e.label == c for e in batch) for c in range(3)]
+        assert all(int(q) <= n <= int(q) + 1 for n, q in zip(counts, quota)), counts
+    # exactly unbiased: averaged over every offset, each stratum gets k n_c / n slots
+    sizes = [13, 7, 5]
+    per_offset = np.array([stratum_sizes(8, sizes, off) for off in range(25)])
+    assert (per_offset.sum(axis=1) == 8).all()
+    assert np.allclose(per_offset.mean(axis=0), quota, rtol=0, atol=1e-12)
+    # deterministic and pinned (devices must agree), and not the uniform draw
+    picked = [e.prompt for e in sample_batch(rows, 8, 5, stratify=True)]
+    assert picked == [e.prompt for e in sample_batch(rows, 8, 5, stratify=True)]
+    assert picked == ["r7", "r1", "r3", "r11", "r16", "r19", "r13", "r21"]
+    assert picked != [e.prompt for e in sample_batch(rows, 8, 5)]
+    # nothing to stratify: unlabelled rows, a single label, or a batch that takes everything
+    sft = [Example(prompt=f"p{i}", completion="c") for i in range(10)]
+    assert sample_batch(sft, 4, 3, stratify=True) == sample_batch(sft, 4, 3)
+    assert sorted(e.prompt for e in sample_batch(rows[:5], 8, 1, stratify=True)) == sorted(e.prompt for e in rows[:5])
+
+
 # ---------------------------------------------------------------- engine
 
 
@@ -154,6 +183,28 @@ def test_evaluate_and_too_long_rows(session: EdgeSession, tiny_task: Path, tiny_
     with EdgeSession(tiny_model, session.task, n_threads=2, n_ctx=8, strict=True) as strict:
         with pytest.raises(UserError, match="tokens > context"):
             strict.evaluate(ex)
+
+
+def test_worker_scores_the_batch_its_task_asks_for(session: EdgeSession, tiny_task: Path, tiny_model: Path):
+    """``Task.stratify`` reaches the draw: the worker's base loss is the loss
+    of ``sample_batch(..., stratify=task.stratify)``, and for this seed the
+    two draws hold different rows (one label twice, or one of each)."""
+    from edge_client.worker import Scorer
+    from fwdllm.contract import Task
+
+    ex = read_examples(session.task, tiny_task.parent / "data.tsv")
+    layout, tensors = _lora(tiny_model)
+    scorer = Scorer(session, ex, session.task.name)
+    seed = next(s for s in range(100) if len({e.label for e in sample_batch(ex, 2, s)}) == 1)
+    for stratify in (False, True):
+        batch = sample_batch(ex, 2, seed, stratify=stratify)
+        assert len({e.label for e in batch}) == (2 if stratify else 1)
+        task = Task(round=1, version=0, adapter_sha256="0" * 64, seeds=np.array([3], dtype=np.uint32),
+                    mask=PerturbMask("b").to_dict(), eps=1e-2, batch_size=2, batch_seed=seed, one_sided=True,
+                    stratify=stratify)
+        got = scorer.score(layout, tensors, task).loss_minus[0]
+        session.set_lora(layout, tensors)
+        assert got == session.perturbed(batch, [3], 1e-2, PerturbMask("b"), one_sided=True).loss_minus[0]
 
 
 @pytest.mark.parametrize("parts", ["a", "b", "both"])
