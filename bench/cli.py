@@ -7,6 +7,7 @@ from bench.convergence import convergence
 from bench.fidelity import fidelity
 from bench.load import load
 from bench.memory import memory
+from bench.noise import noise
 from bench.probe import probe
 from bench.round import round_cmd
 from bench.throughput import throughput
@@ -26,8 +27,9 @@ def bench() -> None:
       fwdllm bench fidelity --k-max 256
       fwdllm bench load --clients 10,100,1000
       fwdllm bench probe --task agnews
+      fwdllm bench noise --task sst2
     """
 
 
-for _cmd in (throughput, round_cmd, convergence, memory, comm, fidelity, load, probe):
+for _cmd in (throughput, round_cmd, convergence, memory, comm, fidelity, load, probe, noise):
     bench.add_command(_cmd)

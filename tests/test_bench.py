@@ -227,3 +227,24 @@ def test_probe_reads_features_under_a_trained_lora(tiny_model: Path, tmp_path: P
     res = CliRunner().invoke(probe, [*args, "--head-lr", "1e-2,x", "--out", str(tmp_path / "bad")])
     assert res.exit_code == 2 and "'--head-lr': expected comma-separated floats" in res.output, res.output
     assert not (tmp_path / "bad" / "probe.json").exists()
+
+
+def test_noise_bench_measures_the_clients_draw(tiny_model: Path, tmp_path: Path) -> None:
+    from bench.noise import batch_noise, noise, signal
+    from edge_client.tasks import Example
+
+    _invoke(noise, ["--model", str(tiny_model), "--rows", "12", "--batch-sizes", "2,4", "--draws", "200",
+                          "--rank", "4", "--targets", "q,v", "--out", str(tmp_path), *WORDS])
+    data = _result(tmp_path, "noise")
+    rows = next(iter(data["tables"].values()))["rows"]
+    assert [r[0] for r in rows] == [2, 4] and data["grad_sq"] > 0 and sum(data["label_counts"]) == 12
+    assert all(r[1] > 0 and r[2] > 0 for r in rows)
+    # the uniform draw against sampling theory without replacement: E|g_b - g|^2 = var/b (n-b)/(n-1)
+    rng = np.random.default_rng(0)
+    grads = rng.standard_normal((30, 5)) + np.repeat([[3.0], [-3.0]], 15, axis=0)  # a label-driven component
+    examples = [Example(prompt=str(i), label=i // 15) for i in range(30)]
+    _, var = signal(grads)
+    uniform = batch_noise(grads, examples, 6, 4000, stratify=False)
+    assert uniform == pytest.approx(var / 6 * 24 / 29, rel=0.08)
+    # stratified: 3 + 3 rows every time, so the +-3 label component cancels exactly
+    assert batch_noise(grads, examples, 6, 4000, stratify=True) < 0.5 * uniform
