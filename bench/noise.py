@@ -4,9 +4,11 @@ A client reports ``p = g_b . v``, the directional derivative of its batch
 loss.  Next to the ``d/K`` of the directions, the estimator's error grows with
 ``rho = E|g_b - g|^2 / |g|^2`` (docs/strategies.md, "The math"): the error of
 ``G`` is ``d (1 + rho) / K`` in units of ``|g|^2``, so a draw that lowers
-``rho`` at the same batch size saves forward passes in proportion to
-``1 + rho``.  Pacing's replicas estimate ``rho`` from scalars during a run;
-this bench measures it exactly, offline:
+``rho`` at the same batch size lowers every scalar's error in proportion to
+``1 + rho`` (whether training then gets faster is for a run to show: on
+SST-2 a 1.25x lower error did not, docs/strategies.md).  Pacing's replicas
+estimate ``rho`` from scalars during a run; this bench measures it exactly,
+offline:
 
 * the exact gradient of every example of a fixed sample of the training data
   (torch reference, the trained LoRA factor of ``--targets``/``--parts``), at
@@ -104,7 +106,10 @@ def noise(model, task, label_words, rows, batch_sizes, draws, rank, targets, par
         if lora is not None:
             layout, tensors = read_lora_for(lora, open_base(session.model_path), "--lora")
         else:
-            layout, tensors = init_lora(session.model_path, rank, 2.0 * rank, split_targets(targets), 0)
+            try:
+                layout, tensors = init_lora(session.model_path, rank, 2.0 * rank, split_targets(targets), 0)
+            except ValueError as e:
+                raise UserError(f"cannot build the LoRA: {e}") from None
         names = PerturbMask(parts=parts).names(layout)
         grads = example_gradients(session, layout, tensors, names, examples, threads)
     gg, var = signal(grads)
