@@ -8,12 +8,28 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.fwdllm-installed
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
+# llama.cpp builds with -march=native, which on Intel Xeons from Sapphire Rapids on
+# compiles in its AMX kernels; with llama-cpp-python 0.3.36 they crashed (SIGSEGV in
+# ggml_backend_amx_mul_mat) on the first Q4_0 decode. Keep them out where the compiler
+# knows the flags (x86); AVX-512 and the repacked Q4_0 kernels stay. A CMAKE_ARGS of
+# your own (a CUDA build, say) replaces this.
+NO_AMX := $(shell echo | $(CC) -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 -x c -E - >/dev/null 2>&1 \
+            && echo '-mno-amx-tile -mno-amx-int8 -mno-amx-bf16')
+ifneq ($(NO_AMX),)
+export CMAKE_ARGS ?= -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
+endif
+
 .PHONY: install demo demo-long test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -e '.[torch,bench,test]'
+ifneq ($(NO_AMX),)
+	@# pip reuses a wheel it built before, whatever CMAKE_ARGS said then: rebuild an AMX one.
+	$(BIN)/python -c 'import sys, llama_cpp; sys.exit(b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info())' \
+	  || $(BIN)/python -m pip install --no-cache-dir --force-reinstall --no-deps "$$($(BIN)/python -m pip freeze | grep -i '^llama.cpp.python==')"
+endif
 	touch $@
 
 install: $(STAMP)

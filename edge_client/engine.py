@@ -17,6 +17,7 @@ into anonymous memory, which llama.cpp frees after repacking.  See
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from fwdllm.errors import UserError
 from fwdllm.log import quiet_llama
 
 _backend_ready = False
+log = logging.getLogger("fwdllm.engine")
 
 
 def _init_backend() -> None:
@@ -37,6 +39,11 @@ def _init_backend() -> None:
     if not _backend_ready:
         quiet_llama()
         ll.llama_backend_init()
+        if b"AMX_INT8 = 1" in ll.llama_print_system_info():
+            # A segfault says nothing; this line, just before one, does.
+            log.warning("this llama.cpp build has AMX kernels, which crashed (SIGSEGV) on the first decode "
+                        "of llama-cpp-python 0.3.36 on a Sapphire Rapids machine; if this process dies with "
+                        "signal 11, rebuild without them (`make install` does; README, Quick start)")
         _backend_ready = True
 
 
