@@ -94,7 +94,9 @@ def training_options(f: Callable) -> Callable:
         click.option("--head/--no-head", default=DEFAULTS["head"], show_default=True,
                      help="Also train a correction of the label words' output rows (classify tasks). Its gradient "
                           "is exact and comes from the forward pass (no backward pass); it costs n_labels*n_embd*4 "
-                          "bytes up and down per round (4.6 KB for SST-2 on SmolLM2). Written to RUN_DIR/head.npy."),
+                          "bytes up and down per round (4.6 KB for SST-2 on SmolLM2). Written to RUN_DIR/head.npy. "
+                          "Measured: it pays on AG News at every budget and on SST-2 in short runs (make demo uses "
+                          "it with --ema 0.9), but not over a full 300-round SST-2 run (docs/strategies.md)."),
         click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["head_lr"],
                      show_default=True, help="Learning rate of the head (--head; it always steps with Adam), on the same schedule."),
         click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS["schedule"], show_default=True, help="LR schedule over the rounds."),
