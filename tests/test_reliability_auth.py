@@ -118,7 +118,12 @@ def _handshake(url: str, ck: ClientKeys | None, timeout_s: float = 3.0) -> tuple
         s.curve_secretkey, s.curve_publickey, s.curve_serverkey = ck.secret, ck.public, ck.server_public
     mon = s.get_monitor_socket()
     s.connect(url)
-    s.send_multipart(join_msg("raw").to_frames())
+    try:
+        # A handshake the server refuses can end before this send and take the DEALER's only
+        # pipe with it; a blocking send then waits forever (seen once in CI, under load).
+        s.send_multipart(join_msg("raw").to_frames(), zmq.NOBLOCK)
+    except zmq.Again:
+        pass  # nothing went out: no Welcome can come, and the monitor events still tell why
     welcomed, seen = False, set()
     try:
         poller = zmq.Poller()
