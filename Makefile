@@ -19,7 +19,7 @@ ifneq ($(NO_AMX),)
 export CMAKE_ARGS ?= -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
 endif
 
-.PHONY: install demo demo-long test clean
+.PHONY: install demo demo-long test test-fast lint docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,8 @@ endif
 install: $(STAMP)
 
 ## The main job: a short federated fine-tuning run on the embedded default model.
-## At this budget the exact label-word head and averaged iterates beat plain ZO on
-## every seed measured (docs/strategies.md, "The demo's schedule"); at 300 rounds they don't.
+## At this budget the exact label-word head and averaged iterates beat plain ZO
+## (docs/experiments); over 300 rounds they don't, so demo-long stays plain.
 demo: install
 	$(BIN)/fwdllm simulate --model smollm2-135m --task sst2 --clients 4 --head --ema 0.9 --out runs/demo
 
@@ -44,8 +44,20 @@ demo: install
 demo-long: install
 	$(BIN)/fwdllm simulate --model smollm2-135m --task sst2 --clients 4 --long --out runs/demo-long
 
+## The whole suite (<= 5 minutes on 2 cores), and its inner-loop tier (<= 2 minutes).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## The house rules (import-linter contracts in pyproject.toml; the suite runs them too).
+lint: install
+	$(BIN)/lint-imports
+
+## docs/cli.md from every command's --help.
+docs: install
+	$(BIN)/python -c 'from fwdllm.cli import help_pages; print(help_pages())' > docs/cli.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,6 @@
-"""``python -m aggregator serve ...``: what ``fwdllm simulate`` starts (the
+"""``python -m fwdllm.aggregator serve ...``: what ``fwdllm simulate`` starts (the
 ``fwdllm`` entry point works too; this avoids importing every other group)."""
 
-from aggregator.cli import aggregator
+from fwdllm.aggregator.cli import aggregator
 
 aggregator(prog_name="fwdllm aggregator")

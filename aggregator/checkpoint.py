@@ -26,17 +26,17 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_client.worker import Replica
-from fwdllm.adapter_io import write_adapter
-from fwdllm.contract import HEAD, LoraLayout
-from fwdllm.optim import OptimizerSpec
+from fwdllm.core.adapter_io import write_adapter
+from fwdllm.core.files import atomic_write
+from fwdllm.core.layout import HEAD, LoraLayout
+from fwdllm.core.optim import OptimizerSpec
+from fwdllm.core.replica import Replica
 
 RUN_JSON = "run.json"
 STATE = "state.npz"
@@ -71,22 +71,6 @@ class RunConfig:
     @property
     def optimizer_spec(self) -> OptimizerSpec:
         return OptimizerSpec.from_dict(self.optimizer)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a synced temp file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is too private for run outputs
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> None:

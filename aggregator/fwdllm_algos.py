@@ -2,7 +2,7 @@
 
 Notation: ``g`` is the gradient of the full-data loss over the ``d`` perturbed
 LoRA entries, ``v_k`` a direction with i.i.d. unit-variance entries (Gaussian,
-Irwin-Hall or Rademacher, :func:`fwdllm.contract.tensor_direction`), and a
+Irwin-Hall or Rademacher, :func:`fwdllm.core.directions.tensor_direction`), and a
 client reports ``p = g_b . v_k``, the directional derivative of the loss on its
 batch ``b``.  The aggregated estimate is ``G = (1/N) sum_obs p v_k``.
 
@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fwdllm.contract import PerturbMask
+from fwdllm.core.layout import PerturbMask
 
 # --------------------------------------------------------------------------- #
 # Estimator variance

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from aggregator import fwdllm_algos as algos
+from fwdllm.aggregator import fwdllm_algos as algos
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def round_time(
 
 
 def main() -> None:
-    """Print the ablation table: ``python -m aggregator.fwdllm_synthetic [noise] [target]``."""
+    """Print the ablation table: ``python -m fwdllm.aggregator.fwdllm_synthetic [noise] [target]``."""
     import sys
 
     noise = float(sys.argv[1]) if len(sys.argv) > 1 else 0.1

@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from aggregator.strategy import ClientView, RoundConfig, Scored, Step, Strategy, StrategySpec, Work
+from fwdllm.aggregator.strategy import ClientView, RoundConfig, Scored, Step, Strategy, Work
 
 log = logging.getLogger("fwdllm.aggregator.robust")
 
@@ -209,31 +209,3 @@ class Robust(Strategy):
         self.history = [float(v) for v in mine.get("history", [])]
         self.strikes = {str(k): int(v) for k, v in mine.get("strikes", {}).items()}
         self.quarantined = set(mine.get("quarantined", []))
-
-
-def build(spec: StrategySpec, make: Callable[[StrategySpec], Strategy]) -> Strategy:
-    """``make(spec)``, wrapped in :class:`Robust` when ``spec.extra`` asks for it."""
-    opts, rest = RobustOptions.split(spec.extra)
-    inner = make(replace(spec, extra=rest))
-    return inner if opts is None else Robust(inner, opts)
-
-
-class Byzantine:
-    """TEST-ONLY attacker: wraps a worker's scorer and replaces every Result's
-    losses with huge random numbers (same seeds and round, so the frame is
-    well-formed and only robust aggregation can tell).  Used by
-    ``fwdllm simulate --byzantine FRACTION`` / ``client run --byzantine`` to
-    measure what :class:`Robust` buys; never enable it on a real device."""
-
-    def __init__(self, scorer: Any, scale: float = 1e3) -> None:
-        self.scorer = scorer
-        self.scale = scale
-
-    def __getattr__(self, name: str) -> Any:  # session, examples, task_name: the real scorer's
-        return getattr(self.scorer, name)
-
-    def score(self, layout: Any, tensors: dict[str, np.ndarray], task: Any) -> Any:
-        honest = self.scorer.score(layout, tensors, task)
-        rng = np.random.default_rng(task.batch_seed ^ 0xBAD)
-        n = len(honest.seeds)
-        return replace(honest, loss_plus=rng.normal(0, self.scale, n), loss_minus=rng.normal(0, self.scale, n))

@@ -35,11 +35,10 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from aggregator import checkpoint, security
-from aggregator.checkpoint import RunConfig
-from aggregator.strategy import ClientView, RoundConfig, Scored, Strategy, Work
-from edge_client.worker import Replica
-from fwdllm.contract import (
+from fwdllm.aggregator import checkpoint
+from fwdllm.aggregator.checkpoint import RunConfig
+from fwdllm.aggregator.strategy import ClientView, RoundConfig, Scored, Strategy, Work
+from fwdllm.core.protocol import (
     Bye,
     Error,
     Heartbeat,
@@ -55,6 +54,8 @@ from fwdllm.contract import (
     Welcome,
     head_array,
 )
+from fwdllm.core.replica import Replica
+from fwdllm.runtime import transport as security
 
 log = logging.getLogger("fwdllm.aggregator")
 
@@ -84,7 +85,6 @@ def welcome(cfg: RunConfig, replica: Replica, heartbeat_s: float) -> Welcome:
         heartbeat_s=heartbeat_s,
         config={
             "task": cfg.task_name,
-            "task_ref": cfg.task,
             "layout": cfg.layout,
             "optimizer": cfg.optimizer,
             "version": replica.version,

@@ -10,20 +10,21 @@ from typing import Any
 
 import numpy as np
 
-from aggregator import checkpoint, robust
-from aggregator.checkpoint import RunConfig
-from aggregator.strategy import Strategy, StrategySpec, make_strategy
-from edge_client.tasks import TaskSpec
-from edge_client.worker import Replica
-from fwdllm.contract import HEAD, LoraLayout
-from fwdllm.errors import UserError
-from fwdllm.gguf_file import read_header
-from fwdllm.optim import Optimizer, OptimizerSpec
+from fwdllm.aggregator import checkpoint
+from fwdllm.aggregator.checkpoint import RunConfig
+from fwdllm.aggregator.registry import make_strategy
+from fwdllm.aggregator.strategy import Strategy, StrategySpec
+from fwdllm.core.errors import UserError
+from fwdllm.core.gguf_file import read_header
+from fwdllm.core.layout import HEAD, LoraLayout
+from fwdllm.core.optim import Optimizer, OptimizerSpec
+from fwdllm.core.replica import Replica
+from fwdllm.runtime.tasks import TaskSpec
 
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """The trainable adapter of a new run (the CLI's DEFAULTS hold the measured defaults)."""
+    """The trainable adapter of a new run (its defaults: :mod:`fwdllm.options`)."""
 
     rank: int
     alpha: float
@@ -49,8 +50,8 @@ def new_run(
     strategy: StrategySpec,
 ) -> tuple[RunConfig, Replica]:
     """Write run.json and the round-0 checkpoint in a fresh ``out``."""
-    from convert.lora import init_lora
-    from edge_client.tasks import load_task
+    from fwdllm.core.lora import init_lora
+    from fwdllm.runtime.tasks import load_task
 
     if (out / checkpoint.STATE).exists() or (out / checkpoint.RUN_JSON).exists():
         raise UserError(f"{out} already holds a run; continue it with --resume {out} or pick another --out")
@@ -101,7 +102,7 @@ def adapter_start(lora: LoraSpec, model: Path) -> tuple[LoraLayout, dict[str, np
     that run.json stays a true description of the run; a mismatch is an error
     naming the options that match the file, never a silent override.
     """
-    from convert.lora import layout_for_base, open_base, read_lora_for
+    from fwdllm.core.lora import layout_for_base, open_base, read_lora_for
 
     path = lora.init_adapter
     layout, tensors = read_lora_for(path, open_base(model), "--init-adapter")
@@ -147,7 +148,7 @@ def strategy_for(cfg: RunConfig, state: dict[str, Any]) -> Strategy:
     LoRA layout (discriminative sampling and block schedules need it)."""
     spec = StrategySpec.from_dict(cfg.strategy)
     try:
-        strategy = robust.build(replace(spec, extra={**spec.extra, "layout": cfg.layout}), make_strategy)
+        strategy = make_strategy(replace(spec, extra={**spec.extra, "layout": cfg.layout}))
     except ValueError as e:  # a bad --strategy-opt is the user's to fix: one line, no traceback
         raise UserError(f"strategy {spec.name!r}: {e}") from None
     strategy.load_state_dict(state)
@@ -158,8 +159,8 @@ def evaluator(cfg: RunConfig, model: Path, threads: int | None):  # noqa: ANN201
     """A dev-set evaluator on ``model`` (the run's base, maybe moved) and the run's task, or None."""
     if not cfg.dev:
         return None
-    from edge_client.session import EdgeSession
-    from edge_client.tasks import load_task, read_examples
+    from fwdllm.runtime.session import EdgeSession
+    from fwdllm.runtime.tasks import load_task, read_examples
 
     task = load_task(cfg.task)
     examples = read_examples(task, cfg.dev, limit=cfg.dev_limit)

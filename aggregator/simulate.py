@@ -20,13 +20,12 @@ from typing import Any
 import click
 import numpy as np
 
-from aggregator.checkpoint import read_metrics
-from fwdllm.errors import UserError
+from fwdllm.aggregator.checkpoint import read_metrics
+from fwdllm.core.errors import UserError
+from fwdllm.options import BOOL_FLAGS, TRAINING_KEYS, threads_for
 
-#: --quick / --long presets; explicit options win.  Measured with SmolLM2-135M
-#: Q4_0, SST-2, 4 clients on 2 cores, default training options, full dev split:
-#: --quick went 0.766 -> 0.818 (dev loss 0.502 -> 0.430) in 2.4 min;
-#: --long went 0.766 -> 0.834 (best 0.835) in 11 min.
+#: --quick / --long presets; explicit options win.  50 rounds is a demo's budget;
+#: 300 is where plain ZO on SST-2 stops improving (docs/experiments).
 PRESETS: dict[bool, dict[str, Any]] = {
     True: {"rounds": 50, "dev_limit": None, "eval_every": 25},
     False: {"rounds": 300, "dev_limit": None, "eval_every": 50},
@@ -76,7 +75,7 @@ def split_indices(labels: list[str] | None, n_rows: int, n_clients: int, shard_s
 def write_shards(task_ref: str, out: Path, n_clients: int, shard_size: int, alpha: float | None,
                  seed: int) -> list[Path]:
     """Write one training file per client under ``out``; returns their paths."""
-    from edge_client.tasks import default_data, load_task
+    from fwdllm.runtime.tasks import default_data, load_task
 
     task = load_task(task_ref)
     src = default_data(task_ref, "train")
@@ -87,7 +86,7 @@ def write_shards(task_ref: str, out: Path, n_clients: int, shard_size: int, alph
         labels = [r[col] if col < len(r) else "" for r in rows]
     parts = split_indices(labels, len(rows), n_clients, shard_size, alpha, seed)
     if any(not p for p in parts):
-        raise UserError(f"a client got no data (alpha={alpha} too small or too little data for {n_clients} clients)")
+        raise UserError(f"a client got no data (--dirichlet {alpha} too small, or too little data for {n_clients} clients)")
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, idx in enumerate(parts):
@@ -116,7 +115,6 @@ def free_port() -> int:
 
 def _option_args(kw: dict[str, Any], keys: list[str]) -> list[str]:
     """Turn parsed training options back into ``--name value`` arguments."""
-    from aggregator.cli import BOOL_FLAGS
 
     args: list[str] = []
     for k in keys:
@@ -139,14 +137,13 @@ def _label(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_simulation(*, model_name: str, clients: int, rounds: int | None, out: Path, alpha: float | None,
-                   quick: bool, threads: int, port: int, shard_size: int, byzantine: float = 0.0,
+def run_simulation(*, model: str, clients: int, rounds: int | None, out: Path, dirichlet: float | None,
+                   quick: bool, threads: int | None, port: int, shard_size: int, byzantine: float = 0.0,
                    **kw: Any) -> None:
     """Prepare shards, start the processes, show progress, print before/after."""
     from tqdm import tqdm
 
-    from aggregator.cli import TRAINING_KEYS
-    from fwdllm.models import resolve_model
+    from fwdllm.runtime.models import resolve_model
 
     preset = PRESETS[quick]
     rounds = rounds or preset["rounds"]
@@ -155,14 +152,15 @@ def run_simulation(*, model_name: str, clients: int, rounds: int | None, out: Pa
     kw["eval_every"] = min(kw["eval_every"], rounds)
     if (out / "run.json").exists():
         raise UserError(f"{out} already holds a run; pick another --out")
-    model = resolve_model(model_name)
-    shards = write_shards(kw["task"], out / "shards", clients, shard_size, alpha, kw["seed"])
+    model_path = resolve_model(model)
+    threads = threads_for(threads, clients + 1)
+    shards = write_shards(kw["task"], out / "shards", clients, shard_size, dirichlet, kw["seed"])
     port = port or free_port()
     url = f"tcp://127.0.0.1:{port}"
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m"]
-    agg_cmd = py + ["aggregator", "serve", "--bind", url, "--model", str(model), "--rounds", str(rounds),
+    agg_cmd = py + ["fwdllm.aggregator", "serve", "--bind", url, "--model", str(model_path), "--rounds", str(rounds),
                     "--out", str(out), "--min-clients", str(clients), "--threads", str(threads)]
     agg_cmd += _option_args(kw, TRAINING_KEYS)
     procs: list[subprocess.Popen] = []
@@ -172,10 +170,11 @@ def run_simulation(*, model_name: str, clients: int, rounds: int | None, out: Pa
         procs.append(_spawn(agg_cmd, logs / "aggregator.log"))
         for i, shard in enumerate(shards):
             cid = f"client-{i:02d}"
-            cmd = py + ["edge_client.worker", "--connect", url, "--model", str(model), "--data", str(shard),
-                        "--task", kw["task"], "--threads", str(threads), "--client-id", cid,
-                        "--events", str(out / "clients" / f"{cid}.jsonl")]
-            cmd += ["--byzantine"] if i < round(byzantine * clients) else []  # test-only attackers
+            attacker = i < round(byzantine * clients)  # test-only: lies through the real worker
+            entry = ["fwdllm.testing.attackers"] if attacker else ["fwdllm.edge_client", "run"]
+            cmd = py + entry + ["--connect", url, "--model", str(model_path), "--data", str(shard),
+                                "--task", kw["task"], "--threads", str(threads), "--client-id", cid,
+                                "--events", str(out / "clients" / f"{cid}.jsonl")]
             (out / "clients").mkdir(exist_ok=True)
             procs.append(_spawn(cmd, logs / f"{cid}.log"))
         click.echo(f"simulate: aggregator + {clients} clients on {url}; logs in {logs}", err=True)
@@ -263,5 +262,5 @@ def pacing_summary(steps: list[dict[str, Any]]) -> str | None:
             f"{min(ks)}-{max(ks)}")
     if passed < len(paced) / 2:
         line += ("\n  most rounds ran to the cap: the test never confirmed the precision those seeds paid for "
-                 "(docs/strategies.md, 'The full strategy against plain ZO-SGD')")
+                 "(docs/algorithms.md, pacing)")
     return line

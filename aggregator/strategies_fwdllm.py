@@ -1,4 +1,4 @@
-"""FwdLLM's algorithms as aggregator strategies (issue 7).
+"""FwdLLM's algorithms as aggregator strategies.
 
 One configurable class, :class:`FwdLLM`, switched by ``StrategySpec.extra``
 and registered under one name per idea so each can be run and measured
@@ -35,9 +35,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from aggregator import fwdllm_algos as algos
-from aggregator.strategy import (
-    STRATEGIES,
+from fwdllm.aggregator import fwdllm_algos as algos
+from fwdllm.aggregator.strategy import (
     ClientView,
     RoundConfig,
     Scored,
@@ -45,10 +44,11 @@ from aggregator.strategy import (
     Strategy,
     StrategySpec,
     Work,
-    derive_seed,
     projected_mean,
 )
-from fwdllm.contract import LoraLayout, PerturbMask, combine, tensor_direction
+from fwdllm.core.directions import combine, tensor_direction
+from fwdllm.core.layout import LoraLayout
+from fwdllm.core.seeds import derive_seed
 
 
 @dataclass(frozen=True)
@@ -311,12 +311,3 @@ class Adaptive(FwdLLM):
 class BlockCyclic(FwdLLM):
     name = "block-cyclic"
     DEFAULTS = {"blocks": 4}
-
-
-#: Entries for :data:`aggregator.strategy.STRATEGIES`.
-FWDLLM_STRATEGIES: dict[str, type[FwdLLM]] = {
-    c.name: c for c in (FwdLLM, Pacing, Discriminative, Adaptive, BlockCyclic)
-}
-# Registered on import; aggregator/strategy.py imports this module at its end,
-# so whichever of the two is imported first, both end up complete.
-STRATEGIES.update(FWDLLM_STRATEGIES)

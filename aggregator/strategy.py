@@ -16,8 +16,8 @@ enough perturbations to step.  The loop drives one round like this::
     then step = strategy.step()                 # seeds + coefficients of the gradient estimate
     -> Optimizer.step(combine(step.seeds, step.coeffs, ...)) -> Update to everyone
 
-What this supports without touching the loop (issue 7 adds them in
-``aggregator/strategies_fwdllm.py`` and registers them in :data:`STRATEGIES`):
+What this supports without touching the loop (``strategies_fwdllm.py`` uses
+all of it; :mod:`fwdllm.aggregator.registry` lists every strategy by name):
 
 * **Variable perturbations per round / variance-controlled pacing**: keep
   returning new :class:`Work` from ``next_work`` until the stopping rule in
@@ -32,14 +32,14 @@ What this supports without touching the loop (issue 7 adds them in
   ``tokens_per_s`` each client measured and sent in ``Join``; size each
   ``Work`` (number of seeds, batch size) from it.
 * **Block-cyclic schedules**: ``begin`` returns the round's
-  :class:`~fwdllm.contract.PerturbMask` (e.g. one block of layers per round).
+  :class:`~fwdllm.core.layout.PerturbMask` (e.g. one block of layers per round).
 
 Options: :class:`StrategySpec` carries the common knobs (K, eps, batch size,
 mask, distribution, run seed); strategy-specific ones arrive in
 ``spec.extra`` from ``--strategy-opt KEY=VALUE`` (repeatable, JSON values);
 the loop adds ``spec.extra["layout"]``, the run's ``LoraLayout.to_dict()``.
-A new strategy is one class plus one line in :data:`STRATEGIES`; the CLI's
-``--strategy`` choice list is built from that dict.
+A new strategy is one class plus one entry in ``registry.STRATEGIES``; the
+CLI's ``--strategy`` choice list is built from that dict.
 
 Rules a strategy must keep, because ``--resume`` promises a bit-identical
 trajectory: everything it decides is a pure function of the run seed, the
@@ -51,24 +51,14 @@ round-trip that state exactly (JSON; Python floats survive JSON exactly).
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from fwdllm.contract import PerturbMask
-
-
-def derive_seed(run_seed: int, *path: int | str) -> int:
-    """A uint32 that is a pure function of ``(run_seed, *path)``.
-
-    Used for perturbation seeds and data-batch seeds so that a resumed run
-    hands out exactly what the uninterrupted run would have.
-    """
-    key = ":".join(str(p) for p in (run_seed, *path)).encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
+from fwdllm.core.layout import PerturbMask
+from fwdllm.core.seeds import derive_seed
 
 
 @dataclass(frozen=True)
@@ -224,7 +214,7 @@ def projected_mean(results: dict[int, list[float]], order: list[int]) -> tuple[n
     """Average the per-seed projections scored by several clients.
 
     ``results`` maps seed -> projections; ``order`` fixes the canonical seed
-    order (so the sum in :func:`fwdllm.contract.combine` never depends on
+    order (so the sum in :func:`fwdllm.core.directions.combine` never depends on
     arrival order).  Returns (seeds, mean projection) for seeds with results.
     """
     seeds = [s for s in order if results.get(s)]
@@ -284,17 +274,3 @@ class ZOSGD(Strategy):
         seeds, proj = projected_mean(self._proj, self._order)
         coeffs = proj / max(1, len(seeds))
         return Step(seeds, coeffs, info={"perturbations": int(len(seeds))})
-
-
-STRATEGIES: dict[str, Callable[[StrategySpec], Strategy]] = {ZOSGD.name: ZOSGD}
-
-
-def make_strategy(spec: StrategySpec) -> Strategy:
-    """Instantiate the strategy named in ``spec`` (ValueError if unknown)."""
-    try:
-        return STRATEGIES[spec.name](spec)
-    except KeyError:
-        raise ValueError(f"unknown strategy {spec.name!r}; choose from {', '.join(STRATEGIES)}") from None
-
-
-import aggregator.strategies_fwdllm  # noqa: E402,F401 - registers the FwdLLM strategies (issue 7)

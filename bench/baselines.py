@@ -50,8 +50,8 @@ class TorchLora:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        from fwdllm.contract import PEFT_MODULES
-        from fwdllm.log import quiet_llama
+        from fwdllm.core.layout import PEFT_MODULES
+        from fwdllm.runtime.log import quiet_llama
 
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
@@ -133,7 +133,7 @@ class TorchLora:
 
     def blocks(self, n_blocks: int) -> list[list[str]]:
         """LoRA tensor names of each block of consecutive layers."""
-        from aggregator.fwdllm_algos import block_ranges
+        from fwdllm.aggregator.fwdllm_algos import block_ranges
 
         return [[n for n in self.params if lo <= _layer_of(n) < hi] for lo, hi in block_ranges(self.n_layers, n_blocks)]
 
@@ -159,8 +159,8 @@ def run_backprop(algo: str, tl: TorchLora, shards: list[list], dev: list, cfg: B
     every ``eval_every`` rounds and at round 0)."""
     import torch
 
-    from aggregator.strategy import derive_seed
-    from edge_client.tasks import sample_batch
+    from fwdllm.core.batches import sample_batch
+    from fwdllm.core.seeds import derive_seed
 
     if algo not in BACKPROP:
         raise ValueError(f"unknown backprop baseline {algo!r}; choose from {BACKPROP}")
@@ -216,20 +216,20 @@ def run_backprop(algo: str, tl: TorchLora, shards: list[list], dev: list, cfg: B
 
 def memory_worker(args: dict[str, Any]) -> dict[str, Any]:
     """Peak RSS of backprop-LoRA: load, then ``steps`` training steps."""
-    from bench.common import bench_task
-    from edge_client.tasks import default_data, read_examples
+    from fwdllm.bench.common import bench_task
+    from fwdllm.runtime.tasks import default_data, read_examples
 
     task = bench_task(args["task"], args["label_words"])
     t0 = time.perf_counter()
-    tl = TorchLora(args["model"], task, rank=args["rank"], threads=args["threads"])
+    tl = TorchLora(args["model"], task, rank=args["rank"], targets=args["targets"], threads=args["threads"])
     load_s = time.perf_counter() - t0
-    examples = read_examples(task, default_data(task.name, "train"), limit=args["batch"])
+    examples = read_examples(task, default_data(args["task"], "train"), limit=args["batch"])
     t0 = time.perf_counter()
     tl.train([examples] * args["steps"], lr=1e-4)
     return {"side": "torch backprop-LoRA", "load_s": load_s, "work_s": time.perf_counter() - t0}
 
 
 if __name__ == "__main__":
-    from bench.common import child_main
+    from fwdllm.bench.common import child_main
 
     child_main(memory_worker)

@@ -1,31 +1,33 @@
-"""``fwdllm bench``: every bench prints a table and writes RESULTS_DIR/<bench>.json (+ .png)."""
+"""``fwdllm bench``: every bench prints a table and writes <--out>/<bench>.json (+ .png), default results/."""
 
 import click
 
-from bench.comm import comm
-from bench.convergence import convergence
-from bench.fidelity import fidelity
-from bench.load import load
-from bench.memory import memory
-from bench.noise import noise
-from bench.probe import probe
-from bench.round import round_cmd
-from bench.throughput import throughput
+from fwdllm.bench.comm import comm
+from fwdllm.bench.convergence import convergence
+from fwdllm.bench.fidelity import fidelity
+from fwdllm.bench.load import load
+from fwdllm.bench.memory import memory
+from fwdllm.bench.noise import noise
+from fwdllm.bench.probe import probe
+from fwdllm.bench.round import round_cmd
+from fwdllm.bench.throughput import throughput
+from fwdllm.options import Group
 
 
-@click.group("bench")
+@click.group("bench", cls=Group)
 def bench() -> None:
     """Measure fwdllm: ratios are taken side by side in one run, because
-    absolute times on shared machines are noisy.
+    absolute times on shared machines are noisy.  Every bench writes its
+    results under --out (default results/).
 
     \b
     Examples:
       fwdllm bench round --synth llama2-7b --quick
       fwdllm bench convergence --task sst2
       fwdllm bench memory --model smollm2-135m
-      fwdllm bench comm -k 16
+      fwdllm bench comm --k 16
       fwdllm bench fidelity --k-max 256
-      fwdllm bench load --clients 10,100,1000
+      fwdllm bench load --sizes 10,100,1000
       fwdllm bench probe --task agnews
       fwdllm bench noise --task sst2
     """

@@ -1,7 +1,7 @@
 """``fwdllm bench comm``: bytes per client per round, up and down.
 
 fwdllm's numbers are the encoded sizes of the real messages
-(:meth:`fwdllm.contract.Message.to_frames`, summed frame lengths; ZeroMQ adds
+(:meth:`fwdllm.core.protocol.Message.to_frames`, summed frame lengths; ZeroMQ adds
 a few bytes of framing per frame): a ``Task`` and the round's ``Update`` go
 down, a ``Result`` goes up.  The baselines move tensors, so their bytes are
 the float32 payload of what they must ship:
@@ -21,10 +21,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from bench.common import figure, out_option, save_figure, write_result
+from fwdllm.bench.common import RESULTS, figure, out_help, save_figure, write_result
+from fwdllm.options import Command, option, parse_targets, shared
 
 
-def message_bytes(msg) -> int:  # noqa: ANN001 - fwdllm.contract.Message
+def message_bytes(msg) -> int:  # noqa: ANN001 - fwdllm.core.protocol.Message
     return sum(len(f) for f in msg.to_frames())
 
 
@@ -32,7 +33,8 @@ def fwdllm_bytes(n_seeds: int, k_total: int, batch_size: int = 8, head_floats: i
     """Encoded Task + Update (down) and Result (up) of one client scoring
     ``n_seeds`` of a ``k_total``-seed central-difference round; with
     ``--head``, Result and Update also carry ``head_floats`` float32s."""
-    from fwdllm.contract import PerturbMask, Result, Task, Update
+    from fwdllm.core.layout import PerturbMask
+    from fwdllm.core.protocol import Result, Task, Update
 
     rng = np.random.default_rng(0)
     sha = "ab" * 32
@@ -51,33 +53,35 @@ def fwdllm_bytes(n_seeds: int, k_total: int, batch_size: int = 8, head_floats: i
 
 
 def lora_layout(model: str, rank: int, targets: tuple[str, ...]):  # noqa: ANN201 - LoraLayout
-    from convert.lora import layout_for_base
-    from fwdllm.models import resolve_model
+    from fwdllm.core.lora import layout_for_base
+    from fwdllm.runtime.models import resolve_model
 
     return layout_for_base(resolve_model(model), rank, 2.0 * rank, targets)
 
 
-@click.command("comm")
-@click.option("--model", default="smollm2-135m", show_default=True, help="model whose LoRA shapes are used")
-@click.option("--rank", type=int, default=8, show_default=True)
-@click.option("--targets", default="q,v", show_default=True)
-@click.option("-k", "--k", "k", type=int, default=16, show_default=True, help="perturbations per round")
-@click.option("--clients", type=int, default=4, show_default=True, help="clients per round (= FedCyBGD blocks)")
+@click.command("comm", cls=Command)
+@option("model")
+@shared("rank", "targets", "k")
+@option("clients", help="Clients per round (= FedCyBGD blocks).")
 @click.option("--head-labels", type=click.IntRange(0), default=4, show_default=True,
-              help="also price --head with this many label words (0 = leave the row out)")
-@out_option
-def comm(model: str, rank: int, targets: str, k: int, clients: int, head_labels: int, out_dir: Path) -> None:
+              help="Also price --head with this many label words (0 = leave the row out).")
+@option("out", default=RESULTS, help=out_help("comm"))
+def comm(model: str, rank: int, targets: str, k: int, clients: int, head_labels: int, out: Path) -> None:
     """Bytes per client per round: fwdllm's seeds and scalars vs dense LoRA vs block upload.
+
+    The LoRA's shapes (rank --rank on --targets) come from --model.
 
     \b
     Example:
-      fwdllm bench comm --model smollm2-135m -k 16 --clients 4
+      fwdllm bench comm --model smollm2-135m --k 16 --clients 4
     """
-    from fwdllm.errors import UserError
+    from fwdllm.core.errors import UserError
 
-    if k < 1 or clients < 1:
-        raise UserError("-k and --clients must be >= 1")
-    layout = lora_layout(model, rank, tuple(t for t in targets.split(",") if t))
+    if k < 1:
+        raise UserError("--k must be >= 1")
+    lora_targets = parse_targets(targets)
+    layout = lora_layout(model, rank, lora_targets)
+    on = ",".join(lora_targets)
     lora = layout.n_params * 4
     n_layers = len(layout.layers)
     blocks = min(clients, n_layers)
@@ -91,8 +95,8 @@ def comm(model: str, rank: int, targets: str, k: int, clients: int, head_labels:
         [f"FedCyBGD-LoRA ({blocks} blocks)", lora - block, block],
     ]
     if head_labels:
-        from fwdllm.gguf_file import read_header
-        from fwdllm.models import resolve_model
+        from fwdllm.core.gguf_file import read_header
+        from fwdllm.runtime.models import resolve_model
 
         n_embd = int(read_header(resolve_model(model)).field("llama.embedding_length"))
         headed = fwdllm_bytes(per_client, k, head_floats=head_labels * n_embd)
@@ -100,12 +104,13 @@ def comm(model: str, rank: int, targets: str, k: int, clients: int, head_labels:
                      headed["task"] + headed["update"], headed["result"]])
     table = [[name, down, up, up / rows[0][2], down / rows[0][1]] for name, down, up in rows]
     write_result(
-        out_dir,
+        out,
         "comm",
-        {"model": model, "rank": rank, "targets": targets, "k": k, "clients": clients, "lora_params": layout.n_params,
+        {"model": model, "rank": rank, "targets": on, "k": k, "clients": clients,
+         "lora_params": layout.n_params,
          "fwdllm_messages": {"solo": solo, "shared": shared}},
         {
-            f"Bytes per client per round ({model}, LoRA r={rank} on {targets}: {layout.n_params} params, K={k})": (
+            f"Bytes per client per round ({model}, LoRA r={rank} on {on}: {layout.n_params} params, K={k})": (
                 ["scheme", "down B", "up B", "up / fwdllm", "down / fwdllm"],
                 table,
             ),
@@ -125,4 +130,4 @@ def comm(model: str, rank: int, targets: str, k: int, clients: int, head_labels:
     ax.set_xticks(x, [r[0] for r in rows], rotation=15, fontsize=7)
     ax.set_ylabel("bytes per client per round")
     ax.legend()
-    save_figure(fig, out_dir, "comm")
+    save_figure(fig, out, "comm")

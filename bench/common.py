@@ -1,6 +1,6 @@
 """What every bench shares: results files, tables, plots, peak memory, provenance.
 
-A bench result is one JSON object (``RESULTS_DIR/<bench>.json``) that names the
+A bench result is one JSON object (``<--out>/<bench>.json``, default ``results/``) that names the
 commit and machine it came from, because numbers without provenance cannot be
 compared later; the table printed on stdout is the same data for humans.
 """
@@ -22,31 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 
 
-def out_option(fn: Callable) -> Callable:
-    """``--out RESULTS_DIR`` (default ``results/``), shared by every bench."""
-    return click.option(
-        "--out",
-        "out_dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=Path("results"),
-        show_default=True,
-        help="directory for <bench>.json and <bench>.png",
-    )(fn)
+#: Where every bench writes ``<bench>.json`` and ``<bench>.png`` by default (``--out``).
+RESULTS = Path("results")
 
 
-def threads_option(fn: Callable) -> Callable:
-    return click.option("--threads", type=int, default=2, show_default=True, help="llama.cpp / torch threads")(fn)
-
-
-def task_options(fn: Callable) -> Callable:
-    """``--task`` (a built-in preset, its default data) and ``--label-words``
-    (override the verbalizer, e.g. for a synthetic model whose tiny
-    vocabulary merges the presets' words into one first token)."""
-    fn = click.option("--label-words", default=None, help="comma-separated verbalizer override")(fn)
-    from edge_client.tasks import PRESETS
-
-    names = [n for n, spec in PRESETS.items() if spec.kind == "classify"]
-    return click.option("--task", type=click.Choice(names), default="sst2", show_default=True)(fn)
+def out_help(name: str) -> str:
+    """``--out``'s help for bench ``name``."""
+    return f"Directory for {name}.json and {name}.png."
 
 
 def number_list(kind: type, low: float = -float("inf"), high: float = float("inf"), *,
@@ -67,11 +49,19 @@ def number_list(kind: type, low: float = -float("inf"), high: float = float("inf
     return parse
 
 
-def bench_task(task: str, label_words: str | None, template: str | None = None):  # noqa: ANN201 - TaskSpec
-    from edge_client.tasks import load_task
+def bench_task(task: str, label_words: str | None, template: str | None = None, *,
+               kinds: Sequence[str] | None = ("classify",)):  # noqa: ANN201 - TaskSpec
+    """The ``--task`` preset or spec file with ``--label-words`` (and a prompt
+    ``template``) applied; a task whose kind is not in ``kinds`` (None: any) is a
+    one-line error, because most benches read the label words' logits."""
+    from fwdllm.core.errors import UserError
+    from fwdllm.options import parse_label_words
+    from fwdllm.runtime.tasks import load_task
 
-    words = tuple(w for w in label_words.split(",")) if label_words else None
-    return load_task(task, label_words=words, template=template)
+    spec = load_task(task, label_words=parse_label_words(label_words), template=template)
+    if kinds is not None and spec.kind not in kinds:
+        raise UserError(f"--task {task}: this bench needs a {' or '.join(kinds)} task, not {spec.kind}")
+    return spec
 
 
 def peak_rss_bytes() -> int:
@@ -127,17 +117,17 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_result(out_dir: Path, name: str, data: dict[str, Any], tables: dict[str, tuple[list, list]]) -> Path:
+def write_result(out: Path, name: str, data: dict[str, Any], tables: dict[str, tuple[list, list]]) -> Path:
     """Print every table, then write ``<name>.json`` with provenance and tables."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     prov = provenance()
     click.echo(f"# {name}  (commit {prov['commit']}, {prov['machine']})")
     for title, (headers, rows) in tables.items():
         click.echo(f"\n{title}\n{format_table(headers, rows)}")
-    path = out_dir / f"{name}.json"
+    path = out / f"{name}.json"
     payload = {"bench": name, **prov, **data, "tables": {t: {"headers": h, "rows": r} for t, (h, r) in tables.items()}}
     path.write_text(json.dumps(payload, indent=1, default=float))
-    click.echo(f"\nwrote {path} and {out_dir / (name + '.png')}")
+    click.echo(f"\nwrote {path} and {out / (name + '.png')}")
     return path
 
 
@@ -152,11 +142,11 @@ def figure(n_panels: int = 1):  # noqa: ANN201 - matplotlib types
     return fig, list(axes[0])
 
 
-def save_figure(fig, out_dir: Path, name: str) -> Path:  # noqa: ANN001
+def save_figure(fig, out: Path, name: str) -> Path:  # noqa: ANN001
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.png"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

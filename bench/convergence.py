@@ -4,7 +4,7 @@ fwdllm's strategies run through the real path: ``fwdllm simulate`` (an
 aggregator and N client processes over ZeroMQ on 127.0.0.1, INT4 GGUF in
 llama.cpp), whose ``metrics.jsonl`` gives per round the forward passes, the
 bytes per client each way, the wall time and the dev accuracy.  The backprop
-baselines (:mod:`bench.baselines`) train on the very shard files simulate
+baselines (:mod:`fwdllm.bench.baselines`) train on the very shard files simulate
 writes (same ``write_shards`` call, same seed) and are scored on the same dev
 rows, with the same prompt, verbalizer and loss.
 
@@ -26,29 +26,31 @@ from typing import Any
 
 import click
 
-from bench.common import REPO, bench_task, figure, out_option, save_figure, task_options, threads_option, write_result
+from fwdllm.bench.common import REPO, RESULTS, bench_task, figure, save_figure, write_result
+from fwdllm.options import Command, option, shared, threads_for
 
 
-def task_ref(task: str, label_words: str | None, out_dir: Path) -> str:
-    """What ``simulate --task`` gets: the preset name, or (verbalizer
-    override) a spec file keeping the preset's name so its data split stays."""
+def task_ref(task: str, label_words: str | None, out: Path) -> str:
+    """What ``simulate --task`` gets: the preset name or spec file, or (verbalizer
+    override) a spec file keeping the task's name and its data split."""
     if not label_words:
         return task
-    from edge_client.tasks import default_data
+    from fwdllm.runtime.tasks import default_data
 
-    spec = bench_task(task, label_words).to_dict()
-    spec.update(train=str(default_data(task, "train")), dev=str(default_data(task, "dev")))
-    path = out_dir / f"{task}-task.json"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(spec))
+    spec = bench_task(task, label_words)
+    data = spec.to_dict()
+    data.update(train=str(default_data(task, "train")), dev=str(default_data(task, "dev")))
+    path = out / f"{spec.name}-task.json"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
     return str(path)
 
 
 def run_simulate(model: str, strategy: str, run_dir: Path, task: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
     """One ``fwdllm simulate`` run; returns its metrics records."""
-    from aggregator.checkpoint import read_metrics
+    from fwdllm.aggregator.checkpoint import read_metrics
 
-    args = [sys.executable, "-c", "from aggregator.cli import simulate; simulate()", "--model", model,
+    args = [sys.executable, "-c", "from fwdllm.aggregator.cli import simulate; simulate()", "--model", model,
             "--strategy", strategy, "--out", str(run_dir), "--task", task]
     for k, v in opts.items():  # None: a bare flag such as --central
         args += [f"--{k.replace('_', '-')}"] + ([] if v is None else [str(v)])
@@ -101,8 +103,8 @@ def parse_entry(entry: str) -> tuple[str, dict[str, str]]:
     options).  Variants of one strategy then share the shards, the dev rows
     and the backprop ceiling of one invocation.  A ``:`` starts a new option
     only before a letter, so values keep theirs (``layers=0:10``)."""
-    from aggregator.cli import simulate
-    from fwdllm.errors import UserError
+    from fwdllm.aggregator.cli import simulate
+    from fwdllm.core.errors import UserError
 
     name, *pairs = re.split(r":(?=[A-Za-z])", entry)
     fixed = {"model", "strategy", "out", "task", "clients", "shard_size", "rounds", "dev_limit", "eval_every",
@@ -129,10 +131,10 @@ def passes_to(c: dict[str, list[float]], target: float, window: int = 1) -> floa
     last ``window`` evaluations (fewer at the start) reaches ``target``.
 
     ``window=1`` is the first crossing.  On a plateau near the target that
-    crossing is decided by dev-set noise (SST-2's 872 rows: +-1.4 points), and
-    evaluating more often makes it earlier: plain ZO-SGD on q,v touched 0.810
-    at 600 passes, then hovered at ~0.80 for 5,000 more.  A mean over a few
-    evaluations is what a curve holds, not what it touched once."""
+    crossing is decided by dev-set noise (a binomial standard error of
+    ``sqrt(p(1-p)/n)`` on ``n`` dev rows), and evaluating more often makes it
+    earlier.  A mean over a few evaluations is what a curve holds, not what
+    it touched once."""
     acc = c["accuracy"]
     for i, f in enumerate(c["forward_passes"]):
         recent = acc[max(0, i - window + 1): i + 1]
@@ -141,31 +143,40 @@ def passes_to(c: dict[str, list[float]], target: float, window: int = 1) -> floa
     return None
 
 
-@click.command("convergence")
-@click.option("--model", default="smollm2-135m", show_default=True)
+@click.command("convergence", cls=Command)
+@shared("model", "task", "label_words")
 @click.option("--strategies", default="zo-sgd", show_default=True,
               help="fwdllm strategies (simulate --strategy), comma-separated; 'all' = every registered one. "
-                   "An entry may carry simulate options: 'zo-sgd:targets=v:lr=0.2'")
-@click.option("--baselines", default="fedavg-lora,fedcybgd", show_default=True, help="backprop baselines ('' = none)")
-@click.option("--clients", type=int, default=4, show_default=True)
-@click.option("--shard-size", type=int, default=500, show_default=True)
-@click.option("--rounds", type=int, default=30, show_default=True, help="rounds of the ZO strategies")
-@click.option("--bp-rounds", type=int, default=12, show_default=True, help="rounds of the backprop baselines")
-@click.option("--local-steps", type=int, default=2, show_default=True, help="backprop steps per client per round")
-@click.option("-k", "--k", "k", type=int, default=16, show_default=True)
-@click.option("-b", "--batch-size", type=int, default=8, show_default=True)
-@click.option("--lr", type=float, default=None, help="ZO learning rate (default: simulate's)")
-@click.option("--bp-lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate of the baselines")
-@click.option("--dev-limit", type=int, default=200, show_default=True)
-@click.option("--eval-every", type=int, default=10, show_default=True, help="ZO rounds between evaluations")
-@click.option("--bp-eval-every", type=int, default=3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@task_options
-@threads_option
-@out_option
-def convergence(model, strategies, baselines, clients, shard_size, rounds, bp_rounds, local_steps, k, batch_size, lr,  # noqa: ANN001
-                bp_lr, dev_limit, eval_every, bp_eval_every, seed, task, label_words, threads, out_dir: Path) -> None:
+                   "An entry may carry simulate options: 'zo-sgd:targets=v:lr=0.2'.")
+@click.option("--baselines", default="fedavg-lora,fedcybgd", show_default=True,
+              help="Backprop baselines, comma-separated ('' = none).")
+@option("clients")
+@click.option("--shard-size", type=click.IntRange(1), default=500, show_default=True,
+              help="Training rows per client.")
+@option("rounds", default=30, help="Rounds of the ZO strategies.")
+@click.option("--bp-rounds", type=click.IntRange(1), default=12, show_default=True,
+              help="Rounds of the backprop baselines.")
+@click.option("--local-steps", type=click.IntRange(1), default=2, show_default=True,
+              help="Backprop steps per client per round.")
+@shared("k", "batch_size")
+@option("lr")
+@click.option("--bp-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="AdamW learning rate of the baselines.")
+@option("dev_limit")
+@option("eval_every")
+@click.option("--bp-eval-every", type=click.IntRange(1), default=3, show_default=True,
+              help="Backprop rounds between evaluations.")
+@shared("seed", "threads")
+@option("out", default=RESULTS, help="Directory for convergence.json, convergence.png and the runs "
+                                     "(convergence-runs/, which must be empty or absent).")
+def convergence(model, task, label_words, strategies, baselines, clients, shard_size, rounds, bp_rounds,  # noqa: ANN001
+                local_steps, k, batch_size, lr, bp_lr, dev_limit, eval_every, bp_eval_every, seed, threads,
+                out: Path) -> None:
     """Accuracy vs forward passes / bytes / wall time: fwdllm strategies vs backprop baselines.
+
+    The ZO strategies run through `fwdllm simulate` (--threads is passed on:
+    by default the cores are shared among its processes); the baselines run
+    in this process afterwards, on all cores unless --threads says otherwise.
 
     \b
     Examples:
@@ -174,12 +185,12 @@ def convergence(model, strategies, baselines, clients, shard_size, rounds, bp_ro
       fwdllm bench convergence --baselines fedavg-lora --bp-rounds 20
       fwdllm bench convergence --strategies zo-sgd,zo-sgd:targets=v --rounds 300
     """
-    from aggregator.simulate import write_shards
-    from aggregator.strategy import STRATEGIES
-    from bench.baselines import BACKPROP, BackpropConfig, TorchLora, run_backprop
-    from edge_client.tasks import default_data, read_examples
-    from fwdllm.errors import UserError
-    from fwdllm.models import resolve_model
+    from fwdllm.aggregator.registry import STRATEGIES
+    from fwdllm.aggregator.simulate import write_shards
+    from fwdllm.bench.baselines import BACKPROP, BackpropConfig, TorchLora, run_backprop
+    from fwdllm.core.errors import UserError
+    from fwdllm.runtime.models import resolve_model
+    from fwdllm.runtime.tasks import default_data, read_examples
 
     names = sorted(STRATEGIES) if strategies == "all" else [s for s in strategies.split(",") if s]
     entries = {s: parse_entry(s) for s in names}
@@ -187,22 +198,23 @@ def convergence(model, strategies, baselines, clients, shard_size, rounds, bp_ro
     bad = [s for s, (name, _) in entries.items() if name not in STRATEGIES] + [b for b in bps if b not in BACKPROP]
     if bad:
         raise UserError(f"unknown strategy/baseline {bad}; strategies: {sorted(STRATEGIES)}, baselines: {BACKPROP}")
+    spec = bench_task(task, label_words)  # a bad --task or a generation task: one line, before any run
     path = resolve_model(model)
-    runs = out_dir / "convergence-runs"
+    runs = out / "convergence-runs"
     if runs.exists() and any(runs.iterdir()):
         raise UserError(f"{runs} is not empty; pick another --out or remove it")
     ref = task_ref(task, label_words, runs)
     curves: dict[str, dict[str, list[float]]] = {}
     opts = dict(clients=clients, shard_size=shard_size, rounds=rounds, k=k, batch_size=batch_size,
-                dev_limit=dev_limit, eval_every=eval_every, seed=seed, threads=1, **({"lr": lr} if lr else {}))
+                dev_limit=dev_limit, eval_every=eval_every, seed=seed, threads=threads, lr=lr)
+    opts = {key: v for key, v in opts.items() if v is not None}  # unset: simulate's own default
     for s, (name, extra) in entries.items():
         click.echo(f"simulate --strategy {s} ({rounds} rounds)", err=True)
         curves[s] = curve(run_simulate(str(path), name, runs / s.replace(":", "_"), ref, {**opts, **extra}))
     if bps:
-        spec = bench_task(task, label_words)
         shards = [read_examples(spec, p) for p in write_shards(ref, runs / "bp-shards", clients, shard_size, None, seed)]
-        dev = read_examples(spec, default_data(spec.name, "dev"), limit=dev_limit)
-        tl = TorchLora(path, spec, threads=threads, seed=seed)
+        dev = read_examples(spec, default_data(task, "dev"), limit=dev_limit)
+        tl = TorchLora(path, spec, threads=threads_for(threads), seed=seed)
         start = tl.state()
         cfg = BackpropConfig(rounds=bp_rounds, local_steps=local_steps, batch_size=batch_size, lr=bp_lr,
                              eval_every=bp_eval_every, seed=seed)
@@ -219,11 +231,11 @@ def convergence(model, strategies, baselines, clients, shard_size, rounds, bp_ro
                      passes_to(c, 0.95 * ceiling) if ceiling else None,
                      passes_to(c, 0.95 * ceiling, SMOOTH) if ceiling else None])
     write_result(
-        out_dir,
+        out,
         "convergence",
         {"model": str(path), "task": task, "options": {**opts, "bp_rounds": bp_rounds, "local_steps": local_steps,
                                                         "bp_lr": bp_lr}, "ceiling": ceiling, "curves": curves},
-        {f"{task} dev accuracy ({dev_limit} rows), {path.name}, {clients} clients": (
+        {f"{task} dev accuracy ({dev_limit or 'all'} rows), {path.name}, {clients} clients": (
             ["method", "acc@0", "final acc", "best acc", "rounds", "forward passes", "bytes/client (down+up)",
              "wall s", "passes to 95% of FedAvg-LoRA best", f"same, mean of {SMOOTH} evals"],
             rows,
@@ -238,4 +250,4 @@ def convergence(model, strategies, baselines, clients, shard_size, rounds, bp_ro
         ax.set_ylabel(f"{task} dev accuracy")
     axes[1].set_xscale("log")
     axes[0].legend(fontsize=8)
-    save_figure(fig, out_dir, "convergence")
+    save_figure(fig, out, "convergence")

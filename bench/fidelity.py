@@ -1,9 +1,9 @@
 """``fwdllm bench fidelity``: how well K seeds' scalars reconstruct the gradient.
 
-The aggregated estimate ``G_K = (1/K) sum_k p_k v_k`` (``fwdllm.contract.combine``
+The aggregated estimate ``G_K = (1/K) sum_k p_k v_k`` (``fwdllm.core.directions.combine``
 of the seeds and the projections ``p_k`` that ``EdgeSession.perturbed`` measured
 on the INT4 GGUF in llama.cpp) is compared by cosine with the exact gradient of
-the same loss on the same tokens (``bench/torch_ref.py``: the GGUF dequantized
+the same loss on the same tokens (``fwdllm/reference/torch_ref.py``: the GGUF dequantized
 in torch, autograd).  The same seeds are reused as K grows (prefixes of one
 list), so the curve is one estimator getting more samples.
 
@@ -27,8 +27,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from bench.common import (bench_task, figure, number_list, out_option, save_figure, task_options, threads_option,
-                          write_result)
+from fwdllm.bench.common import RESULTS, bench_task, figure, number_list, out_help, save_figure, write_result
+from fwdllm.options import Command, option, parse_targets, shared, threads_for
 
 
 def cosine(a: dict[str, np.ndarray], b: dict[str, np.ndarray], names: list[str]) -> float:
@@ -43,47 +43,46 @@ def k_grid(k_max: int) -> list[int]:
     return ks if ks[-1] == k_max else ks + [k_max]
 
 
-@click.command("fidelity")
-@click.option("--model", default="smollm2-135m", show_default=True)
-@click.option("--k-max", type=int, default=256, show_default=True, help="largest K (seeds 1..K, prefixes reused)")
-@click.option("--k-llama", type=int, default=None,
-              help="score only the first N seeds in llama.cpp (default: all); larger K use exact scalars only")
-@click.option("-b", "--batch", type=int, default=8, show_default=True)
-@click.option("--eps", "eps_list", default="3e-2", show_default=True, callback=number_list(float, positive=True),
-              help="comma list: the first eps draws the K curve; every one gets a per-seed sign/Pearson row")
-@click.option("--rank", type=int, default=8, show_default=True)
-@click.option("--parts", type=click.Choice(["a", "b", "both"]), default="b", show_default=True)
-@click.option("--dist", type=click.Choice(["gaussian", "rademacher"]), default="gaussian", show_default=True)
-@task_options
-@threads_option
-@out_option
-def fidelity(model, k_max, k_llama, batch, eps_list, rank, parts, dist, task, label_words, threads, out_dir: Path) -> None:  # noqa: ANN001
+@click.command("fidelity", cls=Command)
+@shared("model", "task", "label_words")
+@click.option("--k-max", type=click.IntRange(1), default=256, show_default=True,
+              help="Largest K (seeds 1..K, prefixes reused).")
+@click.option("--k-llama", type=click.IntRange(1), default=None,
+              help="Score only the first N seeds in llama.cpp (default: all); larger K use exact scalars only.")
+@option("batch_size")
+@click.option("--eps-grid", "eps_list", default="3e-2", show_default=True, callback=number_list(float, positive=True),
+              metavar="EPS,...", help="Perturbation sizes, comma-separated, in LoRA tensor units: the first draws "
+                                      "the K curve; each gets a per-seed sign/Pearson row.")
+@shared("rank", "targets", "parts", "dist", "threads")
+@option("out", default=RESULTS, help=out_help("fidelity"))
+def fidelity(model, task, label_words, k_max, k_llama, batch_size, eps_list, rank, targets, parts, dist,  # noqa: ANN001
+             threads, out: Path) -> None:
     """Cosine(aggregated ZO gradient on INT4 llama.cpp, exact torch gradient) vs K.
 
     \b
     Examples:
       fwdllm bench fidelity --model smollm2-135m --k-max 256
-      fwdllm bench fidelity --model smollm2-135m --k-max 32 -b 32 --eps 3e-2,1e-3,1e-2,1e-1
+      fwdllm bench fidelity --model smollm2-135m --k-max 32 --batch-size 32 --eps 3e-2,1e-3,1e-2,1e-1
     """
     from tqdm import tqdm
 
-    from bench.torch_ref import TorchRef, directional, random_lora
-    from convert.lora import layout_for_base
-    from edge_client.session import EdgeSession
-    from edge_client.tasks import default_data, read_examples
-    from fwdllm.contract import PerturbMask, combine, direction
-    from fwdllm.errors import UserError
+    from fwdllm.core.directions import combine, direction
+    from fwdllm.core.layout import PerturbMask
+    from fwdllm.core.lora import layout_for_base
+    from fwdllm.reference.torch_ref import TorchRef, directional, random_lora
+    from fwdllm.runtime.session import EdgeSession
+    from fwdllm.runtime.tasks import default_data, read_examples
 
-    if k_max < 1:
-        raise UserError("--k-max must be >= 1")
     eps = eps_list[0]
     k_llama = min(k_llama or k_max, k_max)
+    lora_targets = parse_targets(targets)
     spec = bench_task(task, label_words)
-    examples = read_examples(spec, default_data(spec.name, "train"), limit=batch)
+    examples = read_examples(spec, default_data(task, "train"), limit=batch_size)
     mask = PerturbMask(parts=parts)
     seeds = list(range(1, k_max + 1))
-    with EdgeSession(model, spec, n_threads=threads, max_batch=batch) as session:
-        layout = layout_for_base(session.model_path, rank, 2.0 * rank, ("q", "v"))
+    threads = threads_for(threads)
+    with EdgeSession(model, spec, n_threads=threads, max_batch=batch_size) as session:
+        layout = layout_for_base(session.model_path, rank, 2.0 * rank, lora_targets)
         session.set_lora(layout, random_lora(layout, 0))
         prepared = session.prepare(examples)
         ref = TorchRef(session.model_path, n_threads=threads)
@@ -110,9 +109,10 @@ def fidelity(model, k_max, k_llama, batch, eps_list, rank, parts, dist, task, la
                 float(np.corrcoef(p, head)[0, 1]) if k_llama > 1 else float("nan")] for e, p in projs.items()]
     sign, pearson = per_eps[0][1], per_eps[0][2]
     write_result(
-        out_dir,
+        out,
         "fidelity",
-        {"model": str(model), "d": d, "eps": eps, "parts": parts, "dist": dist, "batch": len(prepared.seqs),
+        {"model": str(model), "d": d, "eps": eps, "targets": ",".join(lora_targets), "parts": parts, "dist": dist,
+         "batch": len(prepared.seqs),
          "torch_loss": torch_loss, "llama_loss": llama_loss, "pearson_scalars": pearson, "sign_agreement": sign,
          "per_eps": [{"eps": e, "sign_agreement": sg, "pearson": pr} for e, sg, pr in per_eps],
          "projected": proj.tolist(), "exact": exact.tolist()},
@@ -136,4 +136,4 @@ def fidelity(model, k_max, k_llama, batch, eps_list, rank, parts, dist, task, la
     ax.set_ylabel("cosine with exact gradient")
     ax.set_title(f"d={d}", fontsize=9)
     ax.legend(fontsize=8)
-    save_figure(fig, out_dir, "fidelity")
+    save_figure(fig, out, "fidelity")

@@ -6,7 +6,7 @@ scales.  Here the clients are a *swarm* of protocol-speaking DEALER sockets in
 a child process that answer every Task at once with synthetic scalars (no
 model, no replica), and the aggregator runs the real loop, strategy, replica
 update, checkpoint and broadcast on the model-free synthetic run of
-:mod:`aggregator.fake`.  Reported per round (first round skipped as warm-up):
+:mod:`fwdllm.testing.fake`.  Reported per round (first round skipped as warm-up):
 
 * ``server CPU``: CPU time of the aggregator's thread from the round's start
   to its commit - every frame decoded, every Task, the step, the checkpoint,
@@ -30,15 +30,16 @@ import click
 import numpy as np
 import zmq
 
-from bench.common import number_list, out_option, write_result
+from fwdllm.bench.common import RESULTS, number_list, write_result
+from fwdllm.options import Command, option
 
 HEARTBEAT_S = 1.0
 
 
 def swarm(url: str, n: int, stop: Any) -> None:
     """``n`` fake clients on one Poller: Join, answer Tasks and heartbeats, leave on Bye."""
-    from aggregator.fake import FAKE_MODEL_SHA
-    from fwdllm.contract import Bye, Heartbeat, Join, Message, ProtocolError, Result, Task
+    from fwdllm.core.protocol import Bye, Heartbeat, Join, Message, ProtocolError, Result, Task
+    from fwdllm.testing.fake import FAKE_MODEL_SHA
 
     ctx = zmq.Context()
     socks, poller = [], zmq.Poller()
@@ -78,12 +79,12 @@ def swarm(url: str, n: int, stop: Any) -> None:
 
 def measure(n: int, rounds: int, k: int, timeout_s: float) -> dict[str, Any]:
     """Serve ``rounds`` rounds to a swarm of ``n``; per-round server CPU and wall times."""
-    from aggregator import checkpoint, setup
-    from aggregator.fake import synthetic_run
-    from aggregator.server import Aggregator, ServerOptions
-    from aggregator.simulate import free_port
-    from aggregator.strategy import StrategySpec
-    from fwdllm.optim import OptimizerSpec
+    from fwdllm.aggregator import checkpoint, setup
+    from fwdllm.aggregator.server import Aggregator, ServerOptions
+    from fwdllm.aggregator.simulate import free_port
+    from fwdllm.aggregator.strategy import StrategySpec
+    from fwdllm.core.optim import OptimizerSpec
+    from fwdllm.testing.fake import synthetic_run
 
     class Timed(Aggregator):
         """Stamps thread CPU and wall time at each round's start and commit."""
@@ -143,26 +144,36 @@ def measure(n: int, rounds: int, k: int, timeout_s: float) -> dict[str, Any]:
     }
 
 
-@click.command("load")
-@click.option("--clients", "sizes", default="10,100,1000", show_default=True, callback=number_list(int, 1), help="Comma-separated swarm sizes.")
-@click.option("--rounds", type=click.IntRange(2, 1000), default=6, show_default=True, help="Rounds per size (the first is warm-up).")
-@click.option("-k", "k", type=click.IntRange(1, 65536), default=16, show_default=True,
-              help="Seeds per round (ZO-SGD gives them to min(K, clients) clients; the rest only heartbeat).")
-@click.option("--k-per-client", is_flag=True, help="K = number of clients (every client works every round).")
-@click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True, help="Give up on a size after this many seconds.")
-@out_option
-def load(sizes: list[int], rounds: int, k: int, k_per_client: bool, timeout_s: float, out_dir: Path) -> None:
+@click.command("load", cls=Command)
+@click.option("--sizes", default="10,100,1000", show_default=True, callback=number_list(int, 1), metavar="N,...",
+              help="Swarm sizes to measure, comma-separated: the number of fake clients in each run.")
+@option("rounds", default=6, help="Rounds per swarm size, at least 2 (the first is warm-up).")
+@option("k")
+@click.option("--k-per-client", is_flag=True,
+              help="Use K = the swarm size (every client works every round) instead of --k.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Give up on a swarm size after this many seconds.")
+@option("out", default=RESULTS, help="Directory for load.json.")
+def load(sizes: list[int], rounds: int, k: int, k_per_client: bool, timeout_s: float, out: Path) -> None:
     """Aggregator overhead per round with 10 / 100 / 1,000 fake clients.
 
     The clients are lightweight protocol-speaking sockets (one child process)
     answering instantly with synthetic scalars, so the numbers are the
     server's own: decoding, strategy, replica step, checkpoint, broadcast.
+    ZO-SGD gives the --k seeds of a round to min(K, clients) clients; the
+    rest only heartbeat.
 
     \b
     Examples:
       fwdllm bench load                         # 10, 100, 1000 clients, K=16
-      fwdllm bench load --clients 1000 --k-per-client
+      fwdllm bench load --sizes 1000 --k-per-client
     """
+    from fwdllm.core.errors import UserError
+
+    if rounds < 2:
+        raise UserError("--rounds: bench load needs at least 2 (the first is warm-up)")
+    if k < 1 and not k_per_client:
+        raise UserError("--k: a round needs at least one seed")
     results = []
     for n in sizes:
         r = measure(n, rounds, n if k_per_client else k, timeout_s)
@@ -172,7 +183,7 @@ def load(sizes: list[int], rounds: int, k: int, k_per_client: bool, timeout_s: f
     rows = [[r["clients"], r["k"], r["participants"], f"{r['server_cpu_ms']['median']:.1f}",
              f"{r['server_cpu_ms']['max']:.1f}", f"{r['round_wall_ms']['median']:.1f}", r["bytes_update"]]
             for r in results]
-    write_result(out_dir, "load", {"results": results, "heartbeat_s": HEARTBEAT_S},
+    write_result(out, "load", {"results": results, "heartbeat_s": HEARTBEAT_S},
                  {"Aggregator overhead per round (fake clients on 127.0.0.1; goal < 100 ms at 1,000)": (
                      ["clients", "K", "participants", "server CPU ms (median)", "server CPU ms (max)",
                       "round wall ms (median)", "Update bytes"], rows)})

@@ -3,11 +3,11 @@
 Each side runs in its own subprocess, so each VmHWM is that side's alone:
 
 * edge - :class:`EdgeSession` in one of the engine's loading modes, a LoRA on
-  q,v, then ``rounds`` perturbed rounds of K seeds (what a device does);
-* torch - the backprop-LoRA baseline of :mod:`bench.baselines` (the GGUF
-  dequantized to float32, PEFT LoRA on q,v, AdamW) taking ``steps`` steps.
+  ``--targets``, then ``rounds`` perturbed rounds of K seeds (what a device does);
+* torch - the backprop-LoRA baseline of :mod:`fwdllm.bench.baselines` (the GGUF
+  dequantized to float32, PEFT LoRA on the same targets, AdamW) taking ``steps`` steps.
 
-Goals (issue 8): edge RSS <= 1.15x the GGUF file, and >= 4x below backprop.
+Goals: edge RSS <= 1.15x the GGUF file, and >= 4x below backprop.
 The torch side is skipped, with its float32 weight size as a lower bound,
 when those weights alone exceed this machine's available memory.
 """
@@ -20,37 +20,37 @@ from typing import Any
 
 import click
 
-from bench.common import (
+from fwdllm.bench.common import (
     GIB,
+    RESULTS,
     bench_task,
     child_main,
     figure,
-    out_option,
+    out_help,
     run_child,
     save_figure,
-    task_options,
-    threads_option,
     write_result,
 )
-from bench.round import MODES, synth_model
+from fwdllm.bench.round import MODES, synth_model
+from fwdllm.options import Command, option, parse_targets, shared, threads_for
 
 
 def edge_worker(args: dict[str, Any]) -> dict[str, Any]:
     """Load in ``mode``, then perturbed rounds; the parent reads VmHWM."""
-    from bench.torch_ref import random_lora
-    from convert.lora import layout_for_base
-    from edge_client.session import EdgeSession
-    from edge_client.tasks import default_data, read_examples
-    from fwdllm.contract import PerturbMask
+    from fwdllm.core.layout import PerturbMask
+    from fwdllm.core.lora import layout_for_base
+    from fwdllm.reference.torch_ref import random_lora
+    from fwdllm.runtime.session import EdgeSession
+    from fwdllm.runtime.tasks import default_data, read_examples
 
     mmap, repack = MODES[args["mode"]]
     task = bench_task(args["task"], args["label_words"])
     t0 = time.perf_counter()
     session = EdgeSession(args["model"], task, n_threads=args["threads"], max_batch=args["batch"], mmap=mmap, repack=repack)
     load_s = time.perf_counter() - t0
-    layout = layout_for_base(session.model_path, args["rank"], 2.0 * args["rank"], ("q", "v"))
+    layout = layout_for_base(session.model_path, args["rank"], 2.0 * args["rank"], tuple(args["targets"]))
     session.set_lora(layout, random_lora(layout, 0))
-    examples = read_examples(task, default_data(task.name, "train"), limit=args["batch"])
+    examples = read_examples(task, default_data(args["task"], "train"), limit=args["batch"])
     t0 = time.perf_counter()
     tokens = 0
     for r in range(args["rounds"]):
@@ -76,41 +76,50 @@ def mem_available() -> int:
     return 0  # pragma: no cover
 
 
-@click.command("memory")
-@click.option("--model", default="smollm2-135m", show_default=True, help="GGUF path or store name")
-@click.option("--synth", default=None, help="use a synthetic preset instead (e.g. llama2-7b), made on first use")
-@click.option("--modes", default="default,no-repack,no-mmap", show_default=True, help="edge loading modes")
-@click.option("-k", "--k", "k", type=int, default=4, show_default=True, help="seeds per edge round")
-@click.option("--rounds", type=int, default=2, show_default=True, help="edge rounds")
-@click.option("--steps", type=int, default=2, show_default=True, help="torch backprop steps")
-@click.option("-b", "--batch", type=int, default=8, show_default=True)
-@click.option("--rank", type=int, default=8, show_default=True)
-@click.option("--no-torch", is_flag=True, help="edge side only")
-@task_options
-@threads_option
-@out_option
-def memory(model, synth, modes, k, rounds, steps, batch, rank, no_torch, task, label_words, threads, out_dir) -> None:  # noqa: ANN001
+@click.command("memory", cls=Command)
+@option("model")
+@click.option("--synth", default=None, metavar="PRESET",
+              help="Use this synthetic preset (e.g. llama2-7b, written on first use and cached) instead of --model.")
+@click.option("--modes", default="default,no-repack,no-mmap", show_default=True,
+              help="Edge loading modes, comma-separated.")
+@option("k")
+@option("rounds", default=2, help="Perturbed rounds of the edge side.")
+@click.option("--steps", type=click.IntRange(1), default=2, show_default=True, help="Backprop steps of the torch side.")
+@shared("batch_size", "rank", "targets")
+@click.option("--no-torch", is_flag=True, help="Measure the edge side only.")
+@shared("task", "label_words", "threads")
+@option("out", default=RESULTS, help=out_help("memory"))
+def memory(model, synth, modes, k, rounds, steps, batch_size, rank, targets, no_torch, task, label_words,  # noqa: ANN001
+           threads, out: Path) -> None:
     """Peak RSS: edge client (perturbed rounds) vs torch backprop-LoRA, one subprocess each.
+
+    The subprocesses run one after the other.  --synth, when given, replaces
+    --model.
 
     \b
     Examples:
       fwdllm bench memory --model smollm2-135m
       fwdllm bench memory --synth llama2-7b --modes no-mmap --no-torch
     """
-    from fwdllm.errors import UserError
-    from fwdllm.models import resolve_model
+    from fwdllm.core.errors import UserError
+    from fwdllm.runtime.models import resolve_model
 
+    if k < 1:
+        raise UserError("--k: an edge round needs at least one perturbation")
     names = [m for m in modes.split(",") if m]
     if not names or any(m not in MODES for m in names):
         raise UserError(f"--modes: choose from {', '.join(MODES)}")
+    lora_targets = parse_targets(targets)
+    bench_task(task, label_words)  # a bad --task: one line, before a subprocess
     path = synth_model(synth) if synth else resolve_model(model)
     size = path.stat().st_size
-    common = dict(model=str(path), task=task, label_words=label_words, batch=batch, rank=rank, threads=threads)
-    runs = [run_child("bench.memory", {**common, "mode": m, "k": k, "rounds": rounds}) for m in names]
+    common = dict(model=str(path), task=task, label_words=label_words, batch=batch_size, rank=rank,
+                  targets=lora_targets, threads=threads_for(threads))
+    runs = [run_child("fwdllm.bench.memory", {**common, "mode": m, "k": k, "rounds": rounds}) for m in names]
     need = f32_weight_bytes(path)
     torch_note = ""
     if not no_torch and need < 0.8 * mem_available():
-        runs.append(run_child("bench.baselines", {**common, "steps": steps}))
+        runs.append(run_child("fwdllm.bench.baselines", {**common, "steps": steps}))
     elif not no_torch:
         torch_note = f"torch backprop-LoRA skipped: float32 weights alone need {need / GIB:.1f} GiB"
     torch_rss = next((r["peak_rss_bytes"] for r in runs if r["side"].startswith("torch")), need)
@@ -119,7 +128,7 @@ def memory(model, synth, modes, k, rounds, steps, batch, rank, no_torch, task, l
     if torch_note:
         rows.append(["torch backprop-LoRA (f32 weights, lower bound, not run)", need / GIB, need / size, 1.0, "-", "-"])
     write_result(
-        out_dir,
+        out,
         "memory",
         {"model": str(path), "size_bytes": size, "f32_weight_bytes": need, "runs": runs, "note": torch_note},
         {f"Peak RSS, {path.name} ({size / GIB:.3f} GiB file); goals: edge <= 1.15x file, >= 4x below torch": (
@@ -134,7 +143,7 @@ def memory(model, synth, modes, k, rounds, steps, batch, rank, no_torch, task, l
     ax.set_ylabel("peak RSS (GiB)")
     ax.tick_params(axis="x", labelsize=7, rotation=15)
     ax.legend(fontsize=8)
-    save_figure(fig, out_dir, "memory")
+    save_figure(fig, out, "memory")
 
 
 if __name__ == "__main__":

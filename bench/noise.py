@@ -5,8 +5,7 @@ loss.  Next to the ``d/K`` of the directions, the estimator's error grows with
 ``rho = E|g_b - g|^2 / |g|^2`` (docs/strategies.md, "The math"): the error of
 ``G`` is ``d (1 + rho) / K`` in units of ``|g|^2``, so a draw that lowers
 ``rho`` at the same batch size lowers every scalar's error in proportion to
-``1 + rho`` (whether training then gets faster is for a run to show: on
-SST-2 a 1.25x lower error did not, docs/strategies.md).  Pacing's replicas
+``1 + rho`` (whether training then gets faster is for a run to show).  Pacing's replicas
 estimate ``rho`` from scalars during a run; this bench measures it exactly,
 offline:
 
@@ -15,7 +14,7 @@ offline:
   the fresh init or under ``--lora``;
 * ``|g|^2`` of their mean (unbiased), and for each batch size the mean of
   ``|g_b - g|^2`` over ``--draws`` batches drawn exactly as clients draw them
-  (``edge_client.tasks.sample_batch``), uniform and stratified by label.
+  (``fwdllm.core.batches.sample_batch``), uniform and stratified by label.
 """
 
 from __future__ import annotations
@@ -25,15 +24,15 @@ from pathlib import Path
 import click
 import numpy as np
 
-from bench.common import bench_task, figure, number_list, out_option, save_figure, task_options, threads_option, \
-    write_result
+from fwdllm.bench.common import RESULTS, bench_task, figure, number_list, out_help, save_figure, write_result
+from fwdllm.options import Command, option, parse_targets, shared, threads_for
 
 
 def example_gradients(session, layout, tensors, names: list[str], examples: list, threads: int) -> np.ndarray:  # noqa: ANN001
     """(n, d) exact gradients of the per-example losses w.r.t. the ``names`` tensors."""
     from tqdm import tqdm
 
-    from bench.torch_ref import TorchRef
+    from fwdllm.reference.torch_ref import TorchRef
 
     ref = TorchRef(session.model_path, n_threads=threads)
     rows = []
@@ -47,7 +46,7 @@ def example_gradients(session, layout, tensors, names: list[str], examples: list
 
 def batch_noise(grads: np.ndarray, examples: list, batch_size: int, draws: int, stratify: bool) -> float:
     """Mean ``|g_b - g|^2`` over ``draws`` batches of the clients' own draw, ``g`` the mean of all rows."""
-    from edge_client.tasks import sample_batch
+    from fwdllm.core.batches import sample_batch
 
     g = grads.mean(axis=0)
     row = {id(e): i for i, e in enumerate(examples)}
@@ -66,22 +65,24 @@ def signal(grads: np.ndarray) -> tuple[float, float]:
     return float(g @ g) - var / n, var
 
 
-@click.command("noise")
-@click.option("--model", default="smollm2-135m", show_default=True)
-@task_options
+@click.command("noise", cls=Command)
+@shared("model", "task", "label_words")
 @click.option("--rows", type=click.IntRange(2), default=400, show_default=True,
-              help="training rows whose exact gradients are taken (about 0.3 s each for SmolLM2 on 2 cores)")
-@click.option("--batch-sizes", callback=number_list(int, 1, positive=True), default="4,8,16", show_default=True)
-@click.option("--draws", type=click.IntRange(1), default=3000, show_default=True, help="batches drawn per size and draw")
-@click.option("--rank", type=int, default=8, show_default=True)
-@click.option("--targets", default="v", show_default=True)
-@click.option("--parts", type=click.Choice(["a", "b", "both"]), default="b", show_default=True)
-@click.option("--lora", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="a trained adapter (a run's adapter.gguf) to measure at, instead of the fresh init")
-@threads_option
-@out_option
-def noise(model, task, label_words, rows, batch_sizes, draws, rank, targets, parts, lora, threads, out_dir: Path) -> None:  # noqa: ANN001
+              help="Training rows whose exact per-example gradients are taken.")
+@click.option("--batch-sizes", callback=number_list(int, 1, positive=True), default="4,8,16", show_default=True,
+              metavar="B,...", help="Batch sizes to measure, comma-separated.")
+@click.option("--draws", type=click.IntRange(1), default=3000, show_default=True,
+              help="Batches drawn per batch size and draw kind.")
+@shared("rank", "targets", "parts")
+@option("lora")
+@option("threads")
+@option("out", default=RESULTS, help=out_help("noise"))
+def noise(model, task, label_words, rows, batch_sizes, draws, rank, targets, parts, lora, threads,  # noqa: ANN001
+          out: Path) -> None:
     """Batch noise of the ZO scalars, rho = E|g_b - g|^2 / |g|^2, uniform vs stratified batches.
+
+    The gradients are taken at a fresh LoRA (--rank, --targets), or under
+    --lora, a trained adapter; --parts picks the factor they are taken of.
 
     \b
     Examples:
@@ -89,14 +90,17 @@ def noise(model, task, label_words, rows, batch_sizes, draws, rank, targets, par
       fwdllm bench noise --task agnews --batch-sizes 8 --rows 200
       fwdllm bench noise --task sst2 --lora runs/demo/adapter.gguf
     """
-    from convert.lora import init_lora, open_base, read_lora_for
-    from edge_client.session import EdgeSession
-    from edge_client.tasks import default_data, read_examples, sample_batch
-    from fwdllm.contract import PerturbMask, split_targets
-    from fwdllm.errors import UserError
+    from fwdllm.core.batches import sample_batch
+    from fwdllm.core.errors import UserError
+    from fwdllm.core.layout import PerturbMask
+    from fwdllm.core.lora import init_lora, open_base, read_lora_for
+    from fwdllm.runtime.session import EdgeSession
+    from fwdllm.runtime.tasks import default_data, read_examples
 
+    lora_targets = parse_targets(targets)
+    threads = threads_for(threads)
     spec = bench_task(task, label_words)
-    pool = read_examples(spec, default_data(spec.name, "train"))
+    pool = read_examples(spec, default_data(task, "train"))
     if rows > len(pool):
         raise UserError(f"--rows {rows}: the {spec.name} training split has {len(pool)} rows")
     if max(batch_sizes) >= rows:
@@ -107,7 +111,7 @@ def noise(model, task, label_words, rows, batch_sizes, draws, rank, targets, par
             layout, tensors = read_lora_for(lora, open_base(session.model_path), "--lora")
         else:
             try:
-                layout, tensors = init_lora(session.model_path, rank, 2.0 * rank, split_targets(targets), 0)
+                layout, tensors = init_lora(session.model_path, rank, 2.0 * rank, lora_targets, 0)
             except ValueError as e:
                 raise UserError(f"cannot build the LoRA: {e}") from None
         names = PerturbMask(parts=parts).names(layout)
@@ -123,7 +127,7 @@ def noise(model, task, label_words, rows, batch_sizes, draws, rank, targets, par
         table.append([b, uni, strat, (1 + uni) / (1 + strat)])
     where = f"under {lora}" if lora else "fresh init"
     write_result(
-        out_dir, "noise",
+        out, "noise",
         {"model": str(model), "task": spec.name, "rows": rows, "label_counts": counts, "d": int(grads.shape[1]),
          "targets": targets, "parts": parts, "lora": str(lora) if lora else None, "grad_sq": gg,
          "example_var": var, "rho_1": var / gg, "draws": draws},
@@ -140,4 +144,4 @@ def noise(model, task, label_words, rows, batch_sizes, draws, rank, targets, par
     ax.set_ylabel("rho = E|g_b - g|^2 / |g|^2")
     ax.set_title(f"{spec.name}, {where}", fontsize=9)
     ax.legend(fontsize=8)
-    save_figure(fig, out_dir, "noise")
+    save_figure(fig, out, "noise")

@@ -15,7 +15,7 @@ llama.cpp features of the INT4 model:
   SGD gets in ``rounds`` rounds, with ``d = n_labels * n_embd`` dimensions.
 * **head**: the head as ``--head`` trains it (the exact gradient of
   ``clients x batch_size`` fresh rows per round, stepped by fwdllm's own
-  optimizer), over several sampling seeds.  A real ``--head`` run follows one
+  optimizer), over ``--repeats`` sampling seeds.  A real ``--head`` run follows one
   such draw; the spread says how far a single run's best can fall from the
   mean on a dev split of this size.
 
@@ -39,8 +39,8 @@ from typing import Sequence
 import click
 import numpy as np
 
-from bench.common import (bench_task, figure, number_list, out_option, save_figure, task_options, threads_option,
-                          write_result)
+from fwdllm.bench.common import RESULTS, bench_task, figure, number_list, out_help, save_figure, write_result
+from fwdllm.options import Command, option, shared, threads_for
 
 
 def head_features(model: Path, prompts: Sequence[str], threads: int, batch: int = 16,
@@ -49,7 +49,7 @@ def head_features(model: Path, prompts: Sequence[str], threads: int, batch: int 
     (under the adapter ``lora`` at scale 1, as the engine applies a run's LoRA)."""
     import llama_cpp
 
-    from fwdllm.log import quiet_llama
+    from fwdllm.runtime.log import quiet_llama
 
     quiet_llama()
     llm = llama_cpp.Llama(model_path=str(model), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_LAST,
@@ -66,8 +66,8 @@ def label_rows(model: Path, spec) -> np.ndarray:  # noqa: ANN001 - TaskSpec
     """Dequantized output-matrix rows of the verbalizer's token ids, as the
     engine defines them (:attr:`EdgeSession.label_ids`); the tied embedding
     when the model has no ``output.weight``."""
-    from edge_client.readout import output_rows
-    from edge_client.session import EdgeSession
+    from fwdllm.runtime.readout import output_rows
+    from fwdllm.runtime.session import EdgeSession
 
     with EdgeSession(model, spec, n_threads=1) as session:
         ids = session.label_ids
@@ -124,8 +124,8 @@ def head_train(h: np.ndarray, y: np.ndarray, dev: tuple[np.ndarray, np.ndarray],
     features: :class:`fwdllm.optim.Optimizer` (Adam for the head, cosine
     schedule, ``--ema`` average evaluated as a run evaluates it) on the exact
     gradient, so the simulation cannot drift from the product's step."""
-    from fwdllm.contract import HEAD
-    from fwdllm.optim import Optimizer, OptimizerSpec
+    from fwdllm.core.layout import HEAD
+    from fwdllm.core.optim import Optimizer, OptimizerSpec
 
     spec = OptimizerSpec(lr=lr, head_lr=lr, schedule="cosine", total_rounds=rounds, ema=ema)
     opt, params = Optimizer(spec), {HEAD: np.zeros(w0.shape, np.float32)}
@@ -141,31 +141,34 @@ def head_train(h: np.ndarray, y: np.ndarray, dev: tuple[np.ndarray, np.ndarray],
     return accs
 
 
-@click.command("probe")
-@click.option("--model", default="smollm2-135m", show_default=True)
-@click.option("--train", "n_train", default="64,256,1000,3000", show_default=True, callback=number_list(int, 1), help="training-set sizes of the exact fit (comma-separated)")
-@click.option("--dev-limit", type=int, default=None, help="dev rows (default: the whole dev split)")
-@click.option("--l2", default="0,1e-3,1e-2", show_default=True, callback=number_list(float, 0), help="L2 strengths of the exact fit")
-@click.option("--rounds", type=int, default=300, show_default=True, help="rounds of the simulated ZO and --head runs")
-@click.option("--zo-lr", default="0.3,1,3", show_default=True, callback=number_list(float, positive=True), help="learning rates of the simulated ZO runs")
-@click.option("--eps", type=float, default=3e-2, show_default=True)
-@click.option("-k", "--k", "k", type=int, default=16, show_default=True)
-@click.option("--clients", type=int, default=4, show_default=True)
-@click.option("-b", "--batch-size", type=int, default=8, show_default=True)
-@click.option("--head-lr", default="1e-3,3e-3", show_default=True, callback=number_list(float, positive=True), help="learning rates of the simulated --head runs")
-@click.option("--head-ema", default="0", show_default=True, callback=number_list(float, 0, 1),
-              help="--ema decays of the simulated --head runs (comma-separated; 0 = the last iterate)")
-@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="sampling seeds per --head lr")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--lora", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="read the features under this trained LoRA GGUF (e.g. a run's adapter.gguf)")
-@click.option("--template", default=None, help="prompt template instead of the task's: {text} (or the task's columns), \\n for a newline")
-@task_options
-@threads_option
-@out_option
-def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_size, head_lr, head_ema, seeds, seed,  # noqa: ANN001
-          lora, template, task, label_words, threads, out_dir: Path) -> None:
+@click.command("probe", cls=Command)
+@shared("model", "task", "label_words")
+@click.option("--template", default=None,
+              help="Prompt template instead of the task's: {text} (or the task's columns), \\n for a newline.")
+@option("lora")
+@click.option("--train-sizes", "n_train", default="64,256,1000,3000", show_default=True, callback=number_list(int, 1),
+              metavar="N,...", help="Training-set sizes of the exact fit, comma-separated.")
+@option("dev_limit")
+@click.option("--l2-grid", "l2", default="0,1e-3,1e-2", show_default=True, callback=number_list(float, 0), metavar="L2,...",
+              help="L2 strengths of the exact fit, comma-separated.")
+@option("rounds", default=300, help="Rounds of the simulated ZO and --head runs.")
+@click.option("--zo-lr-grid", "zo_lr", default="0.3,1,3", show_default=True, callback=number_list(float, positive=True),
+              metavar="LR,...", help="Learning rates of the simulated ZO runs, comma-separated.")
+@shared("eps", "k", "clients", "batch_size")
+@click.option("--head-lr-grid", "head_lr", default="1e-3,3e-3", show_default=True, callback=number_list(float, positive=True),
+              metavar="LR,...", help="Learning rates of the simulated --head runs, comma-separated.")
+@click.option("--ema-grid", "head_ema", default="0", show_default=True, callback=number_list(float, 0, 1), metavar="DECAY,...",
+              help="--ema decays of the simulated --head runs, comma-separated (0 = the last iterate).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Simulated --head runs per (lr, ema), each with its own sampling seed (--seed, --seed+1, ...).")
+@shared("seed", "threads")
+@option("out", default=RESULTS, help=out_help("probe"))
+def probe(model, task, label_words, template, lora, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients,  # noqa: ANN001
+          batch_size, head_lr, head_ema, repeats, seed, threads, out: Path) -> None:
     """Linear-probe ceiling of the frozen INT4 features, exact and by simulated ZO-SGD.
+
+    --template swaps the task's prompt; --lora reads the features under a
+    trained adapter.
 
     \b
     Examples:
@@ -174,22 +177,23 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
       fwdllm bench probe --task sst2 --template 'Review: a dull mess.\\nSentiment: negative\\nReview: {text}\\nSentiment:'
       fwdllm bench probe --task sst2-2shot --lora runs/long/adapter.gguf --rounds 400 --head-lr 1e-2 --head-ema 0,0.95
     """
-    from convert.lora import open_base, read_lora_for
-    from edge_client.tasks import default_data, read_examples
-    from fwdllm.errors import UserError
-    from fwdllm.models import resolve_model
+    from fwdllm.core.errors import UserError
+    from fwdllm.core.lora import open_base, read_lora_for
+    from fwdllm.runtime.models import resolve_model
+    from fwdllm.runtime.tasks import default_data, read_examples
 
     path = resolve_model(model)
     if lora is not None:  # a clear error before minutes of feature extraction
         read_lora_for(lora, open_base(path), "--lora")
     spec = bench_task(task, label_words, template.replace("\\n", "\n") if template else None)
     sizes = sorted(set(n_train))
-    train = read_examples(spec, default_data(spec.name, "train"))
+    train = read_examples(spec, default_data(task, "train"))
     if sizes[-1] > len(train):
         raise UserError(f"--train {sizes[-1]} exceeds the {len(train)} training rows")
     picked = np.random.default_rng(seed).choice(len(train), sizes[-1], replace=False)
     train = [train[i] for i in picked]
-    dev = read_examples(spec, default_data(spec.name, "dev"), limit=dev_limit)
+    dev = read_examples(spec, default_data(task, "dev"), limit=dev_limit)
+    threads = threads_for(threads)
     t0 = time.perf_counter()
     with click.progressbar(length=2, label="llama.cpp features (train, dev)", file=None) as bar:
         h_train = head_features(path, [e.prompt for e in train], threads, lora=lora)
@@ -212,18 +216,18 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
                                  clients=clients, batch_size=batch_size, evals=6, seed=seed)
     head_curves = {  # keyed (lr, ema); the same sampling seeds for every pair
         (lr, ema): [head_train(h_train, y_train, (h_dev, y_dev), w0, rounds=rounds, lr=lr, clients=clients,
-                               batch_size=batch_size, evals=6, seed=seed + i, ema=ema) for i in range(seeds)]
+                               batch_size=batch_size, evals=6, seed=seed + i, ema=ema) for i in range(repeats)]
         for lr in head_lr for ema in head_ema
     }
     passes = rounds * (k + clients)
     write_result(
-        out_dir,
+        out,
         "probe",
         {"model": str(path), "lora": str(lora) if lora else None, "task": task, "template": spec.template, "n_embd": int(w0.shape[1]), "d_head": int(w0.size),
          "zero_shot": {"accuracy": zero_acc, "loss": zero_loss}, "feature_s": feature_s,
          "zo": {"rounds": rounds, "k": k, "clients": clients, "batch_size": batch_size, "eps": eps,
                 "forward_passes": passes, "curves": {str(lr): c for lr, c in zo_curves.items()}},
-         "head": {"rounds": rounds, "clients": clients, "batch_size": batch_size, "seeds": seeds,
+         "head": {"rounds": rounds, "clients": clients, "batch_size": batch_size, "repeats": repeats,
                   "curves": {f"{lr}" + (f" ema {ema}" if ema else ""): c for (lr, ema), c in head_curves.items()}}},
         {
             f"exact linear probe on {path.name} features ({task}, {len(dev)} dev rows; zero-shot {zero_acc:.4f})": (
@@ -231,7 +235,8 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
             f"simulated ZO-SGD on the head (d = {w0.size}, K={k} one-sided, {clients}x{batch_size} rows/round)": (
                 ["lr", *[f"round {rounds * (i + 1) // 6}" for i in range(6)]],
                 [[lr, *c] for lr, c in zo_curves.items()]),
-            f"simulated --head (exact gradient, Adam, cosine, {clients}x{batch_size} rows/round; {seeds} seeds)": (
+            f"simulated --head (exact gradient, Adam, cosine, {clients}x{batch_size} rows/round; "
+            f"{repeats} sampling seeds)": (
                 ["head lr", "ema", *[f"round {rounds * (i + 1) // 6}, mean" for i in range(6)], "final min",
                  "final max", "best, max over seeds"],
                 [[lr, ema, *np.mean(c, axis=0).round(4).tolist(), min(r[-1] for r in c), max(r[-1] for r in c),
@@ -249,10 +254,10 @@ def probe(model, n_train, dev_limit, l2, rounds, zo_lr, eps, k, clients, batch_s
         axes[1].plot([rounds * (i + 1) // 6 for i in range(len(c))], c, "o-", label=f"ZO lr {lr:g}")
     for (lr, ema), c in head_curves.items():
         axes[1].plot([rounds * (i + 1) // 6 for i in range(len(c[0]))], np.mean(c, axis=0), "s--",
-                     label=f"--head lr {lr:g}{f' ema {ema:g}' if ema else ''} (mean of {seeds})")
+                     label=f"--head lr {lr:g}{f' ema {ema:g}' if ema else ''} (mean of {repeats})")
     axes[1].axhline(zero_acc, color="gray", ls=":")
     axes[1].set_xlabel("rounds (simulated)")
     for ax in axes:
         ax.set_ylabel(f"{task} dev accuracy")
         ax.legend(fontsize=8)
-    save_figure(fig, out_dir, "probe")
+    save_figure(fig, out, "probe")

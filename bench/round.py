@@ -24,9 +24,20 @@ from typing import Any, Sequence
 import click
 import numpy as np
 
-from bench.common import GIB, bench_task, child_main, figure, out_option, run_child, save_figure, task_options, threads_option, write_result
+from fwdllm.bench.common import (
+    GIB,
+    RESULTS,
+    bench_task,
+    child_main,
+    figure,
+    out_help,
+    run_child,
+    save_figure,
+    write_result,
+)
+from fwdllm.options import Command, option, parse_targets, shared, threads_for
 
-#: loading modes of edge_client.engine.Engine: name -> (mmap, repack)
+#: loading modes of fwdllm.runtime.engine.Engine: name -> (mmap, repack)
 MODES: dict[str, tuple[bool, bool]] = {"default": (True, True), "no-repack": (True, False), "no-mmap": (False, True)}
 
 
@@ -37,7 +48,7 @@ def synth_cache() -> Path:
 
 def synth_model(preset: str, quant: str = "Q4_0") -> Path:
     """The synthetic ``preset`` GGUF in the cache, written on first use."""
-    from convert.synth import write_synth
+    from fwdllm.convert.synth import write_synth
 
     path = synth_cache() / f"{preset}-{quant}.gguf"
     if not path.exists():
@@ -64,7 +75,7 @@ class Stages:
         return self.build + self.switch + self.decode + self.loss
 
 
-def _score(session, batch, adapters: list, st: Stages) -> float:  # noqa: ANN001 - EdgeSession, _Batch
+def _score(session, batch, adapters: list, st: Stages) -> float:  # noqa: ANN001 - EdgeSession, Batch
     """One pass of ``batch`` under ``adapters``: mean loss, stages timed."""
     t = time.perf_counter()
     session.engine.set_adapters(adapters)
@@ -79,7 +90,7 @@ def _score(session, batch, adapters: list, st: Stages) -> float:  # noqa: ANN001
             st.first_decode.append(dt)
         t = time.perf_counter()
         for i, z in zip(chunk, logits):
-            a, b, _ = session._nll(z, batch.targets[i])
+            a, b, _ = session.nll(z, batch.targets[i])
             nll, terms = nll + a, terms + b
         st.loss += time.perf_counter() - t
     st.passes += 1
@@ -97,12 +108,12 @@ def staged_round(session, batch, seeds: Sequence[int], eps: float, mask, dist: s
     plus, minus = np.empty(len(seeds)), np.empty(len(seeds))
     for k, seed in enumerate(seeds):
         t = time.perf_counter()
-        ads = [session._load_file(f) for f in session.write_shifted(int(seed), eps, mask, dist, (1, -1))]
+        ads = [session.load_file(f) for f in session.write_shifted(int(seed), eps, mask, dist, (1, -1))]
         st.build += time.perf_counter() - t
         plus[k] = _score(session, batch, [(ads[0], 1.0)], st)
         minus[k] = _score(session, batch, [(ads[1], 1.0)], st)
         t = time.perf_counter()
-        session.engine.set_adapters(session._main_set())
+        session.engine.set_adapters(session.main_set())
         for ad in ads:
             session.engine.free_adapter(ad)
         st.build += time.perf_counter() - t
@@ -112,15 +123,15 @@ def staged_round(session, batch, seeds: Sequence[int], eps: float, mask, dist: s
 def plain_pass(session, batch) -> tuple[float, Stages]:  # noqa: ANN001
     """Plain llama.cpp scoring of the same tokens (main LoRA only)."""
     st = Stages()
-    return _score(session, batch, session._main_set(), st), st
+    return _score(session, batch, session.main_set(), st), st
 
 
 def token_batch(session, examples, n_tokens: int):  # noqa: ANN001, ANN201
     """B sequences of exactly ``n_tokens`` tokens: each real prompt's tokens
     repeated or cut to length, scored at the last position, so that every
     model (whatever its tokenizer) decodes the same amount of work."""
-    from edge_client.engine import Seq
-    from edge_client.session import _Batch
+    from fwdllm.runtime.engine import Seq
+    from fwdllm.runtime.session import Batch
 
     seqs, targets = [], []
     for ex in examples:
@@ -128,16 +139,16 @@ def token_batch(session, examples, n_tokens: int):  # noqa: ANN001, ANN201
         toks = (toks * (n_tokens // len(toks) + 1))[:n_tokens]
         seqs.append(Seq(tuple(toks), (n_tokens - 1,)))
         targets.append(np.array([ex.label]))
-    return _Batch(seqs, targets, session.engine.pack(seqs), n_tokens * len(seqs))
+    return Batch(seqs, targets, session.engine.pack(seqs), n_tokens * len(seqs))
 
 
 def worker(args: dict[str, Any]) -> dict[str, Any]:
     """One loading mode in this (child) process: load, warm up, plain, round, plain."""
-    from bench.torch_ref import random_lora
-    from convert.lora import layout_for_base
-    from edge_client.session import EdgeSession
-    from edge_client.tasks import default_data, read_examples
-    from fwdllm.contract import PerturbMask
+    from fwdllm.core.layout import PerturbMask
+    from fwdllm.core.lora import layout_for_base
+    from fwdllm.reference.torch_ref import random_lora
+    from fwdllm.runtime.session import EdgeSession
+    from fwdllm.runtime.tasks import default_data, read_examples
 
     mmap, repack = MODES[args["mode"]]
     b, t_len, k = args["batch"], args["tokens"], args["k"]
@@ -147,9 +158,9 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
         args["model"], task, n_threads=args["threads"], max_batch=b, n_ctx=t_len, mmap=mmap, repack=repack
     )
     load_s = time.perf_counter() - t0
-    layout = layout_for_base(session.model_path, args["rank"], 2.0 * args["rank"], ("q", "v"))
+    layout = layout_for_base(session.model_path, args["rank"], 2.0 * args["rank"], tuple(args["targets"]))
     session.set_lora(layout, random_lora(layout, 0))
-    batch = token_batch(session, read_examples(task, default_data(task.name, "train"), limit=b), t_len)
+    batch = token_batch(session, read_examples(task, default_data(args["task"], "train"), limit=b), t_len)
     mask = PerturbMask(parts=args["parts"])
     t0 = time.perf_counter()
     plain_pass(session, batch)  # warm-up: first touch of mmapped pages, graph allocation
@@ -191,48 +202,56 @@ def where_time_goes(r: dict[str, Any]) -> list[tuple[str, float]]:
     ]
 
 
-@click.command("round")
-@click.option("--model", default=None, help="any llama GGUF (path or model-store name)")
-@click.option("--synth", default=None, help="synthetic preset made on first use, e.g. llama2-7b (cached)")
-@click.option("-k", "--k", "k", type=int, default=8, show_default=True, help="perturbations (central: 2 passes each)")
-@click.option("-b", "--batch", type=int, default=8, show_default=True, help="samples per batch (B)")
-@click.option("-t", "--tokens", type=int, default=64, show_default=True, help="tokens per sample (T)")
-@click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank on q,v")
-@click.option("--parts", type=click.Choice(["a", "b", "both"]), default="b", show_default=True)
-@click.option("--eps", type=float, default=1e-2, show_default=True)
-@click.option("--modes", default="default,no-repack,no-mmap", show_default=True, help="loading modes to measure")
-@click.option("--mode-k", type=int, default=1, show_default=True, help="seeds per non-default mode (RSS/speed only)")
-@click.option("--quick", is_flag=True, help="K=2, B=2, T=32: under 10 minutes for a 7B on 2 cores")
-@task_options
-@threads_option
-@out_option
-def round_cmd(model, synth, k, batch, tokens, rank, parts, eps, modes, mode_k, quick, task, label_words, threads, out_dir) -> None:  # noqa: ANN001
+@click.command("round", cls=Command)
+@option("model")
+@click.option("--synth", default=None, metavar="PRESET",
+              help="Use this synthetic preset (e.g. llama2-7b, written on first use and cached) instead of --model.")
+@shared("task", "label_words", "k", "batch_size")
+@click.option("--tokens", type=click.IntRange(1), default=64, show_default=True, help="Tokens per example (T).")
+@shared("rank", "targets", "parts", "eps")
+@click.option("--modes", default="default,no-repack,no-mmap", show_default=True,
+              help="Loading modes to measure, comma-separated; the first one runs the full round.")
+@click.option("--mode-k", type=click.IntRange(1), default=1, show_default=True,
+              help="Perturbations per mode after the first (enough for its peak RSS and speed).")
+@click.option("--quick", is_flag=True, help="Shortcut for --k 2 --batch-size 2 --tokens 32.")
+@option("threads")
+@option("out", default=RESULTS, help=out_help("round"))
+def round_cmd(model, synth, task, label_words, k, batch_size, tokens, rank, targets, parts, eps, modes, mode_k,  # noqa: ANN001
+              quick, threads, out: Path) -> None:
     """Time one FwdLLM device round per stage, against plain scoring, per loading mode.
+
+    A round is K central perturbations (two passes each) of a batch of B
+    examples cut or repeated to T tokens, under a LoRA on --targets.  Each
+    loading mode runs in its own process, one after the other.  --synth,
+    when given, replaces --model.
 
     \b
     Examples:
       fwdllm bench round --synth llama2-7b --quick
-      fwdllm bench round --model smollm2-135m -k 8 -b 8 -t 64
+      fwdllm bench round --model smollm2-135m --k 8 --batch-size 8 --tokens 64
     """
-    from fwdllm.errors import UserError
-    from fwdllm.models import resolve_model
+    from fwdllm.core.errors import UserError
+    from fwdllm.runtime.models import resolve_model
 
-    if (model is None) == (synth is None):
-        raise UserError("give exactly one of --model or --synth")
+    if k < 1:
+        raise UserError("--k: a round needs at least one perturbation")
     if quick:
-        k, batch, tokens = 2, 2, 32
+        k, batch_size, tokens = 2, 2, 32
     names = [m.strip() for m in modes.split(",") if m.strip()]
     bad = [m for m in names if m not in MODES]
     if bad or not names:
         raise UserError(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    lora_targets = parse_targets(targets)
+    bench_task(task, label_words)  # a bad --task: one line, before a subprocess
     path = synth_model(synth) if synth else resolve_model(model)
     size = path.stat().st_size
-    common = dict(model=str(path), task=task, label_words=label_words, batch=batch, tokens=tokens, rank=rank, parts=parts, eps=eps, threads=threads)
+    common = dict(model=str(path), task=task, label_words=label_words, batch=batch_size, tokens=tokens,
+                  rank=rank, targets=lora_targets, parts=parts, eps=eps, threads=threads_for(threads))
     runs = []
     from tqdm import tqdm
 
     for m in tqdm(names, desc="loading modes", unit="mode"):
-        runs.append(run_child("bench.round", {**common, "mode": m, "k": k if m == names[0] else mode_k}))
+        runs.append(run_child("fwdllm.bench.round", {**common, "mode": m, "k": k if m == names[0] else mode_k}))
     head = runs[0]
     stage_rows = [[s, v, v / head["round_s"]] for s, v in head["stages"].items()]
     stage_rows.append(["round (wall)", head["round_s"], 1.0])
@@ -240,7 +259,7 @@ def round_cmd(model, synth, k, batch, tokens, rank, parts, eps, modes, mode_k, q
     summary = [
         ["model", path.name],
         ["GGUF size (GiB)", size / GIB],
-        ["K (central) x B x T", f"{k} x {batch} x {tokens}"],
+        ["K (central) x B x T", f"{k} x {batch_size} x {tokens}"],
         ["passes / tokens per round", f"{head['passes']} / {head['passes'] * head['tokens_per_pass']}"],
         ["round wall (s)", head["round_s"]],
         ["perturbed tok/s", head["perturbed_tok_s"]],
@@ -263,7 +282,7 @@ def round_cmd(model, synth, k, batch, tokens, rank, parts, eps, modes, mode_k, q
             ["cause", "s/pass"],
             [[c, v] for c, v in where_time_goes(head)] + [["plain pass", head["plain_pass_s"]]],
         )
-    write_result(out_dir, "round", {"model": str(path), "size_bytes": size, "k": k, "batch": batch, "tokens": tokens,
+    write_result(out, "round", {"model": str(path), "size_bytes": size, "k": k, "batch": batch_size, "tokens": tokens,
                                     "ratio": ratio, "runs": runs}, tables)
     fig, (ax1, ax2) = figure(2)
     left = 0.0
@@ -273,13 +292,13 @@ def round_cmd(model, synth, k, batch, tokens, rank, parts, eps, modes, mode_k, q
     ax1.barh(["plain x passes"], [head["plain_pass_s"] * head["passes"]], color="grey")
     ax1.set_xlabel("seconds per round")
     ax1.legend(fontsize=8)
-    ax1.set_title(f"{path.name}: K={k} B={batch} T={tokens}", fontsize=9)
+    ax1.set_title(f"{path.name}: K={k} B={batch_size} T={tokens}", fontsize=9)
     ax2.bar([r["mode"] for r in runs], [r["peak_rss_bytes"] / GIB for r in runs])
     ax2.axhline(size / GIB, color="k", ls="--", label="GGUF size")
     ax2.axhline(1.15 * size / GIB, color="r", ls=":", label="1.15x goal")
     ax2.set_ylabel("peak RSS (GiB)")
     ax2.legend(fontsize=8)
-    save_figure(fig, out_dir, "round")
+    save_figure(fig, out, "round")
 
 
 if __name__ == "__main__":

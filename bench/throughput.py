@@ -29,6 +29,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from fwdllm.bench.common import RESULTS, bench_task, out_help
+from fwdllm.options import Command, option, parse_targets, shared, threads_for
+
 
 def _rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -36,8 +39,8 @@ def _rss_peak_mb() -> float:
 
 def mem_probe(model: str, mmap: bool, repack: bool, threads: int) -> None:
     """Child process: load, score one batch, print peak RSS and tokens/s."""
-    from edge_client.session import EdgeSession
-    from edge_client.tasks import default_data, load_task, read_examples
+    from fwdllm.runtime.session import EdgeSession
+    from fwdllm.runtime.tasks import default_data, load_task, read_examples
 
     task = load_task("sst2")
     ex = read_examples(task, default_data("sst2", "dev"), limit=64)
@@ -52,7 +55,7 @@ def mem_probe(model: str, mmap: bool, repack: bool, threads: int) -> None:
 def _memory_modes(model: str, threads: int) -> list[dict]:
     out = []
     for mmap, repack in ((True, True), (True, False), (False, True), (False, False)):
-        code = f"from bench.throughput import mem_probe; mem_probe({model!r}, {mmap}, {repack}, {threads})"
+        code = f"from fwdllm.bench.throughput import mem_probe; mem_probe({model!r}, {mmap}, {repack}, {threads})"
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         out.append(json.loads(res.stdout.strip().splitlines()[-1]))
     return out
@@ -76,67 +79,67 @@ def _switch_ms(session, batch, ads: list, reps: int) -> tuple[float, float]:  # 
     return 1000 * float(np.median(extra)), 1000 * float(np.median(plain))
 
 
-@click.command("throughput")
-@click.option("--model", default="smollm2-135m", show_default=True, help="GGUF path or model name.")
-@click.option("--task", "task_name", default="sst2", show_default=True)
-@click.option("--examples", type=click.IntRange(min=1), default=16, show_default=True, help="Batch size.")
-@click.option("--seeds", type=click.IntRange(min=1), default=8, show_default=True, help="Seeds per round.")
-@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--eps", type=float, default=1e-2, show_default=True)
-@click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--targets", default="q,v", show_default=True)
-@click.option("--parts", type=click.Choice(["a", "b", "both"]), default="b", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), help="Default: all cores.")
-@click.option("--mem", is_flag=True, help="Also measure peak RSS / speed of each mmap/repack load mode.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/bench"),
-              show_default=True)
-def throughput(model: str, task_name: str, examples: int, seeds: int, rounds: int, eps: float, rank: int,
-               targets: str, parts: str, threads: int | None, mem: bool, out: Path) -> None:
+@click.command("throughput", cls=Command)
+@shared("model", "task", "label_words", "batch_size", "k")
+@option("rounds", default=3, help="Rounds; each scores plain and perturbed in turn.")
+@shared("eps", "rank", "targets", "parts", "threads")
+@click.option("--mem", is_flag=True, help="Also measure peak RSS and speed of each mmap/repack loading mode, each "
+                                          "in a fresh process.")
+@option("out", default=RESULTS, help=out_help("throughput"))
+def throughput(model: str, task: str, label_words: str | None, batch_size: int, k: int, rounds: int, eps: float,
+               rank: int, targets: str, parts: str, threads: int | None, mem: bool, out: Path) -> None:
     """Perturbed vs plain scoring throughput and adapter-switch cost.
+
+    Each round scores --batch-size dev examples 2K times plainly and once
+    per sign of each of --k perturbations (central differences).
 
     \b
     Example:
-      fwdllm bench throughput --model smollm2-135m --examples 16 --seeds 8 --out runs/bench --mem
+      fwdllm bench throughput --model smollm2-135m --batch-size 16 --k 8 --mem
     """
     from tqdm import tqdm
 
-    from bench.torch_ref import random_lora
-    from edge_client.session import EdgeSession
-    from edge_client.tasks import default_data, load_task, read_examples
-    from fwdllm.adapter_io import base_shapes
-    from fwdllm.contract import LoraLayout, PerturbMask
+    from fwdllm.core.adapter_io import base_shapes
+    from fwdllm.core.errors import UserError
+    from fwdllm.core.layout import LoraLayout, PerturbMask
+    from fwdllm.reference.torch_ref import random_lora
+    from fwdllm.runtime.session import EdgeSession
+    from fwdllm.runtime.tasks import default_data, read_examples
 
-    task = load_task(task_name)
-    ex = read_examples(task, default_data(task_name, "dev"), limit=examples)
+    if k < 1:
+        raise UserError("--k: a round needs at least one perturbation")
+    lora_targets = parse_targets(targets)
+    spec = bench_task(task, label_words, kinds=None)
+    ex = read_examples(spec, default_data(task, "dev"), limit=batch_size)
     mask = PerturbMask(parts)
-    with EdgeSession(model, task, n_threads=threads) as s:
-        layout = LoraLayout.for_base(base_shapes(s.model_path), rank, 2 * rank, targets.split(","))
+    with EdgeSession(model, spec, n_threads=threads_for(threads)) as s:
+        layout = LoraLayout.for_base(base_shapes(s.model_path), rank, 2 * rank, lora_targets)
         s.set_lora(layout, random_lora(layout, 0))
         batch = s.prepare(ex)
         s.evaluate(ex)  # warm-up (first decode allocates)
         plain_tok = plain_s = pert_tok = pert_s = 0.0
         for r in tqdm(range(rounds), desc="rounds", file=sys.stderr):
             t0 = time.perf_counter()
-            for _ in range(2 * seeds):
+            for _ in range(2 * k):
                 plain_tok += s.evaluate(ex).n_tokens
             plain_s += time.perf_counter() - t0
-            res = s.perturbed(ex, range(r * seeds, (r + 1) * seeds), eps, mask)
+            res = s.perturbed(ex, range(r * k, (r + 1) * k), eps, mask)
             pert_tok += res.n_tokens
             pert_s += res.seconds
         t0 = time.perf_counter()
-        ads = [s._load_file(f) for f in s.write_shifted(0, eps, mask, "gaussian", (1, -1))]
+        ads = [s.load_file(f) for f in s.write_shifted(0, eps, mask, "gaussian", (1, -1))]
         load_ms = 1000 * (time.perf_counter() - t0)
         switch_ms, decode_ms = _switch_ms(s, batch, ads, reps=6)
-        s.engine.set_adapters(s._main_set())
+        s.engine.set_adapters(s.main_set())
         for ad in ads:
             s.engine.free_adapter(ad)
         model_path = str(s.model_path)
     result = {
         "model": model_path,
-        "task": task_name,
+        "task": task,
         "examples": len(ex),
         "tokens_per_batch": batch.n_tokens,
-        "seeds_per_round": seeds,
+        "seeds_per_round": k,
         "rounds": rounds,
         "threads": s.engine.n_threads,
         "plain_tokens_per_s": plain_tok / plain_s,
@@ -151,9 +154,9 @@ def throughput(model: str, task_name: str, examples: int, seeds: int, rounds: in
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(result, indent=2))
     _plot(result, out / "throughput.png")
-    for k, v in result.items():
-        if k != "memory_modes":
-            click.echo(f"{k:>24}: {v:.4g}" if isinstance(v, float) else f"{k:>24}: {v}")
+    for key, v in result.items():
+        if key != "memory_modes":
+            click.echo(f"{key:>24}: {v:.4g}" if isinstance(v, float) else f"{key:>24}: {v}")
     for m in result.get("memory_modes", []):
         click.echo(f"  mmap={m['mmap']!s:5} repack={m['repack']!s:5} peak RSS {m['peak_rss_mb']:.0f} MB  "
                    f"{m['tokens_per_s']:.0f} tok/s  load {m['load_s']:.2f} s")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from convert.quantize import QUANTS
-from convert.synth import PRESETS
-from fwdllm.contract import split_targets
+from fwdllm.convert.synth import PRESETS
+from fwdllm.options import Group, parse_layers, parse_targets, shared
+from fwdllm.runtime.quantize import QUANTS
 
 # Plain strings validated by the library (not click.Choice), so that a bad
 # value gives fwdllm's one-line error like every other bad input.
@@ -18,7 +18,7 @@ _GGUF_IN = click.Path(exists=True, dir_okay=False, path_type=Path)
 _OUT = click.Path(dir_okay=False, path_type=Path)
 
 
-@click.group()
+@click.group(cls=Group)
 def convert() -> None:
     """Convert models and LoRA adapters between Hugging Face, PEFT and GGUF.
 
@@ -50,7 +50,7 @@ def synth(out: Path, preset: str, quant: str, seed: int) -> None:
     Example:
       fwdllm convert synth --preset llama2-7b --quant Q4_0 /tmp/synth7b.gguf
     """
-    from convert.synth import write_synth
+    from fwdllm.convert.synth import write_synth
 
     click.echo(write_synth(out, preset=preset, quant=quant, seed=seed))
 
@@ -69,27 +69,17 @@ def inspect_cmd(file: Path, as_json: bool) -> None:
     Example:
       fwdllm convert inspect lora.gguf --json
     """
-    from convert.describe import describe, format_description
+    from fwdllm.convert.describe import describe, format_description
 
     info = describe(file)
     click.echo(json.dumps(info, indent=1) if as_json else format_description(info))
 
 
-def _targets(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
-    return list(split_targets(value))
-
-
 @convert.command("lora-init")
 @click.argument("base", type=_GGUF_IN)
 @click.argument("out", type=_OUT)
-@click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA rank r.")
-@click.option("--alpha", type=float, default=16.0, show_default=True,
-              help="LoRA alpha; llama.cpp scales B@A by alpha/rank.")
-@click.option("--targets", default="q,v", show_default=True, callback=_targets,
-              help="Comma-separated weights to adapt: q,k,v,o,gate,up,down.")
-@click.option("--layers", default=None, help="Layers to adapt, e.g. 0-5 or 0,2,4 (default: all).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random A matrices.")
-def lora_init(base: Path, out: Path, rank: int, alpha: float, targets: list[str], layers: str | None,
+@shared("rank", "lora_alpha", "targets", "layers", "seed")
+def lora_init(base: Path, out: Path, rank: int, lora_alpha: float, targets: str, layers: str | None,
               seed: int) -> None:
     """Write a fresh F32 LoRA for BASE: A small random, B zero.
 
@@ -97,13 +87,15 @@ def lora_init(base: Path, out: Path, rank: int, alpha: float, targets: list[str]
 
     \b
     Example:
-      fwdllm convert lora-init smollm2.gguf lora.gguf --rank 8 --alpha 16 --targets q,v --layers 0-5
+      fwdllm convert lora-init smollm2.gguf lora.gguf --rank 8 --lora-alpha 16 --targets q,v --layers 0:6
     """
-    from convert.lora import init_lora, parse_layers, write_lora
+    from fwdllm.core.lora import init_lora, write_lora
 
-    layout, tensors = init_lora(base, rank, alpha, targets, seed, parse_layers(layers))
+    span = parse_layers(layers)
+    layout, tensors = init_lora(base, rank, lora_alpha, parse_targets(targets), seed,
+                                range(*span) if span else None)
     write_lora(out, layout, tensors, base)
-    click.echo(f"{out}: rank {rank}, alpha {alpha:g}, targets {','.join(layout.target_names)}, "
+    click.echo(f"{out}: rank {rank}, alpha {lora_alpha:g}, targets {','.join(layout.target_names)}, "
                f"{len(layout.layers)} layers, {layout.n_params} params")
 
 
@@ -125,7 +117,7 @@ def hf(src: Path, out: Path, quant: str) -> None:
     Example:
       fwdllm convert hf ./TinyLlama-1.1B tinyllama-q4_0.gguf --quant Q4_0
     """
-    from convert.hf import convert_hf
+    from fwdllm.convert.hf import convert_hf
 
     click.echo(convert_hf(src, out, quant))
 
@@ -144,7 +136,7 @@ def lora_from_peft(peft_dir: Path, base: Path, out: Path) -> None:
     Example:
       fwdllm convert lora-from-peft ./my-lora smollm2.gguf my-lora.gguf
     """
-    from convert.peft_bridge import peft_to_gguf
+    from fwdllm.convert.peft_bridge import peft_to_gguf
 
     click.echo(peft_to_gguf(peft_dir, base, out))
 
@@ -162,6 +154,6 @@ def lora_to_peft(lora: Path, base: Path, out_dir: Path) -> None:
     Example:
       fwdllm convert lora-to-peft runs/demo/adapter.gguf smollm2.gguf ./peft-lora
     """
-    from convert.peft_bridge import gguf_to_peft
+    from fwdllm.convert.peft_bridge import gguf_to_peft
 
     click.echo(gguf_to_peft(lora, base, out_dir))

@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fwdllm.gguf_file import field, open_gguf
-from fwdllm.adapter_io import read_adapter
-from fwdllm.errors import UserError
+from fwdllm.core.adapter_io import read_adapter
+from fwdllm.core.errors import UserError
+from fwdllm.core.gguf_file import field, open_gguf
 
 #: Output keys -> ``<arch>.`` metadata suffixes.
 _HPARAMS = {

@@ -9,41 +9,21 @@ file that a later step could mistake for a model.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import gguf
 import numpy as np
 from tqdm import tqdm
 
-from fwdllm.errors import UserError
+from fwdllm.core.errors import UserError
+from fwdllm.core.files import atomic_output
 
 QType = gguf.GGMLQuantizationType
 _NP_DTYPES = {QType.F32: np.float32, QType.F16: np.float16}
-
-
-@contextlib.contextmanager
-def atomic_output(dst: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``dst``; rename it to ``dst`` on success,
-    delete it on any failure (including Ctrl-C)."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise users sharing models
-    try:
-        yield Path(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)

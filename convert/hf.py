@@ -17,12 +17,12 @@ from typing import Any, Callable
 import gguf
 import numpy as np
 
-from convert.gguf_out import QType, TensorOut, write_gguf
-from convert.hf_tokenizer import read_vocab
-from convert.inputs import read_json
-from convert.llama_meta import LlamaHParams, Vocab, rope_permute
-from convert.quantize import ftype_of, write_via_f16
-from fwdllm.errors import UserError
+from fwdllm.convert.gguf_out import QType, TensorOut, write_gguf
+from fwdllm.convert.hf_tokenizer import read_vocab
+from fwdllm.convert.inputs import read_json
+from fwdllm.convert.llama_meta import LlamaHParams, Vocab, rope_permute
+from fwdllm.core.errors import UserError
+from fwdllm.runtime.quantize import ftype_of, write_via_f16
 
 #: HF per-layer module -> (llama.cpp stem, which head count permutes its rows).
 _LAYER_TENSORS: dict[str, tuple[str, str | None]] = {

@@ -23,7 +23,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from convert.llama_meta import (
+from fwdllm.convert.inputs import read_json
+from fwdllm.convert.llama_meta import (
     TOKEN_BYTE,
     TOKEN_CONTROL,
     TOKEN_NORMAL,
@@ -32,8 +33,7 @@ from convert.llama_meta import (
     TOKEN_USER_DEFINED,
     Vocab,
 )
-from convert.inputs import read_json
-from fwdllm.errors import UserError
+from fwdllm.core.errors import UserError
 
 #: LLaMA 3's pre-tokenizer split regex (llama.cpp ``llama-bpe``).
 LLAMA3_REGEX = (

@@ -2,7 +2,7 @@
 
 json raises a bare JSONDecodeError; every convert command goes through
 :func:`read_json` so the user sees one line naming the file instead.  GGUF
-inputs go through :func:`fwdllm.gguf_file.open_gguf`.
+inputs go through :func:`fwdllm.core.gguf_file.open_gguf`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fwdllm.errors import UserError
+from fwdllm.core.errors import UserError
 
 
 def read_json(path: Path) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
+
 import gguf
 import numpy as np
 

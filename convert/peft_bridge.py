@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from convert.gguf_out import atomic_output
-from convert.inputs import read_json
-from convert.llama_meta import rope_permute, rope_unpermute
-from convert.lora import BaseModel, open_base, read_lora_for, write_lora
-from fwdllm.contract import PEFT_MODULES, LoraLayout
-from fwdllm.errors import UserError
+from fwdllm.convert.inputs import read_json
+from fwdllm.convert.llama_meta import rope_permute, rope_unpermute
+from fwdllm.core.errors import UserError
+from fwdllm.core.files import atomic_output
+from fwdllm.core.layout import PEFT_MODULES, LoraLayout
+from fwdllm.core.lora import BaseModel, open_base, read_lora_for, write_lora
 
 _MODULE_TARGET = {module: target for target, module in PEFT_MODULES.items()}
 _KEY_RE = re.compile(r"(?:.*\.)?layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])(?:\.\w+)?\.weight")
@@ -110,7 +110,7 @@ def gguf_to_peft(lora_path: str | os.PathLike, base_path: str | os.PathLike, out
     + adapter_config.json) for the HF model that ``base_path`` was made from."""
     from safetensors.numpy import save_file
 
-    from fwdllm.gguf_file import open_gguf
+    from fwdllm.core.gguf_file import open_gguf
 
     open_gguf(lora_path)  # clear errors for missing/truncated files
     base = open_base(base_path)

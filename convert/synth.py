@@ -24,17 +24,10 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from convert.gguf_out import QType, TensorOut, write_gguf
-from convert.llama_meta import (
-    TOKEN_BYTE,
-    TOKEN_CONTROL,
-    TOKEN_NORMAL,
-    TOKEN_UNKNOWN,
-    LlamaHParams,
-    Vocab,
-)
-from convert.quantize import ftype_of, write_via_f16
-from fwdllm.errors import UserError
+from fwdllm.convert.gguf_out import QType, TensorOut, write_gguf
+from fwdllm.convert.llama_meta import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, LlamaHParams, Vocab
+from fwdllm.core.errors import UserError
+from fwdllm.runtime.quantize import ftype_of, write_via_f16
 
 #: Shapes of well-known LLaMA-family models (plus ``tiny`` for tests).
 PRESETS: dict[str, LlamaHParams] = {

@@ -9,61 +9,51 @@ from typing import Any, Callable
 
 import click
 
-from edge_client.tasks import TaskSpec, default_data, load_task, read_examples
-from edge_client.worker import run_cmd
-from fwdllm.errors import UserError
+from fwdllm.core.errors import UserError
+from fwdllm.edge_client.worker import run_device
+from fwdllm.options import (
+    Command,
+    Group,
+    client_key_options,
+    engine_options,
+    option,
+    parse_columns,
+    shared,
+    threads_for,
+)
+from fwdllm.runtime.tasks import TaskSpec, default_data, load_task, read_examples
 
 
-def _columns(value: str | None) -> tuple[str, ...] | None:
-    return tuple(c.strip() for c in value.split(",") if c.strip()) if value else None
-
-
-def task_options(f: Callable) -> Callable:
-    """Options shared by every command that reads a task's data."""
-    opts = [
-        click.option("--model", "model", required=True, help="GGUF path or model name (e.g. smollm2-135m)."),
-        click.option("--task", "task_name", default="sst2", show_default=True,
-                     help="sst2, agnews, sft, or a .toml/.json task spec."),
-        click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
-                     help="Data file (csv/tsv/jsonl). Default: the task's dev split."),
-        click.option("--limit", type=click.IntRange(min=1), help="Use only the first N good rows."),
-        click.option("--text-column", help="Override the text column(s), comma separated."),
-        click.option("--label-column", help="Override the label column."),
-        click.option("--prompt-column", help="Override the sft prompt column."),
-        click.option("--completion-column", help="Override the sft completion column."),
-        click.option("--strict/--skip-bad", default=False, show_default=True,
-                     help="Fail on the first bad row, or skip bad rows with a warning."),
-        click.option("--threads", type=click.IntRange(min=1), help="llama.cpp threads (default: all cores)."),
-        click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
-                     help="Sequences per llama_decode."),
-        click.option("--n-ctx", type=click.IntRange(min=8), help="Max tokens per example (default 256, sft 512)."),
-        click.option("--no-mmap", is_flag=True, help="Read the model into memory instead of mmap."),
-        click.option("--no-repack", is_flag=True,
-                     help="Skip llama.cpp's CPU weight repacking (halves peak RSS, slower Q4_0)."),
-        click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last stdout line."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+def data_options(f: Callable) -> Callable:
+    """What every command that scores a task's data through llama.cpp takes."""
+    f = shared("json")(f)
+    f = engine_options(f)
+    f = click.option("--strict/--skip-bad", default=False, show_default=True,
+                     help="Fail on the first bad row, or skip bad rows with a warning.")(f)
+    f = click.option("--completion-column", help="Override the sft completion column.")(f)
+    f = click.option("--prompt-column", help="Override the sft prompt column.")(f)
+    f = click.option("--label-column", help="Override the label column.")(f)
+    f = click.option("--text-column", help="Override the text column(s), comma separated.")(f)
+    return shared("model", "task", "data", "limit")(f)
 
 
 def _load(kw: dict[str, Any]) -> tuple[TaskSpec, list, Any]:
     """Task, examples and an open EdgeSession from the shared options."""
-    from edge_client.session import EdgeSession
+    from fwdllm.runtime.session import EdgeSession
 
     task = load_task(
-        kw["task_name"],
-        text_columns=_columns(kw["text_column"]),
+        kw["task"],
+        text_columns=parse_columns(kw["text_column"]),
         label_column=kw["label_column"],
         prompt_column=kw["prompt_column"],
         completion_column=kw["completion_column"],
     )
-    data = kw["data"] or default_data(kw["task_name"], "dev")
+    data = kw["data"] or default_data(kw["task"], "dev")
     examples = read_examples(task, data, limit=kw["limit"], strict=kw["strict"])
     session = EdgeSession(
         kw["model"],
         task,
-        n_threads=kw["threads"],
+        n_threads=threads_for(kw["threads"]),
         max_batch=kw["max_batch"],
         n_ctx=kw["n_ctx"],
         mmap=not kw["no_mmap"],
@@ -79,8 +69,8 @@ def _load_lora(session: Any, lora: Path | None, head: Path | None = None) -> Non
 
     import numpy as np
 
-    from fwdllm.adapter_io import read_adapter
-    from fwdllm.contract import HEAD
+    from fwdllm.core.adapter_io import read_adapter
+    from fwdllm.core.layout import HEAD
 
     if lora is None:
         return
@@ -99,12 +89,12 @@ def _load_lora(session: Any, lora: Path | None, head: Path | None = None) -> Non
     session.set_lora(layout, tensors)
 
 
-@click.command("eval")
-@task_options
-@click.option("--lora", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="LoRA adapter GGUF.")
-@click.option("--head", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.command("eval", cls=Command)
+@data_options
+@option("lora")
+@click.option("--head-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Classifier head of a --head run (RUN_DIR/head.npy), with that run's --lora.")
-def eval_cmd(lora: Path | None, head: Path | None, **kw: Any) -> None:
+def eval_cmd(lora: Path | None, head_file: Path | None, **kw: Any) -> None:
     """Accuracy and mean loss of a model (+ LoRA) on a task's data.
 
     \b
@@ -112,13 +102,13 @@ def eval_cmd(lora: Path | None, head: Path | None, **kw: Any) -> None:
       fwdllm eval --model smollm2-135m --task sst2            # 872-row SST-2 dev split
       fwdllm eval --model smollm2-135m --task agnews --limit 200 --json
       fwdllm eval --model m.gguf --lora run/adapter.gguf --task spec.toml --data test.csv
-      fwdllm eval --model smollm2-135m --task agnews --lora run/adapter.gguf --head run/head.npy
+      fwdllm eval --model smollm2-135m --task agnews --lora run/adapter.gguf --head-file run/head.npy
     """
-    if head is not None and lora is None:
-        raise UserError("--head needs the run's --lora (the head was trained with it)")
+    if head_file is not None and lora is None:
+        raise UserError("--head-file needs the run's --lora (the head was trained with it)")
     task, examples, session = _load(kw)
     with session:
-        _load_lora(session, lora, head)
+        _load_lora(session, lora, head_file)
         r = session.evaluate(examples, progress=True)
         tps = r.n_tokens / r.seconds
     acc = "" if r.accuracy is None else f"accuracy {r.accuracy:.4f}  "
@@ -139,30 +129,25 @@ def _seeds(value: str) -> list[int]:
     return seeds
 
 
-@click.group("client")
+@click.group("client", cls=Group)
 def client() -> None:
     """The edge device: perturbed scoring, and joining an aggregator."""
 
 
 @client.command("score")
-@task_options
-@click.option("--lora", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Current LoRA adapter GGUF (its layout defines the directions).")
-@click.option("--seeds", required=True, callback=lambda _c, _p, v: _seeds(v), help="Comma-separated seeds.")
-@click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=3e-2, show_default=True,
-              help="Perturbation size in LoRA tensor units (3e-2: best measured fidelity on SmolLM2 Q4_0).")
-@click.option("--one-sided", is_flag=True, help="(L+ - L0)/eps with one shared base loss instead of +-.")
-@click.option("--dist", type=click.Choice(["gaussian", "rademacher"]), default="gaussian", show_default=True)
-@click.option("--parts", type=click.Choice(["a", "b", "both"]), default="b", show_default=True,
-              help="Perturb LoRA A, B or both.")
+@data_options
+@option("lora", required=True)
+@click.option("--seeds", required=True, callback=lambda _c, _p, v: _seeds(v), metavar="S1,S2,...",
+              help="The seeds whose directions to score, comma separated.")
+@shared("eps", "one_sided", "dist", "parts")
 def score_cmd(lora: Path, seeds: list[int], eps: float, one_sided: bool, dist: str, parts: str, **kw: Any) -> None:
     """Losses at LoRA +- eps * direction(seed), as a device computes them.
 
     \b
     Example:
-      fwdllm client score --model smollm2-135m --lora a.gguf --task sst2 --limit 16 --seeds 1,2,3 --eps 0.01
+      fwdllm client score --model smollm2-135m --lora a.gguf --task sst2 --limit 16 --seeds 1,2,3
     """
-    from fwdllm.contract import PerturbMask
+    from fwdllm.core.layout import PerturbMask
 
     task, examples, session = _load(kw)
     with session:
@@ -180,4 +165,42 @@ def score_cmd(lora: Path, seeds: list[int], eps: float, one_sided: bool, dist: s
         click.echo(json.dumps(out))
 
 
-client.add_command(run_cmd)
+@client.command("run")
+@click.option("--connect", required=True, metavar="URL", help="Aggregator address, e.g. tcp://10.0.0.5:5555.")
+@option("model")
+@option("data", required=True)
+@option("task")
+@option("threads")
+@click.option("--client-id", default=None, help="Name of this device in logs and metrics (default: HOST-PID).")
+@option("max_batch")
+@click.option("--events", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Append a JSONL trace (updates and adapter hashes per round) here.")
+@click.option("--give-up", "give_up_s", type=float, default=600.0, show_default=True,
+              help="Exit after this many seconds without an aggregator.")
+@client_key_options
+def run_cmd(
+    connect: str,
+    model: str,
+    data: Path,
+    task: str,
+    threads: int | None,
+    client_id: str | None,
+    max_batch: int,
+    events: Path | None,
+    give_up_s: float,
+    curve_secret: Path | None,
+    server_key: Path | None,
+) -> None:
+    """Join an aggregator and train: score seeds on local data, send scalars.
+
+    Only seeds and a few scalars cross the network each round; the raw data
+    never leaves the device.  The worker keeps going until the aggregator ends
+    the run, and survives aggregator restarts by reconnecting with backoff.
+
+    \b
+    Example:
+      fwdllm client run --connect tcp://10.0.0.5:5555 --model smollm2-135m \\
+          --data my_reviews.tsv --task sst2 --threads 2
+    """
+    run_device(connect, model, data, task, threads_for(threads), client_id, max_batch, events, give_up_s,
+               curve_secret, server_key)

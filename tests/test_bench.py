@@ -32,14 +32,42 @@ def _result(out: Path, name: str) -> dict:
     return data
 
 
+def test_every_bench_takes_the_shared_options() -> None:
+    """A flag means the same in every bench: each shared option is the one of
+    fwdllm.options (same flags, same default, bar the job-size and output
+    options' own defaults), --out is a directory defaulting to results/, and
+    no bench has a flag of its own named like a shared one, nor a --seeds count."""
+    from fwdllm.bench.cli import bench
+    from fwdllm.options import OPTIONS
+
+    own_defaults = {"rounds", "clients", "out"}
+    shared_flags = {flag: name for name, (decls, _) in OPTIONS.items() for flag in decls if flag.startswith("-")}
+    for cmd in bench.commands.values():
+        flags = {p.name: p for p in cmd.params}
+        assert flags["out"].default == Path("results"), cmd.name
+        assert "seeds" not in flags and "out_dir" not in flags, cmd.name
+        for p in cmd.params:
+            for flag in p.opts:
+                name = shared_flags.get(flag)
+                if name is None or (cmd.name, flag) == ("fidelity", "--eps-grid"):  # fidelity: a list of eps
+                    continue
+                decls, attrs = OPTIONS[name]
+                assert p.name == name, (cmd.name, flag)
+                assert tuple(p.opts) == tuple(d for d in decls if d.startswith("-")), (cmd.name, flag)
+                if name not in own_defaults:
+                    assert p.default == attrs.get("default"), (cmd.name, flag)
+            short = [o for o in p.opts if o.startswith("-") and not o.startswith("--")]
+            assert not short, (cmd.name, short)  # long flags only
+
+
 def test_staged_round_is_edge_session_perturbed(tiny_model: Path) -> None:
-    from bench.common import bench_task
-    from bench.round import plain_pass, staged_round
-    from bench.torch_ref import random_lora
-    from convert.lora import layout_for_base
-    from edge_client.session import EdgeSession
-    from edge_client.tasks import default_data, read_examples
-    from fwdllm.contract import PerturbMask
+    from fwdllm.bench.common import bench_task
+    from fwdllm.bench.round import plain_pass, staged_round
+    from fwdllm.core.layout import PerturbMask
+    from fwdllm.core.lora import layout_for_base
+    from fwdllm.reference.torch_ref import random_lora
+    from fwdllm.runtime.session import EdgeSession
+    from fwdllm.runtime.tasks import default_data, read_examples
 
     task = bench_task("sst2", "good,bad")
     examples = read_examples(task, default_data("sst2", "train"), limit=3)
@@ -58,9 +86,9 @@ def test_staged_round_is_edge_session_perturbed(tiny_model: Path) -> None:
 
 
 def test_round_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
-    from bench.round import round_cmd
+    from fwdllm.bench.round import round_cmd
 
-    _invoke(round_cmd, ["--model", str(tiny_model), "-k", "2", "-b", "2", "-t", "16", "--modes",
+    _invoke(round_cmd, ["--model", str(tiny_model), "--k", "2", "--batch-size", "2", "--tokens", "16", "--modes",
                         "default,no-repack", "--out", str(tmp_path), *WORDS])
     data = _result(tmp_path, "round")
     default, no_repack = data["runs"]
@@ -72,10 +100,10 @@ def test_round_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
 
 
 def test_comm_bench_counts_encoded_messages(tiny_model: Path, tmp_path: Path) -> None:
-    from bench.comm import comm, fwdllm_bytes
-    from fwdllm.gguf_file import read_header
+    from fwdllm.bench.comm import comm, fwdllm_bytes
+    from fwdllm.core.gguf_file import read_header
 
-    _invoke(comm, ["--model", str(tiny_model), "-k", "16", "--clients", "4", "--out", str(tmp_path)])
+    _invoke(comm, ["--model", str(tiny_model), "--k", "16", "--clients", "4", "--out", str(tmp_path)])
     data = _result(tmp_path, "comm")
     rows = {r[0]: r for r in next(iter(data["tables"].values()))["rows"]}
     solo = rows["fwdllm, 1 client x 16 seeds"]
@@ -96,10 +124,10 @@ def test_comm_bench_counts_encoded_messages(tiny_model: Path, tmp_path: Path) ->
 
 
 def test_fidelity_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
-    from bench.fidelity import fidelity, k_grid
+    from fwdllm.bench.fidelity import fidelity, k_grid
 
     assert k_grid(8) == [1, 2, 4, 8] and k_grid(6) == [1, 2, 4, 6]
-    _invoke(fidelity, ["--model", str(tiny_model), "--k-max", "4", "-b", "2", "--out", str(tmp_path), *WORDS])
+    _invoke(fidelity, ["--model", str(tiny_model), "--k-max", "4", "--batch-size", "2", "--out", str(tmp_path), *WORDS])
     data = _result(tmp_path, "fidelity")
     assert len(data["projected"]) == 4
     assert data["pearson_scalars"] > 0.9  # INT4 finite differences track torch's exact g.v
@@ -108,10 +136,10 @@ def test_fidelity_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
 
 
 def test_memory_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
-    from bench.memory import memory
+    from fwdllm.bench.memory import memory
 
-    _invoke(memory, ["--model", str(tiny_model), "--modes", "no-mmap", "-k", "1", "--rounds", "1", "--steps", "1",
-                     "-b", "2", "--out", str(tmp_path), *WORDS])
+    _invoke(memory, ["--model", str(tiny_model), "--modes", "no-mmap", "--k", "1", "--rounds", "1", "--steps", "1",
+                     "--batch-size", "2", "--out", str(tmp_path), *WORDS])
     data = _result(tmp_path, "memory")
     sides = [r["side"] for r in data["runs"]]
     assert sides == ["edge (no-mmap)", "torch backprop-LoRA"]
@@ -120,10 +148,11 @@ def test_memory_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_convergence_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
-    from bench.convergence import convergence
+    from fwdllm.bench.convergence import convergence
 
     _invoke(convergence, ["--model", str(tiny_model), "--clients", "2", "--shard-size", "16", "--rounds", "2",
-                          "--strategies", "zo-sgd,zo-sgd:k=4:central,zo-sgd:ema=0.5", "-k", "2", "-b", "2", "--dev-limit", "8",
+                          "--strategies", "zo-sgd,zo-sgd:k=4:central,zo-sgd:ema=0.5", "--k", "2", "--batch-size", "2",
+                          "--dev-limit", "8",
                           "--eval-every", "1", "--bp-rounds", "2", "--local-steps", "1", "--bp-eval-every", "1",
                           "--out", str(tmp_path), *WORDS])
     data = _result(tmp_path, "convergence")
@@ -143,9 +172,9 @@ def test_convergence_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
 
 
 def test_passes_to_counts_a_lucky_evaluation_only_without_smoothing() -> None:
-    from bench.convergence import passes_to
+    from fwdllm.bench.convergence import passes_to
 
-    # plain ZO-SGD on q,v, SST-2 (metrics of a real run, every 10 rounds): one evaluation touches 0.81
+    # a curve on a plateau near the target (evaluated every 10 rounds): one evaluation touches 0.81
     c = {"forward_passes": [0, 200, 400, 600, 800, 1000], "accuracy": [0.766, 0.795, 0.787, 0.810, 0.797, 0.790]}
     assert passes_to(c, 0.805) == 600
     assert passes_to(c, 0.805, window=3) is None  # no three evaluations in a row average 0.805
@@ -155,8 +184,8 @@ def test_passes_to_counts_a_lucky_evaluation_only_without_smoothing() -> None:
 
 @pytest.mark.parametrize("entry", ["zo-sgd:lr", "zo-sgd:bogus=1", "zo-sgd:central=1", "zo-sgd:rounds=3"])
 def test_convergence_refuses_bad_strategy_options(entry: str) -> None:
-    from bench.convergence import parse_entry
-    from fwdllm.errors import UserError
+    from fwdllm.bench.convergence import parse_entry
+    from fwdllm.core.errors import UserError
 
     assert parse_entry("pacing:lr=0.2:central:strategy-opt=k_max=8") == (
         "pacing", {"lr": "0.2", "central": None, "strategy-opt": "k_max=8"})
@@ -166,13 +195,13 @@ def test_convergence_refuses_bad_strategy_options(entry: str) -> None:
 
 
 def test_probe_bench_features_are_the_engines_logits_and_the_exact_fit_separates(tiny_model: Path, tmp_path: Path) -> None:
-    from bench.common import bench_task
-    from bench.probe import probe
-    from edge_client.session import EdgeSession
-    from edge_client.tasks import default_data, read_examples
+    from fwdllm.bench.common import bench_task
+    from fwdllm.bench.probe import probe
+    from fwdllm.runtime.session import EdgeSession
+    from fwdllm.runtime.tasks import default_data, read_examples
 
-    _invoke(probe, ["--model", str(tiny_model), "--train", "8,16", "--dev-limit", "12", "--l2", "0",
-                    "--rounds", "6", "--zo-lr", "1", "--head-lr", "1e-2", "--head-ema", "0,0.9", "--seeds", "2",
+    _invoke(probe, ["--model", str(tiny_model), "--train-sizes", "8,16", "--dev-limit", "12", "--l2-grid", "0",
+                    "--rounds", "6", "--zo-lr-grid", "1", "--head-lr-grid", "1e-2", "--ema-grid", "0,0.9", "--repeats", "2",
                     "--template", "Text: {text}\\nLabel:", "--out", str(tmp_path), *WORDS])
     data = _result(tmp_path, "probe")
     assert data["template"] == "Text: {text}\nLabel:"
@@ -195,18 +224,18 @@ def test_probe_reads_features_under_a_trained_lora(tiny_model: Path, tmp_path: P
     """--lora: the probe's zero-shot is the engine's with that adapter as the
     run's LoRA (what a run warm-started by --init-adapter begins from); a file
     that is no LoRA adapter is a one-line error before any feature is read."""
-    from bench.common import bench_task
-    from bench.probe import probe
-    from bench.torch_ref import random_lora
-    from convert.lora import layout_for_base, write_lora
-    from edge_client.session import EdgeSession
-    from edge_client.tasks import default_data, read_examples
+    from fwdllm.bench.common import bench_task
+    from fwdllm.bench.probe import probe
+    from fwdllm.core.lora import layout_for_base, write_lora
+    from fwdllm.reference.torch_ref import random_lora
+    from fwdllm.runtime.session import EdgeSession
+    from fwdllm.runtime.tasks import default_data, read_examples
 
     layout = layout_for_base(tiny_model, 4, 8.0, ("q", "v"))
     tensors = random_lora(layout, seed=3, b_std=0.5)
     adapter = write_lora(tmp_path / "trained.gguf", layout, tensors, tiny_model)
-    args = ["--model", str(tiny_model), "--train", "8", "--dev-limit", "12", "--l2", "0", "--rounds", "6",
-            "--zo-lr", "1", "--head-lr", "1e-2", "--seeds", "1", *WORDS]
+    args = ["--model", str(tiny_model), "--train-sizes", "8", "--dev-limit", "12", "--l2-grid", "0", "--rounds", "6",
+            "--zo-lr-grid", "1", "--head-lr-grid", "1e-2", "--repeats", "1", *WORDS]
     _invoke(probe, [*args, "--lora", str(adapter), "--out", str(tmp_path / "p")])
     data = _result(tmp_path / "p", "probe")
     assert data["lora"] == str(adapter)
@@ -222,16 +251,16 @@ def test_probe_reads_features_under_a_trained_lora(tiny_model: Path, tmp_path: P
     res = CliRunner().invoke(probe, [*args, "--lora", str(tiny_model), "--out", str(tmp_path / "bad")])
     assert res.exit_code == 2 and "--lora: " in res.output and "not a LoRA adapter" in res.output, res.output
     assert not (tmp_path / "bad" / "probe.json").exists()
-    res = CliRunner().invoke(probe, [*args, "--head-ema", "0,1", "--out", str(tmp_path / "bad")])
-    assert res.exit_code == 2 and "'--head-ema': values must be in [0, 1)" in res.output, res.output
-    res = CliRunner().invoke(probe, [*args, "--head-lr", "1e-2,x", "--out", str(tmp_path / "bad")])
-    assert res.exit_code == 2 and "'--head-lr': expected comma-separated floats" in res.output, res.output
+    res = CliRunner().invoke(probe, [*args, "--ema-grid", "0,1", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "'--ema-grid': values must be in [0, 1)" in res.output, res.output
+    res = CliRunner().invoke(probe, [*args, "--head-lr-grid", "1e-2,x", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "'--head-lr-grid': expected comma-separated floats" in res.output, res.output
     assert not (tmp_path / "bad" / "probe.json").exists()
 
 
 def test_noise_bench_measures_the_clients_draw(tiny_model: Path, tmp_path: Path) -> None:
-    from bench.noise import batch_noise, noise, signal
-    from edge_client.tasks import Example
+    from fwdllm.bench.noise import batch_noise, noise, signal
+    from fwdllm.runtime.tasks import Example
 
     _invoke(noise, ["--model", str(tiny_model), "--rows", "12", "--batch-sizes", "2,4", "--draws", "200",
                           "--rank", "4", "--targets", "q,v", "--out", str(tmp_path), *WORDS])

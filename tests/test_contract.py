@@ -1,4 +1,4 @@
-"""Golden vectors and round trips for fwdllm.contract.
+"""Golden vectors and round trips for the contract: layout, directions, messages.
 
 The golden values pin seed -> direction forever: if one of them changes, every
 running federation would silently compute different updates on different
@@ -12,20 +12,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from fwdllm.contract import (
-    Join,
-    LoraLayout,
-    PerturbMask,
-    ProtocolError,
-    Result,
-    Task,
-    Update,
-    Message,
-    adapter_sha256,
-    combine,
-    direction,
-    tensor_direction,
-)
+from fwdllm.core.directions import combine, direction, tensor_direction
+from fwdllm.core.layout import LoraLayout, PerturbMask, adapter_sha256
+from fwdllm.core.protocol import Join, Message, ProtocolError, Result, Task, Update
 
 GOLDEN = [
     # seed, name, shape, dist, first six values, sha256 of the little-endian float32 bytes

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from convert.cli import convert
-from convert.describe import describe
-from convert.lora import init_lora, write_lora
-from convert.quantize import quantize
-from convert.synth import synth_vocab, write_synth
-from fwdllm.adapter_io import read_adapter
-from fwdllm.errors import UserError
-from fwdllm.gguf_file import read_header
-from fwdllm.log import quiet_llama
+from fwdllm.convert.cli import convert
+from fwdllm.convert.describe import describe
+from fwdllm.convert.synth import synth_vocab, write_synth
+from fwdllm.core.adapter_io import read_adapter
+from fwdllm.core.errors import UserError
+from fwdllm.core.gguf_file import read_header
+from fwdllm.core.lora import init_lora, write_lora
+from fwdllm.runtime.log import quiet_llama
+from fwdllm.runtime.quantize import quantize
 
 
 def _llama(path: Path, **kw):
@@ -155,8 +155,8 @@ def test_bad_inputs_give_one_line_errors_and_no_output(tmp_path: Path, tiny_mode
 def test_lora_init_loads_in_llama_cpp_and_is_a_no_op(tmp_path: Path, tiny_model: Path) -> None:
     out = tmp_path / "lora.gguf"
     res = CliRunner().invoke(
-        convert, ["lora-init", str(tiny_model), str(out), "--rank", "4", "--alpha", "8", "--targets", "v,q",
-                  "--layers", "0-2", "--seed", "3"])
+        convert, ["lora-init", str(tiny_model), str(out), "--rank", "4", "--lora-alpha", "8", "--targets", "v,q",
+                  "--layers", "0:3", "--seed", "3"])
     assert res.exit_code == 0, res.output
     layout, tensors = read_adapter(out)
     assert (layout.rank, layout.alpha, layout.target_names, layout.layers) == (4, 8.0, ("q", "v"), (0, 1, 2))
@@ -187,9 +187,9 @@ def test_lora_init_loads_in_llama_cpp_and_is_a_no_op(tmp_path: Path, tiny_model:
 def test_lora_init_bad_input(tmp_path: Path, tiny_model: Path) -> None:
     out = tmp_path / "lora.gguf"
     for args, msg in [
-        (["--targets", "q,x"], "unknown LoRA target"),
-        (["--layers", "2-9"], "base model has no tensor blk.4.attn_q.weight"),
-        (["--layers", "a-b"], "bad --layers"),
+        (["--targets", "q,x"], "--targets: unknown ['x']"),
+        (["--layers", "2:10"], "base model has no tensor blk.4.attn_v.weight"),
+        (["--layers", "a:b"], "--layers: expected START:STOP"),
     ]:
         res = CliRunner().invoke(convert, ["lora-init", str(tiny_model), str(out), *args])
         assert res.exit_code == 2 and msg in res.output and len(res.output.strip().splitlines()) == 1, res.output

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from convert.cli import convert
-from convert.llama_meta import rope_unpermute
-from convert.lora import init_lora, write_lora
-from fwdllm.adapter_io import read_adapter
-from fwdllm.log import quiet_llama
+from fwdllm.convert.cli import convert
+from fwdllm.convert.llama_meta import rope_unpermute
+from fwdllm.core.adapter_io import read_adapter
+from fwdllm.core.lora import init_lora, write_lora
+from fwdllm.runtime.log import quiet_llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -75,7 +75,7 @@ def _bpe_tokenizer(out: Path, lines: list[str], style: str = "gpt-2"):
     GPT-2, SmolLM (single digits) or LLaMA 3 (its split regex)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from convert.hf_tokenizer import LLAMA3_REGEX
+    from fwdllm.convert.hf_tokenizer import LLAMA3_REGEX
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = {

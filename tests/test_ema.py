@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from aggregator import checkpoint
-from aggregator.fake import QuadraticScorer
-from fwdllm.adapter_io import read_adapter
-from fwdllm.contract import adapter_sha256
-from fwdllm.optim import Optimizer, OptimizerSpec
 from reliability_helpers import free_url, serving, start_worker, wait_until
+
+from fwdllm.aggregator import checkpoint
+from fwdllm.core.adapter_io import read_adapter
+from fwdllm.core.layout import adapter_sha256
+from fwdllm.core.optim import Optimizer, OptimizerSpec
+from fwdllm.testing.fake import QuadraticScorer
 
 
 def _grads(rng: np.random.Generator, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:

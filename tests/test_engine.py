@@ -11,21 +11,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edge_client.cli import client, eval_cmd
-from edge_client.engine import Engine, Seq
-from edge_client.session import EdgeSession
-from edge_client.tasks import (
-    SST2_DEV_ROWS,
-    default_data,
-    load_task,
-    Example,
-    read_examples,
-    sample_batch,
-    stratum_sizes,
-)
-from fwdllm.adapter_io import base_shapes, write_adapter
-from fwdllm.contract import LoraLayout, PerturbMask, direction
-from fwdllm.errors import UserError
+from fwdllm.core.adapter_io import base_shapes, write_adapter
+from fwdllm.core.batches import sample_batch, stratum_sizes
+from fwdllm.core.directions import direction
+from fwdllm.core.errors import UserError
+from fwdllm.core.layout import LoraLayout, PerturbMask
+from fwdllm.edge_client.cli import client, eval_cmd
+from fwdllm.runtime.engine import Engine, Seq
+from fwdllm.runtime.session import EdgeSession
+from fwdllm.runtime.tasks import SST2_DEV_ROWS, Example, default_data, load_task, read_examples
 
 ROWS = [
     ("1", "a fun and moving film"),
@@ -59,7 +53,7 @@ def session(tiny_model: Path, tiny_task: Path):
 
 
 def _lora(model: Path, rank: int = 4) -> tuple[LoraLayout, dict[str, np.ndarray]]:
-    from bench.torch_ref import random_lora
+    from fwdllm.reference.torch_ref import random_lora
 
     layout = LoraLayout.for_base(base_shapes(model), rank=rank, alpha=2 * rank, targets=["q", "k", "v"])
     return layout, random_lora(layout, seed=1, b_std=0.05)
@@ -189,8 +183,8 @@ def test_worker_scores_the_batch_its_task_asks_for(session: EdgeSession, tiny_ta
     """``Task.stratify`` reaches the draw: the worker's base loss is the loss
     of ``sample_batch(..., stratify=task.stratify)``, and for this seed the
     two draws hold different rows (one label twice, or one of each)."""
-    from edge_client.worker import Scorer
-    from fwdllm.contract import Task
+    from fwdllm.core.protocol import Task
+    from fwdllm.edge_client.worker import Scorer
 
     ex = read_examples(session.task, tiny_task.parent / "data.tsv")
     layout, tensors = _lora(tiny_model)
@@ -281,7 +275,7 @@ def test_client_score_cli(tiny_model: Path, tiny_task: Path, tmp_path: Path):
     layout, tensors = _lora(tiny_model)
     lora = write_adapter(tmp_path / "a.gguf", layout, tensors)
     args = ["score", "--model", str(tiny_model), "--task", str(tiny_task), "--lora", str(lora),
-            "--seeds", "1,2,3", "--eps", "0.01", "--parts", "both", "--threads", "2", "--json"]
+            "--seeds", "1,2,3", "--eps", "0.01", "--parts", "both", "--central", "--threads", "2", "--json"]
     res = CliRunner().invoke(client, args)
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_client.session import EdgeSession
-from edge_client.tasks import default_data, load_task, read_examples
-from fwdllm.adapter_io import base_shapes
-from fwdllm.contract import LoraLayout, PerturbMask
+from fwdllm.core.adapter_io import base_shapes
+from fwdllm.core.layout import LoraLayout, PerturbMask
+from fwdllm.runtime.session import EdgeSession
+from fwdllm.runtime.tasks import default_data, load_task, read_examples
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -25,7 +25,7 @@ SEEDS = list(range(32))
 
 def _check(model: Path, task_overrides: dict, n: int, rank: int, targets: list[str], parts: str, eps: float,
            b_std: float) -> dict:
-    from bench.torch_ref import TorchRef, fidelity, random_lora
+    from fwdllm.reference.torch_ref import TorchRef, fidelity, random_lora
 
     task = load_task("sst2", **task_overrides)
     ex = read_examples(task, default_data("sst2", "dev"), limit=n)

@@ -1,7 +1,7 @@
 """Federation end to end: real processes, real sockets on 127.0.0.1, real llama.cpp.
 
-One aggregator (`python -m aggregator serve`) and three workers
-(`python -m edge_client.worker`) on the tiny synthetic model.  Each worker's
+One aggregator (`python -m fwdllm.aggregator serve`) and three workers
+(`python -m fwdllm.edge_client run`) on the tiny synthetic model.  Each worker's
 shard is 8 examples and the batch size is 8, so every round scores the same
 training batch and its loss must fall.
 """
@@ -20,9 +20,9 @@ from typing import Callable, Iterator
 import numpy as np
 import pytest
 
-from aggregator.checkpoint import read_metrics
-from aggregator.simulate import free_port, write_shards
-from fwdllm.adapter_io import read_adapter
+from fwdllm.aggregator.checkpoint import read_metrics
+from fwdllm.aggregator.simulate import free_port, write_shards
+from fwdllm.core.adapter_io import read_adapter
 
 N_CLIENTS = 3
 # q,v pinned: on the tiny random model 5 rounds on v alone move the loss less than the test's margin;
@@ -64,7 +64,7 @@ class Fed:
         return p
 
     def aggregator(self, out: Path, rounds: int, resume: bool = False, extra: tuple[str, ...] = ()) -> subprocess.Popen:
-        args = ["aggregator", "serve", "--bind", self.url, "--min-clients", str(N_CLIENTS),
+        args = ["fwdllm.aggregator", "serve", "--bind", self.url, "--min-clients", str(N_CLIENTS),
                 "--heartbeat", "0.5", "--threads", "1"]
         if resume:
             args += ["--resume", str(out), "--model", str(self.model)]
@@ -75,7 +75,7 @@ class Fed:
 
     def client(self, i: int, events: Path) -> subprocess.Popen:
         return self._spawn(
-            ["edge_client.worker", "--connect", self.url, "--model", str(self.model), "--data", str(self.shards[i]),
+            ["fwdllm.edge_client", "run", "--connect", self.url, "--model", str(self.model), "--data", str(self.shards[i]),
              "--task", str(self.task), "--threads", "1", "--client-id", f"c{i}", "--events", str(events),
              "--give-up", "60"],
             f"client-{events.stem}.log",
@@ -124,8 +124,8 @@ def test_three_clients_train_agree_and_survive_a_dead_client(fed: Fed, tiny_mode
         assert seen and all(sha[r] == s for r, s in seen.items()), path
         assert set(seen) == ({1, 2} if i == 2 else set(sha))
     # the training loss on the clients' own data went down
-    from edge_client.session import EdgeSession
-    from edge_client.tasks import load_task, read_examples
+    from fwdllm.runtime.session import EdgeSession
+    from fwdllm.runtime.tasks import load_task, read_examples
 
     task = load_task(str(fed.task))
     examples = [x for s in fed.shards for x in read_examples(task, s)]
@@ -172,10 +172,10 @@ def test_head_run_trains_agrees_and_ships_head_npy(fed: Fed, tiny_model: Path) -
     exactly what the run trained."""
     from click.testing import CliRunner
 
-    from edge_client.cli import eval_cmd
-    from edge_client.session import EdgeSession
-    from edge_client.tasks import load_task, read_examples
-    from fwdllm.contract import HEAD
+    from fwdllm.core.layout import HEAD
+    from fwdllm.edge_client.cli import eval_cmd
+    from fwdllm.runtime.session import EdgeSession
+    from fwdllm.runtime.tasks import load_task, read_examples
 
     out = fed.tmp / "head"
     agg = fed.aggregator(out, rounds=3, extra=("--head", "--head-lr", "0.01"))
@@ -208,12 +208,12 @@ def test_head_run_trains_agrees_and_ships_head_npy(fed: Fed, tiny_model: Path) -
     assert after < before - 0.01, (before, after)
     res = CliRunner().invoke(eval_cmd, ["--model", str(tiny_model), "--task", str(fed.task), "--data",
                                         str(fed.shards[0]), "--lora", str(out / "adapter.gguf"),
-                                        "--head", str(out / "head.npy"), "--threads", "1", "--json"])
+                                        "--head-file", str(out / "head.npy"), "--threads", "1", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["loss"] == pytest.approx(shard0.loss, abs=1e-9)
     res = CliRunner().invoke(eval_cmd, ["--model", str(tiny_model), "--task", str(fed.task),
-                                        "--head", str(out / "head.npy")])
-    assert res.exit_code == 2 and "--head needs the run's --lora" in res.output
+                                        "--head-file", str(out / "head.npy")])
+    assert res.exit_code == 2 and "--head-file needs the run's --lora" in res.output
 
 
 def test_head_only_rounds_cost_one_pass_per_client_and_leave_the_lora(fed: Fed) -> None:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator import fwdllm_algos as algos
-from fwdllm.contract import LoraLayout, PerturbMask
+from fwdllm.aggregator import fwdllm_algos as algos
+from fwdllm.core.layout import LoraLayout, PerturbMask
 
 
 def _scalars(rng: np.random.Generator, g: np.ndarray, v: np.ndarray, sigma: float, m: int) -> np.ndarray:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregator import fwdllm_algos as algos
-from aggregator.fwdllm_synthetic import ABLATION, make_problem, round_time, run
+from fwdllm.aggregator import fwdllm_algos as algos
+from fwdllm.aggregator.fwdllm_synthetic import ABLATION, make_problem, round_time, run
 
 PROB = make_problem(per_layer=64, noise=0.1)
 SEEDS = (0, 1, 2)

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client.session import EdgeSession
-from edge_client.tasks import load_task, read_examples
-from fwdllm.adapter_io import base_shapes
-from fwdllm.contract import HEAD, LoraLayout, PerturbMask, ProtocolError, Result, Update, head_array
-from fwdllm.errors import UserError
-from fwdllm.optim import Optimizer, OptimizerSpec
+from fwdllm.core.adapter_io import base_shapes
+from fwdllm.core.errors import UserError
+from fwdllm.core.layout import HEAD, LoraLayout, PerturbMask
+from fwdllm.core.optim import Optimizer, OptimizerSpec
+from fwdllm.core.protocol import ProtocolError, Result, Update, head_array
+from fwdllm.runtime.session import EdgeSession
+from fwdllm.runtime.tasks import load_task, read_examples
 
 ROWS = [("1", "a fun and moving film"), ("0", "boring and bad"), ("1", "the best movie of the year"),
         ("0", "I hate this story"), ("1", "great play , good people"), ("0", "the worst film")]
@@ -32,7 +33,7 @@ def task_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _layouts(model: Path, n_embd: int) -> tuple[LoraLayout, LoraLayout, dict[str, np.ndarray]]:
-    from bench.torch_ref import random_lora
+    from fwdllm.reference.torch_ref import random_lora
 
     plain = LoraLayout.for_base(base_shapes(model), rank=4, alpha=8.0, targets=["v"])
     return plain, dataclasses.replace(plain, head=(2, n_embd)), random_lora(plain, seed=1, b_std=0.05)
@@ -79,8 +80,8 @@ def test_hidden_states_recovered_from_the_logits_are_the_lm_heads_input(tiny_mod
     equal up to the 8-bit quantization of h that llama.cpp's CPU matmul applies."""
     import llama_cpp as ll
 
-    from edge_client.engine import Engine, Seq
-    from edge_client.readout import HiddenFromLogits
+    from fwdllm.runtime.engine import Engine, Seq
+    from fwdllm.runtime.readout import HiddenFromLogits
 
     engine = Engine(tiny_model, n_seq_max=1, n_ctx_seq=64, n_threads=2)
     try:
@@ -126,8 +127,8 @@ def test_head_gradient_payloads_are_checked() -> None:
 
 
 def test_head_needs_a_classify_task(tiny_model: Path) -> None:
-    from aggregator.setup import with_head
-    from convert.lora import init_lora
+    from fwdllm.aggregator.setup import with_head
+    from fwdllm.core.lora import init_lora
 
     layout, tensors = init_lora(tiny_model, 2, 4.0, ["v"], 0)
     with pytest.raises(UserError, match="classify"):

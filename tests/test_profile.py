@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from aggregator.profile import Candidate, profile
-from fwdllm.errors import UserError
+from fwdllm.core.errors import UserError
+from fwdllm.reference.profile import Candidate, profile
 
 
 def test_candidate_parsing() -> None:
@@ -23,8 +23,8 @@ def test_candidate_parsing() -> None:
 
 def test_profile_ranks_sets_and_writes_the_recommendation(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
-    args = ["--model", str(tiny_model), "--label-words", "good,bad", "--k", "4", "--batches", "1",
-            "--batch-size", "2", "--threads", "2", "--out", str(out),
+    args = ["--model", str(tiny_model), "--label-words", "good,bad", "--k", "4", "--n-batches", "1",
+            "--batch-size", "2", "--threads", "2", "--out", str(tmp_path),
             "--candidate", "rank=2,targets=v,layers=2:4", "--candidate", "rank=4,targets=v,parts=a"]
     r = CliRunner().invoke(profile, args)
     assert r.exit_code == 0, r.output
@@ -35,7 +35,7 @@ def test_profile_ranks_sets_and_writes_the_recommendation(tiny_model: Path, tmp_
     assert b_only["grad_norm"] > 0 and 0 < b_only["cosine"] <= 1 and 0 < b_only["cosine_exact_scalars"] <= 1
     # A's gradient is exactly zero while B is zero (fresh init): nothing to see
     assert a_only["grad_norm"] == 0 and a_only["cosine"] == 0
-    assert data["recommended"] == {"rank": 2, "lora_alpha": 4.0, "targets": "v", "parts": "b", "layers": [2, 4]}
+    assert data["recommended"] == {"rank": 2, "lora_alpha": 4.0, "targets": "v", "parts": "b", "layers": "2:4"}
     assert "recommended: r2 v b layers=2:4" in r.output
     census = {t["target"]: t for t in data["census"]}
     assert set(census) == {"q", "k", "v", "o", "gate", "up", "down"} and "gradient census" in r.output
@@ -47,10 +47,10 @@ def test_profile_ranks_sets_and_writes_the_recommendation(tiny_model: Path, tmp_
 def test_census_sees_no_gradient_in_a_while_b_is_zero(tiny_model: Path) -> None:
     """dL/dA = 0 at B = 0 for every target; B carries all of it. A census
     that mixed up the factors or the layers would fail one of the two."""
-    from aggregator.profile import census
-    from bench.torch_ref import TorchRef
-    from edge_client.session import EdgeSession
-    from edge_client.tasks import Example, load_task
+    from fwdllm.reference.profile import census
+    from fwdllm.reference.torch_ref import TorchRef
+    from fwdllm.runtime.session import EdgeSession
+    from fwdllm.runtime.tasks import Example, load_task
 
     spec = load_task("sst2", label_words=("good", "bad"))
     batch = [Example("a fine film", 0), Example("dull and long", 1)]
@@ -65,5 +65,5 @@ def test_census_sees_no_gradient_in_a_while_b_is_zero(tiny_model: Path) -> None:
 
 def test_profile_rejects_a_bad_candidate(tiny_model: Path, tmp_path: Path) -> None:
     r = CliRunner().invoke(profile, ["--model", str(tiny_model), "--candidate", "targets=zz", "--out",
-                                     str(tmp_path / "p.json")])
+                                     str(tmp_path / "p")])
     assert r.exit_code == 2 and "targets" in r.output

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 import zmq
 from click.testing import CliRunner
+from reliability_helpers import free_url, join_msg, serving, start_worker
 from zmq.utils.monitor import recv_monitor_message
 
-from aggregator import checkpoint
-from aggregator.fake import FAKE_MODEL_SHA
-from aggregator.security import ClientKeys, ServerKeys, client_keys, keys, server_keys
-from fwdllm.contract import Message, Welcome
-from fwdllm.errors import UserError
-from reliability_helpers import free_url, join_msg, serving, start_worker
+from fwdllm.aggregator import checkpoint
+from fwdllm.cli import keys
+from fwdllm.core.errors import UserError
+from fwdllm.core.protocol import Message, Welcome
+from fwdllm.runtime.transport import ClientKeys, ServerKeys, client_keys, server_keys
+from fwdllm.testing.fake import FAKE_MODEL_SHA
 
 ROUNDS = 3
 
@@ -180,11 +181,11 @@ def test_cli_serve_and_client_run_over_curve(tmp_path: Path, keydir: Path, tiny_
     fed = Fed(tmp_path, tiny_model, data_dir)
     try:
         out = tmp_path / "run"
-        agg = fed._spawn(["aggregator", "serve", "--bind", fed.url, "--heartbeat", "0.5", "--threads", "1",
+        agg = fed._spawn(["fwdllm.aggregator", "serve", "--bind", fed.url, "--heartbeat", "0.5", "--threads", "1",
                           "--model", str(tiny_model), "--task", str(fed.task), "--rounds", "2", "--out", str(out),
                           "--curve-secret", str(keydir / "server.key_secret"), "--allow", str(tmp_path / "allowed"),
                           *TRAIN], "aggregator.log")
-        fed._spawn(["edge_client.worker", "--connect", fed.url, "--model", str(tiny_model), "--data", str(fed.shards[0]),
+        fed._spawn(["fwdllm.edge_client", "run", "--connect", fed.url, "--model", str(tiny_model), "--data", str(fed.shards[0]),
                     "--task", str(fed.task), "--threads", "1", "--client-id", "device-1", "--give-up", "60",
                     "--curve-secret", str(keydir / "device-1.key_secret"), "--server-key", str(keydir / "server.key")],
                    "client.log")

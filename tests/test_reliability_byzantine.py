@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from aggregator import checkpoint
-from aggregator.fake import QuadraticScorer
-from aggregator.robust import Robust, RobustOptions, build
-from aggregator.strategy import ClientView, Scored, StrategySpec, make_strategy
 from reliability_helpers import garbage_scorer, quadratic_loss, serving, start_worker
+
+from fwdllm.aggregator import checkpoint
+from fwdllm.aggregator.registry import make_strategy
+from fwdllm.aggregator.robust import Robust, RobustOptions
+from fwdllm.aggregator.strategy import ClientView, Scored, StrategySpec
+from fwdllm.testing.fake import QuadraticScorer
 
 N, BAD, ROUNDS, K = 10, 2, 12, 20
 
@@ -66,13 +67,13 @@ def _round(strategy, round: int, values: dict[str, float], order: list[str]):  #
 def test_robust_is_order_free_resumable_and_quarantines() -> None:
     spec = StrategySpec(k=8, extra={"robust": "clip", "robust_strikes": 2, "robust_min_history": 4})
     values = {"a": 1.0, "b": -1.5, "c": 0.5, "evil": 1e6}
-    a, b = build(spec, make_strategy), build(spec, make_strategy)
+    a, b = make_strategy(spec), make_strategy(spec)
     assert isinstance(a, Robust)
     for r in (1, 2):
         sa, sb = _round(a, r, values, sorted(values)), _round(b, r, values, sorted(values, reverse=True))
         assert np.array_equal(sa.coeffs, sb.coeffs) and np.all(np.abs(sa.coeffs) < 10)
     assert a.quarantined == {"evil"} and sa.info["newly_quarantined"] == ["evil"]
-    c = build(spec, make_strategy)
+    c = make_strategy(spec)
     c.load_state_dict(a.state_dict())
     s3a, s3c = _round(a, 3, values, sorted(values)), _round(c, 3, values, sorted(values))
     assert np.array_equal(s3a.coeffs, s3c.coeffs) and s3a.info["robust_outliers"] == 0
@@ -88,7 +89,7 @@ def test_robust_options_are_validated_and_mom_scale_is_robust() -> None:
         RobustOptions.split({"robust": "median"})
     opts, rest = RobustOptions.split({"robust": "mom", "robust_groups": 5, "layout": {}})
     assert opts is not None and opts.scale == "mom" and rest == {"layout": {}}
-    from aggregator.robust import robust_scale
+    from fwdllm.aggregator.robust import robust_scale
 
     honest = np.abs(np.random.default_rng(0).standard_normal(400))
     assert robust_scale(honest, opts) == pytest.approx(np.mean(honest), rel=0.2)

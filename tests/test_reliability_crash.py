@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from aggregator import checkpoint
-from aggregator.fake import QuadraticScorer
-from fwdllm.adapter_io import read_adapter
 from reliability_helpers import free_url, serving, start_worker, wait_until
+
+from fwdllm.aggregator import checkpoint
+from fwdllm.core.adapter_io import read_adapter
+from fwdllm.testing.fake import QuadraticScorer
 
 HELPER = Path(__file__).with_name("reliability_helpers.py")
 ROUNDS, N_CLIENTS, TRIALS = 6, 3, 5
@@ -86,11 +86,11 @@ def test_worker_asks_a_restarted_aggregator_again_for_the_snapshot_the_old_one_n
     heartbeats forever without ever scoring (CI once hung on exactly this)."""
     import zmq
 
-    from aggregator.fake import synthetic_run
-    from aggregator.server import welcome
-    from aggregator.strategy import StrategySpec
-    from fwdllm.contract import Message, SnapshotRequest
-    from fwdllm.optim import OptimizerSpec
+    from fwdllm.aggregator.server import welcome
+    from fwdllm.aggregator.strategy import StrategySpec
+    from fwdllm.core.optim import OptimizerSpec
+    from fwdllm.core.protocol import Message, SnapshotRequest
+    from fwdllm.testing.fake import synthetic_run
 
     url = free_url()
     cfg, replica = synthetic_run(2, OptimizerSpec(lr=0.05, total_rounds=2), StrategySpec(k=4))

@@ -28,11 +28,11 @@ import numpy as np
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from aggregator import checkpoint
-from aggregator.fake import QuadraticScorer
-from fwdllm.contract import Heartbeat, Message, ProtocolError, Result, Task, Welcome
 from reliability_helpers import join_msg, serving, start_worker, wait_until
+
+from fwdllm.aggregator import checkpoint
+from fwdllm.core.protocol import Heartbeat, Message, ProtocolError, Result, Task, Welcome
+from fwdllm.testing.fake import QuadraticScorer
 
 BATCH, BATCHES, ROUNDS = 100, 100, 6
 

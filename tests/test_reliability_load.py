@@ -9,11 +9,11 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from bench.load import load
+from fwdllm.bench.load import load
 
 
 def test_load_bench_smoke(tmp_path: Path) -> None:
-    r = CliRunner().invoke(load, ["--clients", "5,20", "--rounds", "3", "--out", str(tmp_path), "--timeout", "120"])
+    r = CliRunner().invoke(load, ["--sizes", "5,20", "--rounds", "3", "--out", str(tmp_path), "--timeout", "120"])
     assert r.exit_code == 0, r.output
     results = json.loads((tmp_path / "load.json").read_text())["results"]
     assert [x["clients"] for x in results] == [5, 20]
@@ -23,5 +23,5 @@ def test_load_bench_smoke(tmp_path: Path) -> None:
 
 
 def test_load_bench_rejects_bad_sizes(tmp_path: Path) -> None:
-    r = CliRunner().invoke(load, ["--clients", "ten", "--out", str(tmp_path)])
+    r = CliRunner().invoke(load, ["--sizes", "ten", "--out", str(tmp_path)])
     assert r.exit_code != 0 and "comma-separated integers" in r.output

@@ -12,14 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator import checkpoint
-from aggregator.fake import FAKE_MODEL_SHA, QuadraticScorer, synthetic_layout, synthetic_run
-from aggregator.server import Aggregator, ServerOptions
-from aggregator.strategies_fwdllm import FWDLLM_STRATEGIES, FwdLLM
-from aggregator.strategy import ClientView, Scored, Step, StrategySpec, make_strategy
-from edge_client.worker import EventLog, Worker
-from fwdllm.contract import Join, LoraLayout, PerturbMask, combine, direction
-from fwdllm.optim import OptimizerSpec
+from fwdllm.aggregator import checkpoint
+from fwdllm.aggregator.registry import STRATEGIES, make_strategy
+from fwdllm.aggregator.server import Aggregator, ServerOptions
+from fwdllm.aggregator.strategies_fwdllm import FwdLLM
+from fwdllm.aggregator.strategy import ClientView, Scored, Step, StrategySpec
+from fwdllm.core.directions import combine, direction
+from fwdllm.core.layout import LoraLayout, PerturbMask
+from fwdllm.core.optim import OptimizerSpec
+from fwdllm.core.protocol import Join
+from fwdllm.edge_client.worker import EventLog, Worker
+from fwdllm.testing.fake import FAKE_MODEL_SHA, QuadraticScorer, synthetic_layout, synthetic_run
 
 LAYOUT = synthetic_layout(n_layers=4, dim=16, rank=4)  # B only: 4 x 2 x 64 = 512 dims
 
@@ -76,8 +79,8 @@ def cosine(step: Step, g: dict[str, np.ndarray], mask: PerturbMask) -> float:
 
 
 def test_registry_and_options_are_validated() -> None:
-    assert set(FWDLLM_STRATEGIES) == {"fwdllm", "pacing", "discriminative", "adaptive", "block-cyclic"}
-    for name in FWDLLM_STRATEGIES:  # registered in the aggregator's table, so --strategy NAME works
+    assert set(STRATEGIES) == {"zo-sgd", "fwdllm", "pacing", "discriminative", "adaptive", "block-cyclic"}
+    for name in STRATEGIES:  # the aggregator's table, so --strategy NAME works
         assert type(make_strategy(spec(name))).name == name
     with pytest.raises(ValueError, match="unknown strategy option"):
         FwdLLM(spec("fwdllm", bogus=1))
@@ -94,7 +97,7 @@ def test_pacing_adapts_k_to_the_noise_and_scores_each_seed_on_two_batches() -> N
     g = gradient()
     ks = {}
     for noise in (0.1, 200.0):
-        strat = FWDLLM_STRATEGIES["pacing"](spec("pacing", k=8, k_max=64))
+        strat = STRATEGIES["pacing"](spec("pacing", k=8, k_max=64))
         step = drive(strat, 1, views(1, 1), g, noise)
         ks[noise] = step.info["perturbations"]
         assert step.info["pacing_n_replicated"] >= step.info["pacing_n_seeds"] // 2
@@ -106,7 +109,7 @@ def test_pacing_adapts_k_to_the_noise_and_scores_each_seed_on_two_batches() -> N
 
 
 def test_pacing_hands_each_seed_group_out_on_two_batches() -> None:
-    strat = FWDLLM_STRATEGIES["pacing"](spec("pacing", k=8))
+    strat = STRATEGIES["pacing"](spec("pacing", k=8))
     cl = views(1, 1)
     strat.begin(1, cl)
     a, b, c = strat.next_work(cl[0]), strat.next_work(cl[1]), strat.next_work(cl[0])
@@ -116,7 +119,7 @@ def test_pacing_hands_each_seed_group_out_on_two_batches() -> None:
 
 def test_pacing_scaled_step_grows_with_k() -> None:
     g = gradient()
-    strat = FWDLLM_STRATEGIES["pacing"](spec("pacing", k=8, k_max=64, scale_lr=True))
+    strat = STRATEGIES["pacing"](spec("pacing", k=8, k_max=64, scale_lr=True))
     step = drive(strat, 1, views(1), g, 200.0)
     k_in = step.info["perturbations"]
     assert step.info["step_scale"] == pytest.approx(k_in / 8)
@@ -163,7 +166,7 @@ def test_debiased_step_adds_the_previous_seeds_and_shrinks_the_u_component() -> 
 
 
 def test_adaptive_splits_by_throughput_and_ends_once_k_are_in() -> None:
-    strat = FWDLLM_STRATEGIES["adaptive"](spec("adaptive", k=16, slack=0.25))
+    strat = STRATEGIES["adaptive"](spec("adaptive", k=16, slack=0.25))
     cl = views(100.0, 300.0)
     strat.begin(1, cl)
     w_slow, w_fast = strat.next_work(cl[0]), strat.next_work(cl[1])
@@ -178,14 +181,14 @@ def test_adaptive_splits_by_throughput_and_ends_once_k_are_in() -> None:
 
 
 def test_adaptive_treats_an_unmeasured_client_as_average() -> None:
-    strat = FWDLLM_STRATEGIES["adaptive"](spec("adaptive", k=12, slack=0.0))
+    strat = STRATEGIES["adaptive"](spec("adaptive", k=12, slack=0.0))
     cl = views(0.0, 100.0, 300.0)  # c0 joined before measuring its speed
     strat.begin(1, cl)
     assert [len(strat.next_work(c).seeds) for c in cl] == [4, 2, 6]  # weights 200:100:300
 
 
 def test_block_cyclic_perturbs_one_block_per_round() -> None:
-    strat = FWDLLM_STRATEGIES["block-cyclic"](spec("block-cyclic", k=4, blocks=2))
+    strat = STRATEGIES["block-cyclic"](spec("block-cyclic", k=4, blocks=2))
     g = gradient()
     for r, layers in ((1, (0, 2)), (2, (2, 4)), (3, (0, 2))):
         cfg = strat.begin(r, views(1))
@@ -226,7 +229,7 @@ def serve(tmp: Path, s: StrategySpec, layout: LoraLayout, rounds: int, clients: 
     for cid, scorer, tps in clients:
         join = Join(client_id=cid, model_sha256=FAKE_MODEL_SHA, tokens_per_s=tps, mem_bytes=0, max_batch=8,
                     n_examples=10)
-        w = Worker(url, cid, lambda _s, j=join: j, scorer, lambda _n, sc=scorer: sc, EventLog(None), give_up_s=60)
+        w = Worker(url, cid, lambda _s, j=join: j, scorer, EventLog(None), give_up_s=60)
         t = threading.Thread(target=w.run, daemon=True)
         t.start()
         workers.append((w, t))
@@ -253,8 +256,8 @@ def test_fwdllm_trains_through_the_real_aggregator(tmp_path: Path) -> None:
     The reported round losses carry each batch's noise (0.01), which is larger
     than five rounds of progress, so the check is on the exact, noise-free
     objective at the final adapter against the round-0 one."""
-    from aggregator.simulate import pacing_summary
-    from fwdllm.adapter_io import read_adapter
+    from fwdllm.aggregator.simulate import pacing_summary
+    from fwdllm.core.adapter_io import read_adapter
 
     layout = synthetic_layout()
     s = StrategySpec(name="fwdllm", k=8, run_seed=1, extra={"layout": layout.to_dict(), "k_max": 32})
@@ -282,11 +285,11 @@ def test_fwdllm_on_llama_cpp_lowers_the_training_loss(tmp_path: Path, tiny_model
     """The real path: INT4 tiny GGUF in llama.cpp behind each worker, the
     combined strategy with block-cyclic on top, restricted to layers 1-3
     (``--layers 1:4``); the batch loss must fall and layer 0 must stay untouched."""
-    from fwdllm.adapter_io import read_adapter
-    from convert.lora import layout_for_base
-    from edge_client.session import EdgeSession
-    from edge_client.tasks import load_task, read_examples
-    from edge_client.worker import Scorer
+    from fwdllm.core.adapter_io import read_adapter
+    from fwdllm.core.lora import layout_for_base
+    from fwdllm.edge_client.worker import Scorer
+    from fwdllm.runtime.session import EdgeSession
+    from fwdllm.runtime.tasks import load_task, read_examples
 
     spec_file = tmp_path / "tiny-sst2.json"  # the tiny vocabulary has one-token "bad"/"good"
     spec_file.write_text(json.dumps({
@@ -315,6 +318,6 @@ def test_fwdllm_on_llama_cpp_lowers_the_training_loss(tmp_path: Path, tiny_model
 
 
 def _free_port() -> int:
-    from aggregator.simulate import free_port
+    from fwdllm.aggregator.simulate import free_port
 
     return free_port()

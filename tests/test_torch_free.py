@@ -9,14 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fwdllm.adapter_io import base_shapes, write_adapter
-from fwdllm.contract import LoraLayout
+from fwdllm.core.adapter_io import base_shapes, write_adapter
+from fwdllm.core.layout import LoraLayout
 
 SCRIPT = """
 import json, sys
 from click.testing import CliRunner
-import edge_client, edge_client.cli, edge_client.engine, edge_client.session, edge_client.tasks, edge_client.worker
-from edge_client.cli import client, eval_cmd
+import fwdllm.edge_client.worker, fwdllm.runtime.engine, fwdllm.runtime.session, fwdllm.runtime.tasks
+from fwdllm.edge_client.cli import client, eval_cmd
 args = ["--model", sys.argv[1], "--task", sys.argv[2], "--threads", "1"]
 r1 = CliRunner().invoke(eval_cmd, args + ["--json"])
 r2 = CliRunner().invoke(client, ["score", *args, "--lora", sys.argv[3], "--seeds", "1,2", "--json"])

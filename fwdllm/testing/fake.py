@@ -1,6 +1,6 @@
 """Model-free federation: a synthetic objective for protocol and load tests.
 
-:class:`QuadraticScorer` plugs into the real :class:`~edge_client.worker.Worker`
+:class:`QuadraticScorer` plugs into the real :class:`~fwdllm.edge_client.worker.Worker`
 in place of llama.cpp, so a test or a load bench exercises the genuine
 socket, heartbeat, snapshot and update code with clients that cost
 microseconds: the "loss" is ``mean((theta - target)^2)`` over the perturbed
@@ -17,11 +17,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from aggregator.checkpoint import RunConfig
-from aggregator.strategy import StrategySpec
-from edge_client.worker import Replica
-from fwdllm.contract import LoraLayout, PerturbMask, Result, Task, direction
-from fwdllm.optim import Optimizer, OptimizerSpec
+from fwdllm.aggregator.checkpoint import RunConfig
+from fwdllm.aggregator.strategy import StrategySpec
+from fwdllm.core.directions import direction
+from fwdllm.core.layout import LoraLayout, PerturbMask
+from fwdllm.core.optim import Optimizer, OptimizerSpec
+from fwdllm.core.protocol import Result, Task
+from fwdllm.core.replica import Replica
 
 FAKE_MODEL_SHA = "f" * 64
 

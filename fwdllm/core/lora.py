@@ -2,7 +2,7 @@
 
 A fresh adapter starts as PEFT does: A small random, B zero, so the adapted
 model equals the base model at step 0 while perturbations of B still move the
-output.  Stored as F32 (by :func:`fwdllm.adapter_io.write_adapter`) so that
+output.  Stored as F32 (by :func:`fwdllm.core.adapter_io.write_adapter`) so that
 +-eps perturbations are not rounded away.
 """
 
@@ -15,10 +15,10 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from fwdllm.gguf_file import read_header
-from fwdllm.adapter_io import header_shapes, read_adapter, write_adapter
-from fwdllm.contract import LoraLayout
-from fwdllm.errors import UserError
+from fwdllm.core.adapter_io import header_shapes, read_adapter, write_adapter
+from fwdllm.core.errors import UserError
+from fwdllm.core.gguf_file import read_header
+from fwdllm.core.layout import LoraLayout
 
 
 @dataclass(frozen=True)
@@ -42,20 +42,6 @@ def open_base(base_path: str | os.PathLike) -> BaseModel:
     n_head = int(header.field("llama.attention.head_count"))
     return BaseModel(Path(base_path), header_shapes(header), n_head,
                      int(header.field("llama.attention.head_count_kv", n_head)))
-
-
-def parse_layers(spec: str | None) -> list[int] | None:
-    """``"0-5"``, ``"0,2,4"`` or ``"0-3,8"`` -> layer ids; None/"" -> all."""
-    if not spec:
-        return None
-    out: list[int] = []
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.strip().partition("-")
-            out.extend(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise UserError(f"bad --layers {spec!r}; use e.g. 0-5 or 0,2,4") from None
-    return out
 
 
 def layout_for_base(

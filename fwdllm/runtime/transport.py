@@ -24,14 +24,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
-import click
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from fwdllm.errors import UserError
+from fwdllm.core.errors import UserError
 
 log = logging.getLogger("fwdllm.security")
 
@@ -158,46 +156,9 @@ def warn_if_plaintext(keys: ClientKeys | None, where: str) -> None:
         log.warning(PLAINTEXT_WARNING, where)
 
 
-_KEY_FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
-
-
-def server_key_options(f: Callable) -> Callable:
-    """``--curve-secret`` / ``--allow`` for the aggregator (kw: curve_secret, allow)."""
-    f = click.option("--allow", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-                     help="Directory of allowed client public keys (*.key); enables CURVE with --curve-secret.")(f)
-    return click.option("--curve-secret", type=_KEY_FILE, default=None,
-                        help="The aggregator's CURVE keypair (NAME.key_secret from `fwdllm keys generate`).")(f)
-
-
-def client_key_options(f: Callable) -> Callable:
-    """``--curve-secret`` / ``--server-key`` for a device (kw: curve_secret, server_key)."""
-    f = click.option("--server-key", type=_KEY_FILE, default=None,
-                     help="The aggregator's public key (its NAME.key); enables CURVE with --curve-secret.")(f)
-    return click.option("--curve-secret", type=_KEY_FILE, default=None,
-                        help="This device's CURVE keypair (NAME.key_secret from `fwdllm keys generate`).")(f)
-
-
-@click.group("keys")
-def keys() -> None:
-    """CURVE keypairs for authenticated, encrypted federation traffic.
-
-    \b
-    Example (server + one device; copy device-1.key into the allow-list):
-      fwdllm keys generate server --out keys/
-      fwdllm keys generate device-1 --out keys/ --allow keys/allowed
-      fwdllm aggregator serve --curve-secret keys/server.key_secret --allow keys/allowed ...
-      fwdllm client run --curve-secret keys/device-1.key_secret --server-key keys/server.key ...
-    """
-
-
-@keys.command("generate")
-@click.argument("name")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
-              help="Directory for NAME.key (public) and NAME.key_secret (keep private).")
-@click.option("--allow", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Also copy the public key into this allow-list directory.")
-def generate(name: str, out: Path, allow: Path | None) -> None:
-    """Write a new keypair NAME.key / NAME.key_secret (never overwrites)."""
+def generate_keypair(name: str, out: Path, allow: Path | None) -> tuple[Path, Path]:
+    """Write a new keypair ``out/NAME.key`` / ``out/NAME.key_secret`` (mode 0600),
+    and copy the public key into ``allow`` when given; never overwrites."""
     if not name or "/" in name or name.startswith("."):
         raise UserError(f"bad key name {name!r}: use a plain file name such as server or device-1")
     out.mkdir(parents=True, exist_ok=True)
@@ -210,6 +171,4 @@ def generate(name: str, out: Path, allow: Path | None) -> None:
     if allow is not None:
         allow.mkdir(parents=True, exist_ok=True)
         (allow / f"{name}.key").write_bytes(Path(public_file).read_bytes())
-    click.echo(f"public {public_file}\nsecret {secret_file} (keep private)")
-    if allow is not None:
-        click.echo(f"allowed {allow / f'{name}.key'}")
+    return Path(public_file), Path(secret_file)

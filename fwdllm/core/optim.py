@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from fwdllm.contract import HEAD
+from fwdllm.core.layout import HEAD
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -37,14 +37,14 @@ class OptimizerSpec:
     #: decay of the exponential moving average of the adapter over rounds
     #: (0 = off).  ZO iterates carry noise of order ``lr * |g| * sqrt(d/K)``
     #: per round; averaging them cancels the part of it that the curvature
-    #: keeps pulling back, at no forward-pass cost (docs/strategies.md).
+    #: keeps pulling back, at no forward-pass cost (docs/algorithms.md).
     ema: float = 0.0
     #: learning rate of the classifier head (``--head``), on the same
     #: schedule; 0 = ``lr``.  The head always steps with Adam: its curvature
-    #: is dominated by the mean of the hidden states (|h| ~ 40 on SmolLM2),
-    #: so plain SGD on the exact gradient overshoots at any rate that learns
-    #: in a few hundred rounds (docs/strategies.md), while Adam's
-    #: per-coordinate scale does not care.
+    #: is dominated by the mean of the hidden states (large and shared by
+    #: every example), so plain SGD on the exact gradient overshoots at any
+    #: rate that learns in a few hundred rounds, while Adam's per-coordinate
+    #: scale does not care (docs/algorithms.md).
     head_lr: float = 0.0
 
     def __post_init__(self) -> None:

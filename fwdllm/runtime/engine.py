@@ -11,7 +11,7 @@ kernel (Q4_0 on AVX2/NEON), copies the weights into a CPU_REPACK buffer.
 Both stay resident, so peak RSS is about twice the file.  ``repack=False``
 (``use_extra_bufts=False``) keeps only the mmap; ``mmap=False`` reads the file
 into anonymous memory, which llama.cpp frees after repacking.  See
-``bench/throughput.py --mem`` for measured RSS and speed of each mode.
+``fwdllm bench throughput --mem`` for the RSS and speed of each mode.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,8 +26,8 @@ from typing import Sequence
 import llama_cpp as ll
 import numpy as np
 
-from fwdllm.errors import UserError
-from fwdllm.log import quiet_llama
+from fwdllm.core.errors import UserError
+from fwdllm.runtime.log import quiet_llama
 
 _backend_ready = False
 log = logging.getLogger("fwdllm.engine")

@@ -13,7 +13,7 @@ Built-in presets
 ----------------
 ``sst2``  ``../shared/data/sst2/train.tsv`` (``label<TAB>sentence``, header line).
           Template ``Review: {text}\\nSentiment:``, labels 0/1 -> `` negative``/
-          `` positive`` (0.78 zero-shot on SmolLM2-135M-Instruct Q4_1).
+          `` positive``.
           SST-2 ships no labelled dev file here, so a FIXED dev split is carved
           out of train.tsv: the 872 data rows (GLUE's dev size) whose
           ``sha256("sst2-dev:<row index>")`` are smallest, row index counted
@@ -21,8 +21,8 @@ Built-in presets
           materialised once, in file order, under ``$FWDLLM_CACHE/data`` (default
           ``~/.cache/fwdllm/data``) so that every tool reads plain files.
 ``sst2-2shot`` SST-2's data and split, with two fixed demonstrations in front
-          of the same prompt: 3x the tokens and 0.695 zero-shot, but features
-          that ``--head`` reads better (docs/strategies.md).
+          of the same prompt: 3x the tokens and a lower zero-shot accuracy, but
+          features that ``--head`` reads better (``fwdllm bench probe``).
 ``agnews`` ``ag_news/{train,dev}.csv`` (``label,title,description``), labels
           1-4 = World, Sports, Business, Sci/Tech.  Template
           ``{title}. {description}\nThis news article is about`` -> `` world``/
@@ -48,18 +48,18 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
-from fwdllm.errors import UserError
+from fwdllm.core.errors import UserError
 
 KINDS = ("classify", "sft")
 FORMATS = ("tsv", "csv", "jsonl")
 SST2_DEV_ROWS = 872
 AGNEWS_TEMPLATE = "{title}. {description}\nThis news article is about"
 #: Two hand-written demonstrations (not from the data) in front of SST-2's
-#: prompt.  Zero-shot falls (0.695 against 0.766), but ``--head`` reads the
-#: last hidden state, and after them a linear fit on the frozen features
-#: reaches 0.862 against 0.831 (``fwdllm bench probe --template``).
+#: prompt.  Zero-shot falls, but ``--head`` reads the last hidden state, and
+#: after them a linear fit on the frozen features separates the labels better
+#: (``fwdllm bench probe --template``).
 SST2_TWO_SHOT = (
     "Review: an utterly charming and hilarious film.\nSentiment: positive\n"
     "Review: a dull, lifeless mess.\nSentiment: negative\n"
@@ -205,7 +205,7 @@ def _read_spec_file(path: Path) -> dict[str, Any]:
 def data_root() -> Path:
     """``$FWDLLM_DATA``, else ``../shared/data`` next to the repository."""
     env = os.environ.get("FWDLLM_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def _cache_dir() -> Path:
@@ -332,63 +332,4 @@ def read_examples(
         raise UserError(f"{path}: cannot parse as {task.format}: {e}") from None
     if not out:
         raise UserError(f"{path}: no usable examples for task {task.name}")
-    return out
-
-
-def _partial_shuffle(n: int, k: int, words: Sequence[int]) -> list[int]:
-    """The first ``k`` of ``range(n)`` after a partial Fisher-Yates shuffle
-    driven by raw 64-bit ``words`` (exact integer arithmetic: no float, no
-    numpy distribution method, so every numpy version picks the same)."""
-    idx = list(range(n))
-    for i in range(k):
-        j = i + int(words[i]) % (n - i)
-        idx[i], idx[j] = idx[j], idx[i]
-    return idx[:k]
-
-
-def sample_batch(examples: Sequence[Example], batch_size: int, batch_seed: int, stratify: bool = False) -> list[Example]:
-    """``batch_size`` distinct examples chosen by ``batch_seed`` alone.
-
-    Uses the contract's raw PCG64 stream, so every machine holding the same
-    examples picks the same batch, whatever its numpy version.
-
-    ``stratify`` (classify data): each label gets ``batch_size * n_label / n``
-    slots, rounded up or down at random so that the expected count is exact
-    (systematic sampling), and its slots are filled uniformly within the
-    label.  The batch gradient stays an unbiased estimate of the shard's,
-    and the part of its noise that comes from how many rows of each label a
-    uniform batch happens to hold is gone.  That part matters because every
-    perturbation's scalar carries this batch noise (docs/strategies.md,
-    "Stratified batches").
-    """
-    from fwdllm.contract import _stream
-
-    n = len(examples)
-    k = min(batch_size, n)
-    labels = sorted({e.label for e in examples}) if stratify and k < n else []
-    if len(labels) < 2 or None in labels:
-        words = _stream(batch_seed, "batch").random_raw(k) if k else []
-        return [examples[i] for i in _partial_shuffle(n, k, words)]
-    groups = [[i for i, e in enumerate(examples) if e.label == lab] for lab in labels]
-    words = [int(w) for w in _stream(batch_seed, "strata").random_raw(1 + k)]
-    out: list[Example] = []
-    for members, slots in zip(groups, stratum_sizes(k, [len(m) for m in groups], words[0] % n)):
-        picked = _partial_shuffle(len(members), slots, words[1 + len(out):])
-        out.extend(examples[members[i]] for i in picked)
-    return out
-
-
-def stratum_sizes(k: int, sizes: Sequence[int], offset: int) -> list[int]:
-    """Split ``k`` slots over strata of ``sizes`` (``n = sum(sizes)``) by
-    systematic sampling: stratum c gets ``floor(k n_c / n)`` plus one if one of
-    the points ``offset + m n`` falls in its stretch of the remainders
-    ``(k n_c) mod n``.  With ``offset`` uniform on ``0..n-1`` the expected
-    count is exactly ``k n_c / n``, so the batch mean stays unbiased, and the
-    counts always sum to ``k``."""
-    n = sum(sizes)
-    out, start = [], 0
-    for size in sizes:
-        rem = k * size % n
-        out.append(k * size // n + (offset - start) // n - (offset - start - rem) // n)
-        start += rem
     return out

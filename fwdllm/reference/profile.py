@@ -5,7 +5,7 @@ builds the adapter a run would start from, then on the same few batches
 
 * measures K projected gradients on the INT4 GGUF in llama.cpp
   (``EdgeSession.perturbed``, exactly what a client sends) and aggregates them
-  into ``G = (1/K) sum p_k v_k`` (:func:`fwdllm.contract.combine`), and
+  into ``G = (1/K) sum p_k v_k`` (:func:`fwdllm.core.directions.combine`), and
 * computes the exact gradient ``g`` of the same loss on the same tokens with
   the torch reference (``bench/torch_ref.py``: the GGUF dequantized, autograd).
 
@@ -32,9 +32,11 @@ from typing import Any, Sequence
 import click
 import numpy as np
 
-from aggregator.strategy import derive_seed
-from fwdllm.contract import PARTS, TARGETS, PerturbMask, combine
-from fwdllm.errors import UserError
+from fwdllm.core.directions import combine
+from fwdllm.core.errors import UserError
+from fwdllm.core.layout import PARTS, TARGETS, PerturbMask
+from fwdllm.core.seeds import derive_seed
+from fwdllm.options import Command, option, parse_label_words, shared, threads_for
 
 
 @dataclass(frozen=True)
@@ -120,9 +122,9 @@ def _cosine(a: dict[str, np.ndarray], b: dict[str, np.ndarray], names: list[str]
 def measure(session, ref, cand: Candidate, batches: Sequence[list], k: int, eps: float,  # noqa: ANN001
             one_sided: bool, state: str, seed: int) -> Measured:
     """Score one candidate on ``batches`` (see the module docstring)."""
-    from bench.torch_ref import directional, random_lora
-    from convert.lora import init_lora
-    from fwdllm.contract import direction
+    from fwdllm.core.directions import direction
+    from fwdllm.core.lora import init_lora
+    from fwdllm.reference.torch_ref import directional, random_lora
 
     layers = range(*cand.layers) if cand.layers else None
     try:
@@ -163,7 +165,7 @@ def census(session, ref, rank: int, parts: str, batches: Sequence[list], seed: i
     (``cos(G, g) ~ sqrt(K/d)`` times ``|g|``), which is why the census ranks
     targets by it.
     """
-    from convert.lora import init_lora
+    from fwdllm.core.lora import init_lora
 
     layout, tensors = init_lora(session.model_path, rank, 2.0 * rank, TARGETS, seed)
     names = PerturbMask(parts=parts).names(layout)
@@ -200,39 +202,35 @@ def census_by_target(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def recommendation(best: Candidate) -> dict[str, Any]:
     """The winner as ``simulate``/``serve`` training options."""
     return {"rank": best.rank, "lora_alpha": 2.0 * best.rank, "targets": ",".join(best.targets),
-            "parts": best.parts, "layers": list(best.layers) if best.layers else None}
+            "parts": best.parts, "layers": f"{best.layers[0]}:{best.layers[1]}" if best.layers else None}
 
 
-@click.command("profile")
-@click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Base GGUF path or store name.")
-@click.option("--task", default="sst2", show_default=True, help="Task preset or spec file.")
+@click.command("profile", cls=Command)
+@shared("model", "task")
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Training file to draw batches from (default: the task's train split).")
-@click.option("--label-words", default=None, help="Override the task's label words (comma-separated).")
+@shared("label_words")
 @click.option("--candidate", "candidates", multiple=True, metavar="SPEC",
               help="A trainable set, e.g. rank=8,targets=q+v,parts=b,layers=0:15 (repeatable; default: a grid).")
-@click.option("--k", type=click.IntRange(1, 4096), default=16, show_default=True, help="Perturbations per batch.")
-@click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
-@click.option("--batches", type=click.IntRange(1), default=2, show_default=True, help="Batches to average over.")
-@click.option("--batch-size", type=click.IntRange(1, 256), default=8, show_default=True)
-@click.option("--one-sided/--central", default=True, show_default=True, help="Finite differences as in training.")
+@shared("k", "eps")
+@click.option("--n-batches", type=click.IntRange(1), default=2, show_default=True, help="Batches to average over.")
+@shared("batch_size", "one_sided")
 @click.option("--state", type=click.Choice(["init", "random"]), default="init", show_default=True,
               help="Adapter to profile at: a fresh init (B = 0) or a random non-zero B (mid-training-like).")
 @click.option("--by", type=click.Choice(["cosine", "descent"]), default="cosine", show_default=True,
               help="Ranking: cos(ZO estimate, exact gradient), or |g| * cos.")
-@click.option("--threads", type=click.IntRange(1, 64), default=2, show_default=True, help="llama.cpp / torch threads.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds of perturbations, batches, LoRA init.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("profile.json"),
-              show_default=True, help="Where to write the ranking and the recommended config.")
-def profile(model_name: str, task: str, data: Path | None, label_words: str | None, candidates: tuple[str, ...],
-            k: int, eps: float, batches: int, batch_size: int, one_sided: bool, state: str, by: str,
-            threads: int, seed: int, out: Path) -> None:
+@shared("threads", "seed")
+@option("out", default=Path("."), help="Directory for profile.json: the census, the ranking and the recommended "
+                                       "training options.")
+def profile(model: str, task: str, data: Path | None, label_words: str | None, candidates: tuple[str, ...],
+            k: int, eps: float, n_batches: int, batch_size: int, one_sided: bool, state: str, by: str,
+            threads: int | None, seed: int, out: Path) -> None:
     """Rank LoRA trainable sets by how well K INT4 perturbations estimate their gradient.
 
     Needs the [torch] extra (exact gradients). First prints a gradient census
     (seconds: torch only): each target's share of the exact gradient and its
-    density, the share per share of dimensions. Writes OUT with the census,
-    every candidate's numbers and "recommended" training options.
+    density, the share per share of dimensions. Writes OUT/profile.json with
+    the census, every candidate's numbers and "recommended" training options.
 
     \b
     Examples:
@@ -241,21 +239,23 @@ def profile(model_name: str, task: str, data: Path | None, label_words: str | No
     """
     from tqdm import tqdm
 
-    from bench.torch_ref import TorchRef
-    from convert.lora import open_base
-    from edge_client.session import EdgeSession
-    from edge_client.tasks import default_data, load_task, read_examples, sample_batch
-    from fwdllm.log import quiet_llama
-    from fwdllm.models import resolve_model
+    from fwdllm.core.batches import sample_batch
+    from fwdllm.core.lora import open_base
+    from fwdllm.reference.torch_ref import TorchRef
+    from fwdllm.runtime.log import quiet_llama
+    from fwdllm.runtime.models import resolve_model
+    from fwdllm.runtime.session import EdgeSession
+    from fwdllm.runtime.tasks import default_data, load_task, read_examples
 
     quiet_llama()
-    model = resolve_model(model_name)
-    spec = load_task(task, label_words=tuple(label_words.split(","))) if label_words else load_task(task)
+    model_path = resolve_model(model)
+    threads = threads_for(threads)
+    spec = load_task(task, label_words=parse_label_words(label_words))
     examples = read_examples(spec, data or default_data(spec.name, "train"))
-    picked = [sample_batch(examples, batch_size, derive_seed(seed, "profile-batch", i)) for i in range(batches)]
-    n_layers = 1 + max(int(n.split(".")[1]) for n in open_base(model).shapes if n.startswith("blk."))
+    picked = [sample_batch(examples, batch_size, derive_seed(seed, "profile-batch", i)) for i in range(n_batches)]
+    n_layers = 1 + max(int(n.split(".")[1]) for n in open_base(model_path).shapes if n.startswith("blk."))
     cands = [Candidate.parse(c) for c in candidates] or default_candidates(n_layers)
-    with EdgeSession(model, spec, n_threads=threads, max_batch=batch_size) as session:
+    with EdgeSession(model_path, spec, n_threads=threads, max_batch=batch_size) as session:
         ref = TorchRef(session.model_path, n_threads=threads)
         targets = census_by_target(census(session, ref, cands[0].rank, cands[0].parts, picked, seed))
         results = [measure(session, ref, c, picked, k, eps, one_sided, state, seed)
@@ -270,12 +270,12 @@ def profile(model_name: str, task: str, data: Path | None, label_words: str | No
     for m in results:
         click.echo("  ".join(f"{str(v):>12}" for v in m.row()))
     report = {
-        "model": str(model), "task": spec.name, "k": k, "eps": eps, "one_sided": one_sided, "state": state,
-        "batches": batches, "batch_size": batch_size, "ranked_by": by,
+        "model": str(model_path), "task": spec.name, "k": k, "eps": eps, "one_sided": one_sided, "state": state,
+        "n_batches": n_batches, "batch_size": batch_size, "ranked_by": by,
         "census": targets,
         "candidates": [{**asdict(m), "candidate": asdict(m.candidate), "label": m.candidate.label} for m in results],
         "recommended": recommendation(results[0].candidate),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    click.echo(f"recommended: {results[0].candidate.label}  -> {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
+    click.echo(f"recommended: {results[0].candidate.label}  -> {out / 'profile.json'}")

@@ -3,9 +3,8 @@
 ``--head`` needs ``h`` (the final-normed hidden state) at each scored
 position.  llama.cpp hands it out only in embeddings mode, and that mode makes
 every token of the batch an output: the full-vocabulary logits of every
-position are computed and copied (measured on SmolLM2, AG News, 4 clients on
-2 cores: 16-17 s per round, against 12.4 s without a head and 13.0 s with
-this readout).  But the logits are ``z = W h``
+position are computed and copied, which costs more than the head itself.
+But the logits are ``z = W h``
 with ``W`` (n_vocab, n_embd) of full column rank, so ``h`` is the least-squares
 solution of ``W_S h = z_S`` on any well-conditioned subset ``S`` of the
 vocabulary.  This module reads ``2 * n_embd`` fixed rows of ``W`` once and
@@ -19,14 +18,14 @@ import os
 
 import numpy as np
 
-from fwdllm.errors import UserError
+from fwdllm.core.errors import UserError
 
 
 def output_rows(model: str | os.PathLike, ids: np.ndarray) -> np.ndarray:
     """Dequantized rows ``ids`` of the output matrix (``token_embd`` when tied), float64."""
     import gguf
 
-    from fwdllm.gguf_file import open_gguf
+    from fwdllm.core.gguf_file import open_gguf
 
     tensors = {t.name: t for t in open_gguf(model).tensors}
     t = tensors.get("output.weight") or tensors.get("token_embd.weight")

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 import gguf
 
-from fwdllm.errors import UserError
+from fwdllm.core.errors import UserError
 
 
 def _require_gguf(path: Path) -> None:

@@ -14,8 +14,10 @@ from typing import Mapping
 import gguf
 import numpy as np
 
-from fwdllm.contract import TARGETS, LoraLayout, LoraTarget
-from fwdllm.gguf_file import GGUFHeader, field, open_gguf, read_header
+from fwdllm.core.files import atomic_output
+from fwdllm.core.gguf_file import GGUFHeader, field, open_gguf, read_header
+from fwdllm.core.layout import TARGETS, LoraLayout, LoraTarget
+
 
 def base_shapes(model_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
     """Base weight name -> (n_out, n_in) for every 2-D ``blk.*`` weight.
@@ -53,11 +55,8 @@ def write_adapter(
     user scale verbatim.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     shapes = layout.lora_shapes()  # a classifier head is not a llama.cpp tensor
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_string("general.type", "adapter")
         writer.add_string("adapter.type", "lora")
@@ -71,10 +70,6 @@ def write_adapter(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -30,15 +30,15 @@ for the base pass when one-sided).  Building seed k+1's adapters (direction,
 shift, GGUF write) runs in a helper thread while seed k decodes - llama_decode
 releases the GIL - and only the llama.cpp load stays on the main thread.
 
-Classifier head (a layout with :data:`~fwdllm.contract.HEAD`): the label
+Classifier head (a layout with :data:`~fwdllm.core.layout.HEAD`): the label
 logits become ``z = E_lab h + head h`` where ``h`` is the final-normed hidden
 state, recovered from the full logits row llama.cpp already returns
-(:mod:`edge_client.readout`: embeddings mode would make every token an output).  Because ``z`` is linear in
+(:mod:`fwdllm.runtime.readout`: embeddings mode would make every token an output).  Because ``z`` is linear in
 ``head``, its gradient ``mean (softmax(z) - onehot(y)) h^T`` is exact and
 comes from the forward pass alone - no backward pass through any layer - so
 ``perturbed`` returns it next to the ZO scalars: from the base pass when
 one-sided, else averaged over the symmetric +-eps passes (their first-order
-terms cancel; on SmolLM2 at eps 1e-2 it differed from the base pass's by 6 %).
+terms cancel, so the average is the base pass's to O(eps^2)).
 """
 
 from __future__ import annotations
@@ -55,11 +55,12 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from edge_client.engine import Engine, Seq
-from edge_client.tasks import Example, TaskSpec, report_bad
-from fwdllm.adapter_io import AdapterImage
-from fwdllm.contract import HEAD, LoraLayout, PerturbMask, direction
-from fwdllm.errors import UserError
+from fwdllm.core.adapter_io import AdapterImage
+from fwdllm.core.directions import direction
+from fwdllm.core.errors import UserError
+from fwdllm.core.layout import HEAD, LoraLayout, PerturbMask
+from fwdllm.runtime.engine import Engine, Seq
+from fwdllm.runtime.tasks import Example, TaskSpec, report_bad
 
 DEFAULT_CTX = {"classify": 256, "sft": 512}
 
@@ -95,7 +96,7 @@ class PerturbedResult:
 
 
 @dataclass(frozen=True)
-class _Batch:
+class Batch:
     """Examples turned into decodable sequences, packed into decode chunks."""
 
     seqs: list[Seq]
@@ -132,7 +133,7 @@ class EdgeSession:
         repack: bool = True,
         strict: bool = False,
     ) -> None:
-        from fwdllm.models import resolve_model
+        from fwdllm.runtime.models import resolve_model
 
         self.task = task
         self.strict = strict
@@ -153,7 +154,7 @@ class EdgeSession:
         self._main = None
         self._image: AdapterImage | None = None
         self.head: np.ndarray | None = None  # float64 (n_labels, n_embd) when the layout has one
-        self._readout = None  # edge_client.readout.HiddenFromLogits, built for the first head
+        self._readout = None  # fwdllm.runtime.readout.HiddenFromLogits, built for the first head
         self._decoded_tokens = 0
         self._decode_seconds = 0.0
 
@@ -188,7 +189,7 @@ class EdgeSession:
         if tensors is None:
             self.engine.set_adapters([])
             return
-        self._main = self._load_file(self._write_temp(self.tensors))
+        self._main = self.load_file(self._write_temp(self.tensors))
         self.engine.set_adapters([(self._main, 1.0)])
 
     def _check_head(self, layout: LoraLayout) -> None:
@@ -201,7 +202,7 @@ class EdgeSession:
         if tuple(layout.head) != want:
             raise UserError(f"head shape {tuple(layout.head)} does not fit this model and task {want}")
         if self._readout is None:
-            from edge_client.readout import HiddenFromLogits
+            from fwdllm.runtime.readout import HiddenFromLogits
 
             self._readout = HiddenFromLogits(self.model_path, self.engine.n_vocab, self.engine.n_embd)
 
@@ -217,7 +218,7 @@ class EdgeSession:
             raise
         return name
 
-    def _load_file(self, name: str):
+    def load_file(self, name: str):
         """Load an adapter file into llama.cpp (which copies the data) and delete it."""
         try:
             return self.engine.load_adapter(name)
@@ -230,11 +231,12 @@ class EdgeSession:
         vdir = direction(int(seed), self.layout, mask, dist)
         return [self._write_temp(shifted_tensors(self.layout, self.tensors, vdir, sg * eps)) for sg in signs]
 
-    def _main_set(self) -> list:
+    def main_set(self) -> list:
+        """The adapter set that scores at the current LoRA (empty for the base model)."""
         return [(self._main, 1.0)] if self._main is not None else []
 
     # -------------------------------------------------------------- scoring
-    def prepare(self, examples: Sequence[Example]) -> _Batch:
+    def prepare(self, examples: Sequence[Example]) -> Batch:
         """Tokenize and pack; rows too long for the context are bad rows."""
         seqs: list[Seq] = []
         targets: list[np.ndarray] = []
@@ -256,9 +258,9 @@ class EdgeSession:
             targets.append(tgt)
         if not seqs:
             raise UserError("no example fits the context")
-        return _Batch(seqs, targets, self.engine.pack(seqs), sum(len(s.tokens) for s in seqs))
+        return Batch(seqs, targets, self.engine.pack(seqs), sum(len(s.tokens) for s in seqs))
 
-    def _nll(
+    def nll(
         self, logits: np.ndarray, target: np.ndarray, hidden: np.ndarray | None = None,
         head_grad: np.ndarray | None = None,
     ) -> tuple[float, int, bool]:
@@ -282,7 +284,7 @@ class EdgeSession:
         return float((lse - z[np.arange(len(target)), target]).sum()), len(target), False
 
     def _run(
-        self, batch: _Batch, adapters: list, progress: bool = False, head_grad: np.ndarray | None = None
+        self, batch: Batch, adapters: list, progress: bool = False, head_grad: np.ndarray | None = None
     ) -> tuple[float, float]:
         """(mean loss, accuracy) of the batch under ``adapters``; sums the
         per-example head gradients into ``head_grad`` when given."""
@@ -294,7 +296,7 @@ class EdgeSession:
         for chunk in tqdm(batch.chunks, desc="scoring", unit="batch", disable=not progress, file=sys.stderr):
             for i, logits in zip(chunk, self.engine.decode([batch.seqs[i] for i in chunk])):
                 h = self._readout(logits) if self.head is not None else None
-                a, b, c = self._nll(logits, batch.targets[i], h, head_grad)
+                a, b, c = self.nll(logits, batch.targets[i], h, head_grad)
                 nll, terms, correct = nll + a, terms + b, correct + c
         self._decode_seconds += time.perf_counter() - t0
         self._decoded_tokens += batch.n_tokens
@@ -304,7 +306,7 @@ class EdgeSession:
         """Mean loss and accuracy of ``examples`` under the current LoRA."""
         t0 = time.perf_counter()
         batch = self.prepare(examples)
-        loss, acc = self._run(batch, self._main_set(), progress)
+        loss, acc = self._run(batch, self.main_set(), progress)
         return EvalResult(
             loss=loss,
             accuracy=acc if self.task.kind == "classify" else None,
@@ -332,7 +334,7 @@ class EdgeSession:
             raise UserError("scoring without seeds needs one-sided differences (its base pass is all there is)")
         t0 = time.perf_counter()
         batch = self.prepare(examples)
-        main = self._main_set()
+        main = self.main_set()
         hg = np.zeros(self.head.shape) if self.head is not None else None
         base = self._run(batch, main, head_grad=hg)[0] if one_sided else None
         signs = (1,) if one_sided else (1, -1)
@@ -342,7 +344,7 @@ class EdgeSession:
                 adapters = []
                 try:
                     while files:
-                        adapters.append(self._load_file(files.pop(0)))
+                        adapters.append(self.load_file(files.pop(0)))
                     for j, ad in enumerate(adapters):
                         losses[k, j] = self._run(batch, [(ad, 1.0)], head_grad=None if one_sided else hg)[0]
                 finally:

@@ -12,9 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from fwdllm.gguf_file import open_gguf
-from convert.gguf_out import atomic_output
-from fwdllm.errors import UserError
+from fwdllm.core.errors import UserError
+from fwdllm.core.files import atomic_output
+from fwdllm.core.gguf_file import open_gguf
 
 #: User-facing quant names -> llama_ftype values (llama.h).
 QUANTS: dict[str, int] = {"F16": 1, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q4_K_M": 15}
@@ -38,7 +38,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str, nthread
     """
     import llama_cpp
 
-    from fwdllm.log import quiet_llama
+    from fwdllm.runtime.log import quiet_llama
 
     ftype = ftype_of(quant)
     src, dst = Path(src), Path(dst)

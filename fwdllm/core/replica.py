@@ -1,0 +1,69 @@
+"""The replicated training state: adapter + optimizer + version.
+
+The aggregator and every device hold one and keep it bit-identical by
+replaying the same ``Update`` messages through the same optimizer, so a
+round's step travels as seeds and coefficients, never as tensors.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+
+from fwdllm.core.directions import combine
+from fwdllm.core.layout import HEAD, LoraLayout, PerturbMask, adapter_sha256
+from fwdllm.core.optim import Optimizer, OptimizerSpec
+from fwdllm.core.protocol import Update, head_array
+
+
+class Replica:
+    """Adapter + optimizer + version, replayable from ``Update`` messages.
+
+    The aggregator and every worker hold one; they stay bit-identical because
+    they run the same :func:`~fwdllm.contract.combine` and the same optimizer
+    step on the same (seeds, coeffs, lr).
+    """
+
+    def __init__(self, layout: LoraLayout, tensors: dict[str, np.ndarray], optimizer: Optimizer, version: int) -> None:
+        layout.check(tensors)
+        self.layout = layout
+        self.tensors = {n: np.array(tensors[n], dtype=np.float32) for n in layout.shapes()}
+        self.optimizer = optimizer
+        self.version = version
+        self.sha = adapter_sha256(layout, self.tensors)
+
+    def apply(self, update: Update) -> str:
+        """Replay one step; returns the new hash (compare with the Update's)."""
+        grad = combine(update.seeds, update.coeffs, self.layout, PerturbMask.from_dict(update.mask), update.dist)
+        if self.layout.head is not None and update.head_grad:
+            grad[HEAD] = head_array(update.head_grad, self.layout)
+        self.optimizer.step(self.tensors, grad, update.lr)
+        self.version = update.version
+        self.sha = adapter_sha256(self.layout, self.tensors)
+        return self.sha
+
+    def to_bytes(self) -> bytes:
+        """``npz`` of tensors, optimizer state, version and layout (no pickle)."""
+        arrays: dict[str, np.ndarray] = {f"t/{n}": a for n, a in self.tensors.items()}
+        arrays.update({f"o/{k}": a for k, a in self.optimizer.state_arrays().items()})
+        arrays["version"] = np.array(self.version, dtype=np.int64)
+        arrays["layout"] = np.frombuffer(json.dumps(self.layout.to_dict()).encode(), dtype=np.uint8)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, spec: OptimizerSpec) -> "Replica":
+        """Inverse of :meth:`to_bytes`; ``ValueError`` on anything malformed."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            layout = LoraLayout.from_dict(json.loads(arrays["layout"].tobytes()))
+            tensors = {k[2:]: a for k, a in arrays.items() if k.startswith("t/")}
+            opt = Optimizer(spec)
+            opt.load_state_arrays({k[2:]: a for k, a in arrays.items() if k.startswith("o/")})
+            return cls(layout, tensors, opt, int(arrays["version"]))
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"bad snapshot: {e}") from None
