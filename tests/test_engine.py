@@ -63,18 +63,36 @@ def _lora(model: Path, rank: int = 4) -> tuple[LoraLayout, dict[str, np.ndarray]
 
 
 def test_presets_and_sst2_split(data_dir):
-    dev = read_examples(load_task("sst2"), default_data("sst2", "dev"))
-    train = default_data("sst2", "train").read_text().splitlines()[1:]
-    assert len(dev) == SST2_DEV_ROWS
+    from fwdllm.runtime.tasks import sst2_splits, whole_sentences
+
+    assert whole_sentences(["a b", "a b c", "b c", "x", "x", "c a", "b"]) == [1, 3, 4, 5]
+    files = sst2_splits()
+    lines = {k: p.read_text().splitlines()[1:] for k, p in files.items()}
     total = (data_dir / "sst2" / "train.tsv").read_text().splitlines()[1:]
-    assert len(train) + SST2_DEV_ROWS == len(total)
-    dev_lines = default_data("sst2", "dev").read_text().splitlines()[1:]
-    assert sorted(dev_lines + train) == sorted(total)
+    dev = read_examples(load_task("sst2"), default_data("sst2", "dev"))
+    assert len(dev) == len(lines["dev-phrases"]) == SST2_DEV_ROWS
+    assert set(lines["dev"]) <= set(total) and set(lines["dev"]) <= set(whole_sentences_of(total))
+    # no dev sentence is trained on, whole or in part, and the phrase split stays out of train too
+    runs = {" ".join(w[a:b]) for ln in lines["dev"] for w in [ln.split("\t")[1].split()]
+            for a in range(len(w)) for b in range(a + 1, len(w) + 1)}
+    assert not any(ln.split("\t")[1] in runs for ln in lines["train"])
+    assert not set(lines["dev-phrases"]) & set(lines["train"])
+    assert set(lines["tune-val"]) <= set(lines["train"]) and set(lines["tune-train"]) < set(lines["train"])
+    assert not set(lines["tune-val"]) & set(lines["tune-train"])
+    assert default_data("sst2", "train") == files["train"]
     two = read_examples(load_task("sst2-2shot"), default_data("sst2-2shot", "dev"))
     assert [e.label for e in two] == [e.label for e in dev]  # the same carved split, another prompt
     assert all(t.prompt.endswith(d.prompt) and len(t.prompt) > len(d.prompt) for t, d in zip(two, dev))
     ag = read_examples(load_task("agnews"), default_data("agnews", "dev"), limit=5)
     assert len(ag) == 5 and all(0 <= e.label < 4 for e in ag) and ag[0].line == 2
+    with pytest.raises(UserError, match="no dev-phrases split"):
+        default_data("agnews", "dev-phrases")
+
+
+def whole_sentences_of(rows: list[str]) -> list[str]:
+    from fwdllm.runtime.tasks import whole_sentences
+
+    return [rows[i] for i in whole_sentences([r.split("\t")[1] for r in rows])]
 
 
 def test_bad_rows_reported_with_line_numbers(tmp_path: Path, capsys):

@@ -14,12 +14,30 @@ Built-in presets
 ``sst2``  ``../shared/data/sst2/train.tsv`` (``label<TAB>sentence``, header line).
           Template ``Review: {text}\\nSentiment:``, labels 0/1 -> `` negative``/
           `` positive``.
-          SST-2 ships no labelled dev file here, so a FIXED dev split is carved
-          out of train.tsv: the 872 data rows (GLUE's dev size) whose
-          ``sha256("sst2-dev:<row index>")`` are smallest, row index counted
-          from 0 after the header.  ``train`` is every other row.  Both are
-          materialised once, in file order, under ``$FWDLLM_CACHE/data`` (default
-          ``~/.cache/fwdllm/data``) so that every tool reads plain files.
+          SST-2 ships no labelled dev file here, and ``train.tsv`` holds every
+          labelled *phrase* of its sentences (mean 9 tokens) next to the
+          sentences themselves, while users score whole reviews.  So FIXED
+          splits are carved out of it (:func:`sst2_splits`):
+
+          * ``dev`` - 872 whole sentences (GLUE's dev size).  A *whole
+            sentence* is a row whose tokens (split on spaces) are a contiguous
+            run of no other, longer row; the 6,886 such rows average 19
+            tokens, like GLUE's sentence-level dev set.  The 872 are those
+            whose ``sha256("sst2-sentence-dev:" + text)`` are smallest.
+          * ``dev-phrases`` - the earlier phrase-level split, kept for
+            continuity: the 872 rows whose ``sha256("sst2-dev:<row index>")``
+            are smallest (row index counted from 0 after the header).
+          * ``train`` - every other row, less every row whose tokens are a
+            contiguous run of a ``dev`` sentence (its phrases) and every row
+            whose text is a ``dev-phrases`` row's: no dev sentence is seen in
+            training, whole or in part.
+          * ``tune-train`` / ``tune-val`` - ``train`` split once more the same
+            way (salt ``sst2-sentence-val:``), for choosing recipes without
+            touching ``dev``.
+
+          All are materialised once, in file order, under ``$FWDLLM_CACHE/data``
+          (default ``~/.cache/fwdllm/data``) so that every tool reads plain
+          files.
 ``sst2-2shot`` SST-2's data and split, with two fixed demonstrations in front
           of the same prompt: 3x the tokens and a lower zero-shot accuracy, but
           features that ``--head`` reads better (``fwdllm bench probe``).
@@ -30,6 +48,9 @@ Built-in presets
           the first dev rows with SmolLM2 Q4_0 (0.75 on 48 rows; "Article: ...
           Topic (World, Sports, Business or Technology):" got 0.29 on 200,
           "News: ... Category:" 0.48, a question-style prompt 0.42).
+          ``tune-train`` / ``tune-val``: ``train.csv`` less / only its 800
+          rows whose ``sha256("agnews-val:<row index>")`` are smallest, for
+          choosing recipes without touching ``dev``.
 ``sft``   JSONL with ``prompt`` and ``completion`` (no default data).
 
 A custom task is a ``.toml`` or ``.json`` file with the same field names as
@@ -40,17 +61,20 @@ relative to the spec file).
 
 from __future__ import annotations
 
+import bisect
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from fwdllm.core.errors import UserError
+from fwdllm.core.files import atomic_write
 
 KINDS = ("classify", "sft")
 FORMATS = ("tsv", "csv", "jsonl")
@@ -213,13 +237,22 @@ def _cache_dir() -> Path:
     return (Path(env) if env else Path.home() / ".cache" / "fwdllm") / "data"
 
 
+#: The splits :func:`default_data` knows; ``dev-phrases`` is SST-2's only.
+SPLITS = ("train", "dev", "dev-phrases", "tune-train", "tune-val")
+AGNEWS_VAL_ROWS = 800
+
+
 def default_data(task_name: str, split: str) -> Path:
-    """The default file of a preset's ``train`` or ``dev`` split."""
-    if split not in ("train", "dev"):
-        raise UserError(f"split must be train or dev, got {split!r}")
+    """The default file of a preset's split (:data:`SPLITS`; module docstring)."""
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     spec = load_task(task_name)
     if spec.train == PRESETS["sst2"].train:  # sst2 and sst2-2shot share the carved split
-        return _sst2_split(split)
+        return sst2_splits()[split]
+    if spec.train == PRESETS["agnews"].train and split.startswith("tune-"):
+        return _agnews_tune_split()[split]
+    if split not in ("train", "dev"):
+        raise UserError(f"task {spec.name} has no {split} split (only the sst2 and agnews presets carve one)")
     rel = getattr(spec, split)
     if rel is None:
         raise UserError(f"task {spec.name} has no default {split} data; pass --data FILE")
@@ -229,25 +262,108 @@ def default_data(task_name: str, split: str) -> Path:
     return path
 
 
-def _sst2_split(split: str) -> Path:
-    """Materialise the fixed SST-2 dev/train split (see module docstring)."""
-    src = data_root() / "sst2" / "train.tsv"
+def _shared_file(rel: str) -> Path:
+    src = data_root() / rel
     if not src.is_file():
         raise UserError(f"{src} not found (set FWDLLM_DATA to the shared data directory)")
-    st = src.stat()
-    out = _cache_dir() / f"sst2-{split}-{st.st_size}.tsv"
-    if out.is_file():
+    return src
+
+
+def _rank(keys: Iterable[str], n: int) -> list[int]:
+    """Indices of the ``n`` smallest ``sha256(key)``: a fixed, order-free draw."""
+    keys = list(keys)
+    return sorted(range(len(keys)), key=lambda i: hashlib.sha256(keys[i].encode()).digest())[:n]
+
+
+def whole_sentences(texts: Sequence[str]) -> list[int]:
+    """Indices of the rows whose tokens (split on spaces) are a contiguous run of
+    no other, longer row: SST-2's whole sentences among their own phrases.
+
+    Every suffix of every row is sorted once; row ``t`` is a run inside a longer
+    row exactly when some suffix other than ``t`` itself starts with ``t``
+    followed by a space or equals ``t`` from a later start, and a space sorts
+    before every other character that occurs, so those suffixes follow ``t``.
+    """
+    toks = [t.split() for t in texts]
+    suffixes = sorted((" ".join(w[p:]), p) for w in toks for p in range(len(w)))
+    keys = [s for s, _ in suffixes]
+    out = []
+    for i, w in enumerate(toks):
+        t = " ".join(w)
+        j = bisect.bisect_left(keys, t)
+        inside = False
+        while j < len(keys) and (keys[j] == t or keys[j].startswith(t + " ")):
+            if keys[j] != t or suffixes[j][1] > 0:
+                inside = True
+                break
+            j += 1
+        if w and not inside:
+            out.append(i)
+    return out
+
+
+def _runs(text: str) -> set[str]:
+    """Every contiguous run of ``text``'s tokens (the phrases a sentence holds)."""
+    w = text.split()
+    return {" ".join(w[a:b]) for a in range(len(w)) for b in range(a + 1, len(w) + 1)}
+
+
+def _carve(texts: Sequence[str], pool: Sequence[int], n: int, salt: str) -> tuple[set[int], set[int]]:
+    """(chosen, held out): ``n`` whole sentences of ``pool`` ranked by
+    ``sha256(salt + text)``, and every row of ``pool`` that is one of them or
+    a phrase of one."""
+    sentences = [pool[i] for i in whole_sentences([texts[i] for i in pool])]
+    chosen = {sentences[i] for i in _rank((salt + texts[i] for i in sentences), n)}
+    runs = set().union(*(_runs(texts[i]) for i in chosen))
+    return chosen, {i for i in pool if " ".join(texts[i].split()) in runs}
+
+
+def sst2_splits() -> dict[str, Path]:
+    """Materialise SST-2's fixed splits (module docstring) once; split -> file."""
+    src = _shared_file(PRESETS["sst2"].train or "")
+    tag = f"v3-{src.stat().st_size}"
+    out = {split: _cache_dir() / f"sst2-{split}-{tag}.tsv" for split in SPLITS}
+    if all(p.is_file() for p in out.values()):
         return out
     lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
     header, rows = lines[0], lines[1:]
-    ranked = sorted(range(len(rows)), key=lambda i: hashlib.sha256(f"sst2-dev:{i}".encode()).digest())
-    dev = set(ranked[:SST2_DEV_ROWS])
-    keep = [r for i, r in enumerate(rows) if (i in dev) == (split == "dev")]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".{os.getpid()}.part")
-    tmp.write_text(header + "".join(keep), encoding="utf-8")
-    os.replace(tmp, out)
+    texts = [r.rstrip("\n").partition("\t")[2] for r in rows]
+    phrases = set(_rank((f"sst2-dev:{i}" for i in range(len(rows))), SST2_DEV_ROWS))
+    dev, held = _carve(texts, range(len(rows)), SST2_DEV_ROWS, "sst2-sentence-dev:")
+    phrase_texts = {texts[i] for i in phrases}  # train.tsv repeats some rows word for word
+    train = [i for i in range(len(rows)) if i not in held and texts[i] not in phrase_texts]
+    val, val_held = _carve(texts, train, SST2_DEV_ROWS, "sst2-sentence-val:")
+    picks = {"train": train, "dev": sorted(dev), "dev-phrases": sorted(phrases), "tune-val": sorted(val),
+             "tune-train": [i for i in train if i not in val_held]}
+    for split, idx in picks.items():
+        _write_rows(out[split], header, [rows[i] for i in idx])
     return out
+
+
+def _agnews_tune_split() -> dict[str, Path]:
+    """AG News's ``tune-train``/``tune-val`` files (module docstring)."""
+    src = _shared_file(PRESETS["agnews"].train or "")
+    tag = src.stat().st_size
+    out = {split: _cache_dir() / f"agnews-{split}-{tag}.csv" for split in ("tune-train", "tune-val")}
+    if all(p.is_file() for p in out.values()):
+        return out
+    with src.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        rows = list(reader)
+    val = set(_rank((f"agnews-val:{i}" for i in range(len(rows))), AGNEWS_VAL_ROWS))
+    for split, keep in (("tune-val", True), ("tune-train", False)):
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(r for i, r in enumerate(rows) if (i in val) == keep)
+        _write_rows(out[split], "", [buf.getvalue()])
+    return out
+
+
+def _write_rows(path: Path, header: str, rows: Sequence[str]) -> None:
+    """Write a cached split whole or not at all (several processes may race to make it)."""
+    atomic_write(path, (header + "".join(rows)).encode("utf-8"))
 
 
 def _rows(task: TaskSpec, path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
