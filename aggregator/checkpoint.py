@@ -9,10 +9,9 @@ Layout of ``RUN_DIR``::
                     elapsed seconds.  Replaced atomically after every round.
     adapter.gguf    the run's product as a llama.cpp LoRA: the adapter, or
                     its moving average under ``--ema`` (written just before
-                    state.npz, so it is never older than the checkpoint)
-    head.npy        runs with ``--head`` only: the classifier-head correction
-                    (label words x n_embd, float32; ``fwdllm eval --head``),
-                    averaged like adapter.gguf and written with it
+                    state.npz, so it is never older than the checkpoint); a
+                    ``--head`` run's classifier head is in it as a LoRA of
+                    the output projection
     metrics.jsonl   one JSON line per round (round 0 = before training)
 
 Crash safety: every file is written to a temporary name and renamed, and the
@@ -34,14 +33,13 @@ import numpy as np
 
 from fwdllm.core.adapter_io import write_adapter
 from fwdllm.core.files import atomic_write
-from fwdllm.core.layout import HEAD, LoraLayout
+from fwdllm.core.layout import LoraLayout
 from fwdllm.core.optim import OptimizerSpec
 from fwdllm.core.replica import Replica
 
 RUN_JSON = "run.json"
 STATE = "state.npz"
 ADAPTER = "adapter.gguf"
-HEAD_FILE = "head.npy"
 METRICS = "metrics.jsonl"
 
 
@@ -83,12 +81,7 @@ def read_config(run_dir: Path) -> RunConfig:
 
 def save(run_dir: Path, replica: Replica, strategy_state: dict[str, Any], elapsed_s: float) -> None:
     """Checkpoint after a finished round: adapter.gguf, then state.npz."""
-    shipped = replica.optimizer.averaged(replica.tensors)
-    write_adapter(run_dir / ADAPTER, replica.layout, shipped)
-    if replica.layout.head is not None:
-        buf = io.BytesIO()
-        np.save(buf, shipped[HEAD], allow_pickle=False)
-        atomic_write(run_dir / HEAD_FILE, buf.getvalue())
+    write_adapter(run_dir / ADAPTER, replica.layout, replica.optimizer.averaged(replica.tensors))
     meta = {"strategy": strategy_state, "elapsed_s": elapsed_s}
     buf = io.BytesIO()
     np.savez(

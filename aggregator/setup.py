@@ -15,7 +15,6 @@ from fwdllm.aggregator.checkpoint import RunConfig
 from fwdllm.aggregator.registry import make_strategy
 from fwdllm.aggregator.strategy import Strategy, StrategySpec
 from fwdllm.core.errors import UserError
-from fwdllm.core.gguf_file import read_header
 from fwdllm.core.layout import HEAD, LoraLayout
 from fwdllm.core.optim import Optimizer, OptimizerSpec
 from fwdllm.core.replica import Replica
@@ -62,8 +61,10 @@ def new_run(
             layout, tensors = init_lora(model, lora.rank, lora.alpha, lora.targets, lora.init_seed)
         except ValueError as e:
             raise UserError(f"cannot build the LoRA: {e}") from None
-    if lora.head:
+    if lora.head and layout.head is None:
         layout, tensors = with_head(layout, tensors, model, load_task(task))
+    elif layout.head is not None and not lora.head:
+        raise UserError(f"--init-adapter {lora.init_adapter} has a classifier head: pass --head to train on from it")
     if strategy.mask.layers is not None and strategy.mask.layers[1] > layout.n_layers:
         raise UserError(f"--layers {strategy.mask.layers[0]}:{strategy.mask.layers[1]}: "
                         f"the model has {layout.n_layers} layers")
@@ -100,14 +101,15 @@ def adapter_start(lora: LoraSpec, model: Path) -> tuple[LoraLayout, dict[str, np
 
     Its layout must be the one ``--rank/--lora-alpha/--targets`` describe, so
     that run.json stays a true description of the run; a mismatch is an error
-    naming the options that match the file, never a silent override.
+    naming the options that match the file, never a silent override.  A
+    classifier head in the file comes along (``--head`` must be on).
     """
     from fwdllm.core.lora import layout_for_base, open_base, read_lora_for
 
     path = lora.init_adapter
     layout, tensors = read_lora_for(path, open_base(model), "--init-adapter")
     want = layout_for_base(model, lora.rank, lora.alpha, lora.targets)
-    if layout != want:
+    if replace(layout, head=None, head_ids=(), n_vocab=0) != want:
         targets = ",".join(dict.fromkeys(t.target for t in layout.targets))
         raise UserError(
             f"--init-adapter {path}: rank {layout.rank}, alpha {layout.alpha:g}, targets {targets} on "
@@ -122,12 +124,19 @@ def adapter_start(lora: LoraSpec, model: Path) -> tuple[LoraLayout, dict[str, np
 def with_head(
     layout: LoraLayout, tensors: dict[str, np.ndarray], model: Path, task: TaskSpec
 ) -> tuple[LoraLayout, dict[str, np.ndarray]]:
-    """The layout and tensors plus a zero classifier head (label words x n_embd):
-    training starts exactly at the zero-shot model."""
+    """The layout and tensors plus a zero classifier head (label words x n_embd)
+    on the label words' rows of the model's output projection: training starts
+    exactly at the zero-shot model."""
+    from fwdllm.core.lora import open_base, untied_hint
+    from fwdllm.runtime.session import label_token_ids
+
     if task.kind != "classify":
         raise UserError(f"--head trains a classifier head and needs a classify task; {task.name} is {task.kind}")
-    n_embd = int(read_header(model).field("llama.embedding_length"))
-    layout = replace(layout, head=(len(task.label_words), n_embd))
+    base = open_base(model)
+    if base.output is None:
+        raise UserError(f"--head: {untied_hint(base)}")
+    layout = replace(layout, head=(len(task.label_words), base.output[1]), head_ids=label_token_ids(model, task),
+                     n_vocab=base.output[0])
     return layout, {**tensors, HEAD: np.zeros(layout.head, np.float32)}
 
 

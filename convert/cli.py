@@ -122,6 +122,27 @@ def hf(src: Path, out: Path, quant: str) -> None:
     click.echo(convert_hf(src, out, quant))
 
 
+@convert.command("untie")
+@click.argument("src", type=_GGUF_IN)
+@click.argument("out", type=_OUT)
+def untie_cmd(src: Path, out: Path) -> None:
+    """Copy a model with tied embeddings, giving it an explicit output.weight.
+
+    The new tensor has token_embd.weight's bytes and type, so every logit is
+    unchanged; the file grows by that tensor.  `--head` needs it: a run's
+    classifier head is a LoRA of the output projection, and llama.cpp reads a
+    LoRA of a tied token_embd.weight as one of the input embeddings.  The
+    store's smollm2-135m is untied already.
+
+    \b
+    Example:
+      fwdllm convert untie my-tied-q4_0.gguf my-untied-q4_0.gguf
+    """
+    from fwdllm.runtime.quantize import untie
+
+    click.echo(untie(src, out))
+
+
 @convert.command("lora-from-peft")
 @click.argument("peft_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("base", type=_GGUF_IN)
@@ -148,7 +169,9 @@ def lora_from_peft(peft_dir: Path, base: Path, out: Path) -> None:
 def lora_to_peft(lora: Path, base: Path, out_dir: Path) -> None:
     """Write a llama.cpp LoRA GGUF (e.g. a trained fwdllm adapter) as a PEFT directory.
 
-    Load the result with peft.PeftModel.from_pretrained(hf_model, OUT_DIR).
+    Load the result with peft.PeftModel.from_pretrained(hf_model, OUT_DIR).  A
+    --head run's classifier head becomes a LoRA of lm_head (its own rank in
+    rank_pattern).
 
     \b
     Example:

@@ -48,7 +48,7 @@ def _load(kw: dict[str, Any]) -> tuple[TaskSpec, list, Any]:
         prompt_column=kw["prompt_column"],
         completion_column=kw["completion_column"],
     )
-    data = kw["data"] or default_data(kw["task"], "dev")
+    data = kw["data"] or default_data(kw["task"], kw.get("split") or "dev")
     examples = read_examples(task, data, limit=kw["limit"], strict=kw["strict"])
     session = EdgeSession(
         kw["model"],
@@ -63,14 +63,9 @@ def _load(kw: dict[str, Any]) -> tuple[TaskSpec, list, Any]:
     return task, examples, session
 
 
-def _load_lora(session: Any, lora: Path | None, head: Path | None = None) -> None:
-    """Apply ``lora`` (a llama.cpp adapter) and ``head`` (a run's head.npy)."""
-    import dataclasses
-
-    import numpy as np
-
+def _load_lora(session: Any, lora: Path | None) -> None:
+    """Apply ``lora`` (a llama.cpp adapter, with a ``--head`` run's classifier head in it)."""
     from fwdllm.core.adapter_io import read_adapter
-    from fwdllm.core.layout import HEAD
 
     if lora is None:
         return
@@ -78,37 +73,26 @@ def _load_lora(session: Any, lora: Path | None, head: Path | None = None) -> Non
         layout, tensors = read_adapter(lora)
     except (ValueError, OSError) as e:
         raise UserError(f"cannot read LoRA {lora}: {e}") from None
-    if head is not None:
-        try:
-            rows = np.load(head, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise UserError(f"cannot read head {head}: {e}") from None
-        if rows.ndim != 2 or rows.dtype != np.float32:
-            raise UserError(f"{head}: expected a 2-d float32 array, got {rows.dtype} {rows.shape}")
-        layout, tensors = dataclasses.replace(layout, head=rows.shape), {**tensors, HEAD: rows}
     session.set_lora(layout, tensors)
 
 
 @click.command("eval", cls=Command)
 @data_options
 @option("lora")
-@click.option("--head-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Classifier head of a --head run (RUN_DIR/head.npy), with that run's --lora.")
-def eval_cmd(lora: Path | None, head_file: Path | None, **kw: Any) -> None:
+@option("split")
+def eval_cmd(lora: Path | None, **kw: Any) -> None:
     """Accuracy and mean loss of a model (+ LoRA) on a task's data.
 
     \b
     Examples:
-      fwdllm eval --model smollm2-135m --task sst2            # 872-row SST-2 dev split
+      fwdllm eval --model smollm2-135m --task sst2            # 872-sentence SST-2 dev split
       fwdllm eval --model smollm2-135m --task agnews --limit 200 --json
       fwdllm eval --model m.gguf --lora run/adapter.gguf --task spec.toml --data test.csv
-      fwdllm eval --model smollm2-135m --task agnews --lora run/adapter.gguf --head-file run/head.npy
+      fwdllm eval --task sst2 --split dev-phrases --lora run/adapter.gguf   # the phrase-level split
     """
-    if head_file is not None and lora is None:
-        raise UserError("--head-file needs the run's --lora (the head was trained with it)")
     task, examples, session = _load(kw)
     with session:
-        _load_lora(session, lora, head_file)
+        _load_lora(session, lora)
         r = session.evaluate(examples, progress=True)
         tps = r.n_tokens / r.seconds
     acc = "" if r.accuracy is None else f"accuracy {r.accuracy:.4f}  "

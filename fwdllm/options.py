@@ -29,6 +29,7 @@ from fwdllm.core.errors import UserError
 from fwdllm.core.layout import PARTS, TARGETS, split_targets
 from fwdllm.core.optim import OPTIMIZERS, SCHEDULES
 from fwdllm.runtime.models import DEFAULT_MODEL
+from fwdllm.runtime.tasks import SPLITS
 
 
 class Failure(click.ClickException):
@@ -162,6 +163,9 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "data": (("--data",), dict(type=click.Path(dir_okay=False, path_type=Path), default=None,
                                help="Data file (csv, tsv or jsonl); commands that can do without one read the task's "
                                     "dev split.")),
+    "split": (("--split",), dict(type=click.Choice(SPLITS), default="dev", show_default=True,
+                                 help="The task's split to read when --data is not given (dev-phrases: SST-2's "
+                                      "phrase-level dev split; tune-*: held out of train for choosing recipes).")),
     "label_words": (("--label-words",), dict(default=None, metavar="W1,W2,...",
                                              help="Override the task's label words (its verbalizer).")),
     "lora": (("--lora",), dict(type=_FILE_IN, default=None, help="LoRA adapter GGUF, e.g. a run's adapter.gguf.")),

@@ -168,8 +168,8 @@ def test_kill9_aggregator_then_resume_is_bit_identical(fed: Fed) -> None:
 
 def test_head_run_trains_agrees_and_ships_head_npy(fed: Fed, tiny_model: Path) -> None:
     """--head end to end: the exact head gradients travel up, their mean travels
-    down, every replica lands on the server's hash, and eval --head scores
-    exactly what the run trained."""
+    down, every replica lands on the server's hash, and eval of adapter.gguf
+    alone scores exactly what the run trained."""
     from click.testing import CliRunner
 
     from fwdllm.core.layout import HEAD
@@ -188,32 +188,27 @@ def test_head_run_trains_agrees_and_ships_head_npy(fed: Fed, tiny_model: Path) -
     for path in ev:
         seen = {e["round"]: e["sha"] for e in events(path) if e["event"] == "update"}
         assert seen == sha, path
-    head = np.load(out / "head.npy")
+    layout, tensors = read_adapter(out / "adapter.gguf")  # the head is a LoRA of the output projection in it
+    head = tensors[HEAD]
     n_head = head.size * 4
     assert head.dtype == np.float32 and head.shape[0] == 2 and np.any(head != 0)
     assert all(r["bytes_up_per_client"] > n_head and r["bytes_update"] > n_head for r in recs)
+    assert not (out / "head.npy").exists()
 
     task = load_task(str(fed.task))
-    layout, tensors = read_adapter(out / "adapter.gguf")
-    import dataclasses
-
-    headed = dataclasses.replace(layout, head=head.shape)
     with EdgeSession(tiny_model, task, n_threads=1) as s:
         examples = [x for sh in fed.shards for x in read_examples(task, sh)]
-        s.set_lora(headed, {**layout.zeros(), HEAD: np.zeros_like(head)})
+        s.set_lora(layout, {**layout.zeros(), HEAD: np.zeros_like(head)})
         before = s.evaluate(examples).loss
-        s.set_lora(headed, {**tensors, HEAD: head})
+        s.set_lora(layout, tensors)
         after = s.evaluate(examples).loss
         shard0 = s.evaluate(read_examples(task, fed.shards[0]))
     assert after < before - 0.01, (before, after)
     res = CliRunner().invoke(eval_cmd, ["--model", str(tiny_model), "--task", str(fed.task), "--data",
                                         str(fed.shards[0]), "--lora", str(out / "adapter.gguf"),
-                                        "--head-file", str(out / "head.npy"), "--threads", "1", "--json"])
+                                        "--threads", "1", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["loss"] == pytest.approx(shard0.loss, abs=1e-9)
-    res = CliRunner().invoke(eval_cmd, ["--model", str(tiny_model), "--task", str(fed.task),
-                                        "--head-file", str(out / "head.npy")])
-    assert res.exit_code == 2 and "--head-file needs the run's --lora" in res.output
 
 
 def test_head_only_rounds_cost_one_pass_per_client_and_leave_the_lora(fed: Fed) -> None:
@@ -227,6 +222,8 @@ def test_head_only_rounds_cost_one_pass_per_client_and_leave_the_lora(fed: Fed) 
     for i in range(N_CLIENTS):
         fed.client(i, ev[i])
     assert agg.wait(180) == 0, fed.logs()
+    from fwdllm.core.layout import HEAD
+
     recs = [r for r in read_metrics(out) if r["round"] > 0]
     assert [r["round"] for r in recs] == [1, 2, 3], fed.logs()
     assert all(r["forward_passes"] == N_CLIENTS and r["perturbations"] == 0 for r in recs)
@@ -234,6 +231,6 @@ def test_head_only_rounds_cost_one_pass_per_client_and_leave_the_lora(fed: Fed) 
     sha = {r["round"]: r["adapter_sha256"] for r in recs}
     for path in ev:
         assert {e["round"]: e["sha"] for e in events(path) if e["event"] == "update"} == sha, path
-    assert np.any(np.load(out / "head.npy") != 0)
     _, end = read_adapter(out / "adapter.gguf")
+    assert np.any(end[HEAD] != 0)
     assert all(not np.any(t) for n, t in end.items() if n.endswith("lora_b"))  # B starts at zero and stays there

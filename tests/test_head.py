@@ -32,18 +32,20 @@ def task_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d / "task.toml"
 
 
-def _layouts(model: Path, n_embd: int) -> tuple[LoraLayout, LoraLayout, dict[str, np.ndarray]]:
+def _layouts(s: EdgeSession) -> tuple[LoraLayout, LoraLayout, dict[str, np.ndarray]]:
     from fwdllm.reference.torch_ref import random_lora
 
-    plain = LoraLayout.for_base(base_shapes(model), rank=4, alpha=8.0, targets=["v"])
-    return plain, dataclasses.replace(plain, head=(2, n_embd)), random_lora(plain, seed=1, b_std=0.05)
+    plain = LoraLayout.for_base(base_shapes(s.model_path), rank=4, alpha=8.0, targets=["v"])
+    headed = dataclasses.replace(plain, head=(2, s.engine.n_embd), head_ids=tuple(s.label_ids.tolist()),
+                                 n_vocab=s.engine.n_vocab)
+    return plain, headed, random_lora(plain, seed=1, b_std=0.05)
 
 
 def test_head_gradient_is_exact_and_a_zero_head_changes_nothing(tiny_model: Path, task_file: Path) -> None:
     task = load_task(str(task_file))
     ex = read_examples(task, task_file.parent / "data.tsv")
     with EdgeSession(tiny_model, task, n_threads=2, max_batch=4) as s:
-        plain, headed, lora = _layouts(tiny_model, s.engine.n_embd)
+        plain, headed, lora = _layouts(s)
         s.set_lora(plain, lora)
         ref = s.evaluate(ex)
         s.set_lora(headed, {**lora, HEAD: np.zeros(headed.head, np.float32)})
@@ -64,7 +66,9 @@ def test_head_gradient_is_exact_and_a_zero_head_changes_nothing(tiny_model: Path
             losses.append(s.evaluate(ex).loss)
         fd = (losses[0] - losses[1]) / (2 * h)
         exact = float(np.sum(r.head_grad.astype(np.float64) * d))
-        assert abs(fd - exact) < 1e-3 * max(1.0, abs(exact)), (fd, exact)
+        # llama.cpp multiplies the head's LoRA by the float hidden state, the base rows by its 8-bit
+        # quantization, and the readout recovers the latter (measured 2.7 % apart here)
+        assert abs(fd - exact) < 5e-2 * max(1e-2, abs(exact)), (fd, exact)
         assert abs(exact) > 1e-3  # a direction the loss actually depends on
 
         s.set_lora(headed, {**lora, HEAD: head})
@@ -72,7 +76,9 @@ def test_head_gradient_is_exact_and_a_zero_head_changes_nothing(tiny_model: Path
         assert np.linalg.norm(c.head_grad - r.head_grad) < 0.2 * np.linalg.norm(r.head_grad)
 
         with pytest.raises(UserError, match="head shape"):
-            s.set_lora(dataclasses.replace(plain, head=(3, s.engine.n_embd)), None)
+            s.set_lora(dataclasses.replace(headed, head=(3, s.engine.n_embd), head_ids=(1, 2, 3)), None)
+        with pytest.raises(UserError, match="label words are rows"):
+            s.set_lora(dataclasses.replace(headed, head_ids=(1, 2)), None)
 
 
 def test_hidden_states_recovered_from_the_logits_are_the_lm_heads_input(tiny_model: Path) -> None:
@@ -110,7 +116,7 @@ def test_head_steps_with_adam_at_its_own_rate_while_lora_uses_sgd() -> None:
 
 def test_head_gradient_payloads_are_checked() -> None:
     layout = LoraLayout.for_base({"blk.0.attn_v.weight": (8, 8)}, rank=2, alpha=2.0, targets=["v"])
-    headed = dataclasses.replace(layout, head=(2, 8))
+    headed = dataclasses.replace(layout, head=(2, 8), head_ids=(5, 3), n_vocab=10)
     assert LoraLayout.from_dict(headed.to_dict()) == headed
     assert "head" not in layout.to_dict()  # head-less layouts keep their old form (and hashes)
     good = np.arange(16, dtype="<f4").tobytes()

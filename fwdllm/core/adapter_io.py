@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from fwdllm.core.files import atomic_output
 from fwdllm.core.gguf_file import GGUFHeader, field, open_gguf, read_header
-from fwdllm.core.layout import TARGETS, LoraLayout, LoraTarget
+from fwdllm.core.layout import HEAD, OUTPUT, TARGETS, LoraLayout, LoraTarget
 
 
 def base_shapes(model_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
@@ -51,11 +52,11 @@ def write_adapter(
 
     ``tensors`` may hold any subset of the layout's names (a perturbation only
     touches some); all are stored as float32 so that +-eps steps are not rounded
-    away.  ``alpha`` defaults to the layout's; pass 0 to make llama.cpp use the
-    user scale verbatim.
+    away.  A :data:`HEAD` is written as the output projection's LoRA pair
+    (:meth:`LoraLayout.head_lora`).  ``alpha`` defaults to the layout's; pass 0
+    to make llama.cpp use the user scale verbatim.
     """
     path = Path(path)
-    shapes = layout.lora_shapes()  # a classifier head is not a llama.cpp tensor
     with atomic_output(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_string("general.type", "adapter")
@@ -63,14 +64,22 @@ def write_adapter(
         writer.add_float32("adapter.lora.alpha", float(layout.alpha if alpha is None else alpha))
         for k, v in (metadata or {}).items():
             writer.add_string(k, v)
-        for name in shapes:
-            if name in tensors:
-                writer.add_tensor(name, np.ascontiguousarray(tensors[name], dtype=np.float32))
+        for name, arr in file_tensors(layout, tensors).items():
+            writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
     return path
+
+
+def file_tensors(layout: LoraLayout, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The tensors of ``tensors`` as llama.cpp's adapter file names them: the
+    blocks' LoRA pairs in layout order, then the head's pair."""
+    out = {name: tensors[name] for name in layout.lora_shapes() if name in tensors}
+    if layout.head is not None and HEAD in tensors:
+        out.update(layout.head_lora(tensors[HEAD]))
+    return out
 
 
 class AdapterImage:
@@ -91,7 +100,10 @@ class AdapterImage:
             write_adapter(tmp, layout, layout.zeros(), alpha=alpha)
             self._bytes = Path(tmp).read_bytes()
             reader = open_gguf(tmp)
-            self._slots = {t.name: (int(t.data_offset), int(t.n_elements)) for t in reader.tensors}
+            # the head's lora_b is a fixed selector: its bytes stay as written here
+            names = {**{n: n for n in layout.lora_shapes()}, OUTPUT + ".lora_a": HEAD}
+            self._slots = {names[t.name]: (int(t.data_offset), int(t.n_elements))
+                           for t in reader.tensors if t.name in names}
             del reader  # drop the memmap before the unlink
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -106,7 +118,9 @@ class AdapterImage:
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[LoraLayout, dict[str, np.ndarray]]:
-    """Read a LoRA GGUF into (layout, float32 tensors).
+    """Read a LoRA GGUF into (layout, float32 tensors); an output-projection
+    pair that selects single rows (a head :func:`write_adapter` wrote) comes
+    back as the layout's :data:`HEAD`.
 
     Raises ``ValueError`` for files that are not LoRA adapters.
     """
@@ -120,6 +134,12 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraLayout, dict[str, np.ndar
             raise ValueError(f"{path}: tensor {t.name} is {t.tensor_type.name}; fwdllm adapters are F32/F16")
         shape = tuple(int(x) for x in reversed(t.shape))
         tensors[t.name] = np.array(t.data, dtype=np.float32).reshape(shape)
+    try:
+        head = read_head(tensors, alpha)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    n_vocab = tensors.pop(OUTPUT + ".lora_b").shape[0] if head is not None else 0
+    tensors.pop(OUTPUT + ".lora_a", None)
     stems = {v: k for k, v in TARGETS.items()}
     targets: list[LoraTarget] = []
     rank = 0
@@ -137,4 +157,30 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraLayout, dict[str, np.ndar
         raise ValueError(f"{path}: adapter has no lora_a/lora_b tensors")
     order = list(TARGETS)
     targets.sort(key=lambda t: (t.layer, order.index(t.target)))
-    return LoraLayout(rank=rank, alpha=alpha, targets=tuple(targets)), tensors
+    layout = LoraLayout(rank=rank, alpha=alpha, targets=tuple(targets))
+    if head is not None:
+        ids, rows = head
+        layout = replace(layout, head=rows.shape, head_ids=ids, n_vocab=n_vocab)
+        tensors[HEAD] = rows
+    return layout, tensors
+
+
+def read_head(tensors: Mapping[str, np.ndarray], alpha: float) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """(row ids, head) of an output-projection LoRA pair in ``tensors`` whose B
+    has one non-zero per column (the rows it corrects), or None when there is
+    none.  The head is A itself when B holds the value
+    :meth:`LoraLayout.head_lora` writes, else A rescaled so that llama.cpp's
+    product is unchanged."""
+    a, b = tensors.get(OUTPUT + ".lora_a"), tensors.get(OUTPUT + ".lora_b")
+    if a is None and b is None:
+        return None
+    if a is None or b is None or a.shape[0] != b.shape[1]:
+        raise ValueError(f"the {OUTPUT} LoRA pair is incomplete or mis-shaped")
+    ids = tuple(int(i) for i in np.argmax(b != 0, axis=0))
+    vals = b[list(ids), np.arange(b.shape[1])]
+    if np.count_nonzero(b) != b.shape[1] or len(set(ids)) != len(ids) or not np.all(vals):
+        raise ValueError(f"its {OUTPUT} LoRA is not a classifier head (lora_b must select one distinct row "
+                         "per column); fwdllm reads label-row heads only")
+    scale = alpha / b.shape[1] if alpha else 1.0
+    rows = np.where((vals == np.float32(1.0 / scale))[:, None], a, a * (vals.astype(np.float64) * scale)[:, None])
+    return ids, rows.astype(np.float32)

