@@ -61,6 +61,8 @@ class RunConfig:
     strategy: dict[str, Any]
     #: the adapter round 0 started from (``--init-adapter``): path and sha256
     init_adapter: dict[str, str] | None = None
+    #: the recipe that filled the options the user did not pass (``--recipe``), if any
+    recipe: str | None = None
 
     @property
     def lora_layout(self) -> LoraLayout:

@@ -8,11 +8,12 @@ from typing import Any
 
 import click
 
+from fwdllm.aggregator.recipes import apply_recipe, build_stages
 from fwdllm.aggregator.registry import STRATEGIES
 from fwdllm.aggregator.strategy import StrategySpec
 from fwdllm.core.errors import UserError
 from fwdllm.core.layout import PerturbMask
-from fwdllm.core.optim import OptimizerSpec
+from fwdllm.core.optim import OptimizerSpec, Stage
 from fwdllm.options import (
     Command,
     Group,
@@ -27,20 +28,26 @@ from fwdllm.options import (
 from fwdllm.runtime.transport import server_keys
 
 
-def _check_head_only(kw: dict[str, Any]) -> None:
-    """``--k 0`` is a head-only run; say what it needs before anything is written."""
-    if kw["k"]:
+def _check_stages(kw: dict[str, Any], stages: tuple[Stage, ...], rounds: int) -> None:
+    """Stages, and ``--k 0`` (a head-only run or stage): say what they need before anything is written."""
+    if stages and kw["strategy"] != "zo-sgd":
+        raise UserError(f"--stages runs with --strategy zo-sgd; {kw['strategy']} chooses its own perturbations")
+    if stages and sum(st.rounds for st in stages) != rounds:
+        raise UserError(f"--stages add up to {sum(st.rounds for st in stages)} rounds, but --rounds is {rounds}")
+    if all(st.k for st in stages) if stages else kw["k"]:
         return
+    what = "a stage with k=0" if stages else "--k 0"
     if not kw["head"]:
-        raise UserError("--k 0 perturbs nothing and so trains nothing without --head (the head-only mode)")
+        raise UserError(f"{what} perturbs nothing and so trains nothing without --head (the head-only mode)")
     if kw["strategy"] != "zo-sgd":
-        raise UserError(f"--k 0 (head-only) runs with --strategy zo-sgd; {kw['strategy']} chooses perturbations")
+        raise UserError(f"{what} (head-only) runs with --strategy zo-sgd; {kw['strategy']} chooses perturbations")
     if not kw["one_sided"]:
-        raise UserError("--k 0 (head-only) needs --one-sided: the head's gradient comes from the base pass")
+        raise UserError(f"{what} (head-only) needs --one-sided: the head's gradient comes from the base pass")
 
 
 def _specs(kw: dict[str, Any], rounds: int) -> tuple[OptimizerSpec, StrategySpec]:
-    _check_head_only(kw)
+    stages = build_stages(kw.get("stages"), kw)
+    _check_stages(kw, stages, rounds)
     try:
         opt = OptimizerSpec(
             name=kw["optimizer"],
@@ -51,6 +58,7 @@ def _specs(kw: dict[str, Any], rounds: int) -> tuple[OptimizerSpec, StrategySpec
             schedule=kw["schedule"],
             warmup=kw["warmup"],
             total_rounds=rounds,
+            stages=stages,
         )
         strat = StrategySpec(
             name=kw["strategy"],
@@ -63,10 +71,17 @@ def _specs(kw: dict[str, Any], rounds: int) -> tuple[OptimizerSpec, StrategySpec
             one_sided=kw["one_sided"],
             stratify=kw["batch_draw"] == "stratified",
             extra=strategy_extra(kw["strategy_opt"]),
+            stages=stages,
         )
     except ValueError as e:
         raise UserError(str(e)) from None
     return opt, strat
+
+
+def explicit_options(ctx: click.Context, names: Any) -> set[str]:
+    """The parameters of ``names`` that the user gave (not click's defaults)."""
+    default = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+    return {n for n in names if ctx.get_parameter_source(n) not in default}
 
 
 def _dev_file(task: str, dev: Path | None) -> Path | None:
@@ -91,7 +106,7 @@ def aggregator() -> None:
 @aggregator.command("serve")
 @click.option("--bind", default="tcp://*:5555", show_default=True, help="ZeroMQ address to listen on.")
 @option("model")
-@option("rounds", default=50)
+@option("rounds", help="Training rounds (default: the recipe's, else 50).")
 @option("out", help="Run directory for checkpoints, metrics and adapter.gguf.")
 @click.option("--resume", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Continue RUN_DIR from its last finished round (training options come from RUN_DIR/run.json; "
@@ -110,7 +125,7 @@ def aggregator() -> None:
 @server_key_options
 @training_options(sorted(STRATEGIES))
 @click.pass_context
-def serve(ctx: click.Context, bind: str, model: str, rounds: int, out: Path | None, resume: Path | None,
+def serve(ctx: click.Context, bind: str, model: str, rounds: int | None, out: Path | None, resume: Path | None,
           min_clients: int, heartbeat_s: float, liveness: int, round_timeout_s: float, quorum: float,
           threads: int | None, curve_secret: Path | None, allow: Path | None, **kw: Any) -> None:
     """Run the aggregator: hand out seeds, turn scalars into LoRA updates.
@@ -150,13 +165,16 @@ def serve(ctx: click.Context, bind: str, model: str, rounds: int, out: Path | No
         if out is None:
             raise UserError("a new run needs --out RUN_DIR (or --resume RUN_DIR)")
         model_path = resolve_model(model)
+        kw["rounds"] = rounds
+        recipe = apply_recipe(kw, explicit_options(ctx, kw), quick=False)
+        rounds = kw["rounds"] or 50
         opt, strat = _specs(kw, rounds)
         dev = _dev_file(kw["task"], kw["dev"])
         lora = setup.LoraSpec(kw["rank"], kw["lora_alpha"], parse_targets(kw["targets"]), kw["seed"], kw["head"],
                                 kw["init_adapter"])
         eval_every = kw["eval_every"] or max(1, rounds // 5)
         cfg, replica = setup.new_run(out, model_path, model_sha256(model_path), kw["task"], dev, kw["dev_limit"],
-                                     rounds, eval_every, lora, opt, strat)
+                                     rounds, eval_every, lora, opt, strat, recipe.name if recipe else None)
         run_dir, state, elapsed = out, {}, 0.0
     opts = ServerOptions(bind=bind, heartbeat_s=heartbeat_s, liveness=liveness,
                          round_timeout_s=round_timeout_s, min_clients=min_clients, quorum=quorum,
@@ -175,8 +193,9 @@ def serve(ctx: click.Context, bind: str, model: str, rounds: int, out: Path | No
 @click.option("--dirichlet", type=click.FloatRange(min=0, min_open=True), default=None, metavar="ALPHA",
               help="Non-IID shards: each label is split over the clients in Dirichlet(ALPHA) proportions "
                    "(smaller = more skew). Default: IID shards.")
-@click.option("--quick/--long", default=True, show_default=True,
-              help="A few-minute demo (50 rounds), or 300 rounds; both evaluate on the full dev split.")
+@click.option("--quick/--long", default=False, show_default=True,
+              help="The recipe's few-minute demo schedule (50 rounds), or its full schedule (a task without "
+                   "a recipe: 300 rounds); both evaluate on the full dev split.")
 @option("threads")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, help="Aggregator port on 127.0.0.1 (default: a free one).")
 @click.option("--shard-size", type=click.IntRange(1), default=2000, show_default=True, help="Training examples per client.")
@@ -184,20 +203,28 @@ def serve(ctx: click.Context, bind: str, model: str, rounds: int, out: Path | No
               help="TEST ONLY: this fraction of the clients are attackers that send garbage scalars "
                    "(pair with --strategy-opt robust=clip).")
 @training_options(sorted(STRATEGIES))
-def simulate(**kw: Any) -> None:
+@click.pass_context
+def simulate(ctx: click.Context, **kw: Any) -> None:
     """Federated training on this machine: 1 aggregator + N client processes.
 
     Every client gets a disjoint shard of the task's training data (written
     to RUN_DIR/shards), all talk ZeroMQ over 127.0.0.1 exactly as on a real
     network, and the dev accuracy is printed before and after training.
 
+    The task's recipe (--recipe) sets the schedule: its stages, learning
+    rates, head and averaging, as measured on data held out of training;
+    any option you pass wins over it.
+
     \b
     Examples:
-      fwdllm simulate --out runs/demo                      # a few minutes
-      fwdllm simulate --long --out runs/long               # 300 rounds
+      fwdllm simulate --task sst2 --out runs/sst2          # the recipe's full schedule
+      fwdllm simulate --task sst2 --quick --out runs/demo  # its few-minute demo
       fwdllm simulate --clients 8 --dirichlet 0.3 --out runs/noniid
     """
-    from fwdllm.aggregator.simulate import run_simulation
+    from fwdllm.aggregator.simulate import PRESETS, run_simulation
 
-    _specs(kw, kw["rounds"] or 1)  # bad training options fail here, before shards or processes exist
+    recipe = apply_recipe(kw, explicit_options(ctx, kw), kw["quick"])
+    kw["rounds"] = kw["rounds"] or PRESETS[kw["quick"]]["rounds"]
+    kw["recipe"] = recipe.name if recipe else "none"  # serve records it; the options below are all explicit
+    _specs(kw, kw["rounds"])  # bad training options fail here, before shards or processes exist
     run_simulation(**kw)

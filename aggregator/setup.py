@@ -47,6 +47,7 @@ def new_run(
     lora: LoraSpec,
     optimizer: OptimizerSpec,
     strategy: StrategySpec,
+    recipe: str | None = None,
 ) -> tuple[RunConfig, Replica]:
     """Write run.json and the round-0 checkpoint in a fresh ``out``."""
     from fwdllm.core.lora import init_lora
@@ -83,6 +84,7 @@ def new_run(
         layout=layout.to_dict(),
         optimizer=asdict(optimizer),
         strategy=strategy.to_dict(),
+        recipe=recipe,
         init_adapter=None if lora.init_adapter is None else {
             "path": str(lora.init_adapter),
             "sha256": hashlib.sha256(lora.init_adapter.read_bytes()).hexdigest(),

@@ -52,12 +52,13 @@ round-trip that state exactly (JSON; Python floats survive JSON exactly).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
 from fwdllm.core.layout import PerturbMask
+from fwdllm.core.optim import Stage, stage_at
 from fwdllm.core.seeds import derive_seed
 
 
@@ -139,6 +140,12 @@ class StrategySpec:
     one_sided: bool = False
     stratify: bool = False  # batches stratified by label (clients do the drawing)
     extra: dict[str, Any] = field(default_factory=dict)  # strategy-specific options
+    #: a staged run's stages (``--stages``); their ``k`` replaces ``k`` round by round
+    stages: tuple[Stage, ...] = ()
+
+    def k_at(self, round: int) -> int:
+        """Perturbations of 1-based ``round``."""
+        return self.stages[stage_at(self.stages, round - 1)[0]].k if self.stages else self.k
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -152,13 +159,15 @@ class StrategySpec:
             "one_sided": self.one_sided,
             "stratify": self.stratify,
             "extra": dict(self.extra),
+            **({"stages": [asdict(st) for st in self.stages]} if self.stages else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StrategySpec":
         # runs written before ``stratify`` existed drew uniform batches: resume them that way
         return cls(**{"stratify": False, **d, "mask": PerturbMask.from_dict(d["mask"]),
-                      "extra": dict(d.get("extra", {}))})
+                      "extra": dict(d.get("extra", {})),
+                      "stages": tuple(Stage.from_dict(st) for st in d.get("stages", ()))})
 
 
 class Strategy(ABC):
@@ -245,9 +254,10 @@ class ZOSGD(Strategy):
 
     def begin(self, round: int, participants: list[ClientView]) -> RoundConfig:
         s = self.spec
-        seeds = [derive_seed(s.run_seed, "seed", round, k) for k in range(s.k)]
+        k = s.k_at(round)
+        seeds = [derive_seed(s.run_seed, "seed", round, i) for i in range(k)]
         # k = 0 (head-only, --k 0 --head): every participant still scores a batch, with no seeds
-        n = max(1, min(len(participants), s.k)) if s.k else len(participants)
+        n = max(1, min(len(participants), k)) if k else len(participants)
         self._order = seeds
         self._proj = {}
         self._plan = {

@@ -52,6 +52,8 @@ def run_simulate(model: str, strategy: str, run_dir: Path, task: str, opts: dict
 
     args = [sys.executable, "-c", "from fwdllm.aggregator.cli import simulate; simulate()", "--model", model,
             "--strategy", strategy, "--out", str(run_dir), "--task", task]
+    if "recipe" not in opts:  # a bench compares strategies at the options it names: no recipe unless asked
+        args += ["--recipe", "none"]
     for k, v in opts.items():  # None: a bare flag such as --central
         args += [f"--{k.replace('_', '-')}"] + ([] if v is None else [str(v)])
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)

@@ -255,6 +255,14 @@ def training_options(strategies: Sequence[str]) -> Callable[[Callable], Callable
     ``strategies`` are the ``--strategy`` choices (the aggregator's registry)."""
     own = [
         option("task"),
+        click.option("--recipe", default="auto", show_default=True, metavar="auto|none|NAME",
+                     help="The task's measured training defaults (stages, rates, head): auto = the task's own, "
+                          "none = the plain option defaults. Every option you pass wins over it."),
+        click.option("--stages", default=None, metavar="ROUNDS[:KEY=V...],...",
+                     help="Stages inside the run, each ROUNDS rounds with its own k, lr, head-lr and ema "
+                          "(KEY=VALUE; the run's options fill the rest; the schedule restarts in each stage; "
+                          "a stage with ema ends on its average), e.g. 300:k=16:lr=0.05:ema=0.98,"
+                          "100:k=0:head-lr=1e-2. '' = one stage. Default: the recipe's."),
         click.option("--dev", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help="Dev file to evaluate on (default: the task's dev split)."),
         option("dev_limit"),
@@ -307,8 +315,8 @@ BOOL_FLAGS = {"one_sided": ("--one-sided", "--central"), "head": ("--head", "--n
 
 #: The training options' parameter names, in the order simulate passes them on.
 TRAINING_KEYS = (
-    "task dev dev_limit eval_every strategy k eps batch_size batch_draw lr optimizer momentum ema head head_lr "
-    "schedule warmup rank lora_alpha targets init_adapter parts layers dist one_sided seed strategy_opt"
+    "task recipe stages dev dev_limit eval_every strategy k eps batch_size batch_draw lr optimizer momentum ema head "
+    "head_lr schedule warmup rank lora_alpha targets init_adapter parts layers dist one_sided seed strategy_opt"
 ).split()
 
 

@@ -64,7 +64,7 @@ def test_layers_option_is_checked(tmp_path: Path, tiny_model: Path) -> None:
                        ("0:99", "the model has 4 layers")):
         out = tmp_path / value.replace(":", "-")
         res = CliRunner().invoke(aggregator, ["serve", "--model", str(tiny_model), "--out", str(out), "--rounds", "1",
-                                              "--layers", value])
+                                              "--recipe", "none", "--layers", value])
         assert res.exit_code == 2 and why in res.output, res.output
         assert not (out / "run.json").exists()
 
@@ -81,7 +81,8 @@ def test_head_only_k0_is_checked_before_anything_is_written(tmp_path: Path, tiny
                                               "--k", "0", *extra])
         assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, res.output
         assert not out.exists()
-    res = CliRunner().invoke(simulate, ["--model", str(tiny_model), "--out", str(tmp_path / "sim"), "--k", "0"])
+    res = CliRunner().invoke(simulate, ["--model", str(tiny_model), "--out", str(tmp_path / "sim"), "--k", "0",
+                                        "--recipe", "none"])
     assert res.exit_code == 2 and "without --head" in res.output, res.output
     assert not (tmp_path / "sim").exists()
 
