@@ -32,6 +32,11 @@ from fwdllm.runtime.log import quiet_llama
 _backend_ready = False
 log = logging.getLogger("fwdllm.engine")
 
+#: A prefix all sequences of a decode share is decoded once from this many
+#: tokens on: a few-shot prompt's demonstrations, not the two or three tokens
+#: every prompt of a task starts with.
+MIN_SHARED_PREFIX = 16
+
 
 def _init_backend() -> None:
     global _backend_ready
@@ -204,17 +209,56 @@ class Engine:
             chunks.append(cur)
         return chunks
 
+    def shared_prefix(self, seqs: Sequence[Seq]) -> int:
+        """Tokens every sequence starts with, before its first output, when
+        there are enough of them to decode once (:meth:`decode`); else 0."""
+        if len(seqs) < 2:
+            return 0
+        n = min(min(s.outputs) for s in seqs)
+        first = seqs[0].tokens
+        for s in seqs[1:]:
+            n = next((i for i in range(n) if s.tokens[i] != first[i]), n)
+        return n if n >= MIN_SHARED_PREFIX else 0
+
     def decode(self, seqs: Sequence[Seq]) -> list[np.ndarray]:
-        """Decode up to n_seq_max sequences in one ``llama_decode``; return,
-        per sequence, a (len(outputs), n_vocab) float32 copy of its logits."""
+        """Decode up to n_seq_max sequences; return, per sequence, a
+        (len(outputs), n_vocab) float32 copy of its logits.
+
+        One ``llama_decode`` takes them all.  When they share a long prefix (a
+        few-shot prompt's demonstrations), that prefix is decoded once for
+        the first sequence, its KV copied to the others, and only the rest
+        decoded per sequence, instead of the prefix once per row of the batch
+        (1.85x faster on SmolLM2 with SST-2's two-shot prompt and 8 rows, and
+        bit-identical logits there; on some models a batch's size moves the
+        last bits of llama.cpp's kernels, and a separate prefix decode can too)."""
         ll.llama_memory_clear(self.memory, True)
+        start = self.shared_prefix(seqs)
+        if start:
+            self._fill([(0, seqs[0].tokens[:start], 0, ())])
+            self._run(start, 1)
+            for sid in range(1, len(seqs)):
+                ll.llama_memory_seq_cp(self.memory, 0, sid, -1, -1)
+        where = self._fill([(sid, s.tokens[start:], start, s.outputs) for sid, s in enumerate(seqs)])
+        self._run(self.batch.n_tokens, len(seqs))
+        out = []
+        for rows in where:
+            arr = np.empty((len(rows), self.n_vocab), dtype=np.float32)
+            for j, r in enumerate(rows):
+                ptr = ll.llama_get_logits_ith(self.ctx, r)
+                arr[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+            out.append(arr)
+        return out
+
+    def _fill(self, parts: Sequence[tuple[int, Sequence[int], int, Sequence[int]]]) -> list[list[int]]:
+        """Put (sequence id, tokens, first position, output positions) into the
+        batch; returns each part's batch rows that carry logits."""
         b = self.batch
         k = 0
         where: list[list[int]] = []
-        for sid, s in enumerate(seqs):
-            outs = set(s.outputs)
+        for sid, toks, p0, outputs in parts:
+            outs = set(outputs)
             rows = []
-            for pos, tok in enumerate(s.tokens):
+            for pos, tok in enumerate(toks, start=p0):
                 b.token[k] = tok
                 b.pos[k] = pos
                 b.n_seq_id[k] = 1
@@ -225,17 +269,12 @@ class Engine:
                 k += 1
             where.append(rows)
         b.n_tokens = k
-        rc = ll.llama_decode(self.ctx, b)
+        return where
+
+    def _run(self, n_tokens: int, n_seqs: int) -> None:
+        rc = ll.llama_decode(self.ctx, self.batch)
         if rc != 0:
-            raise RuntimeError(f"llama_decode failed ({rc}) for {k} tokens in {len(seqs)} sequences")
-        out = []
-        for rows in where:
-            arr = np.empty((len(rows), self.n_vocab), dtype=np.float32)
-            for j, r in enumerate(rows):
-                ptr = ll.llama_get_logits_ith(self.ctx, r)
-                arr[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-            out.append(arr)
-        return out
+            raise RuntimeError(f"llama_decode failed ({rc}) for {n_tokens} tokens in {n_seqs} sequences")
 
     def close(self) -> None:
         """Free context, adapters, batch and model (idempotent)."""
