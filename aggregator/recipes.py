@@ -31,7 +31,8 @@ STAGE_KEYS = {"k": "k", "lr": "lr", "head-lr": "head_lr", "ema": "ema"}
 class Recipe:
     """Training defaults of one task: ``options`` (training-option parameter
     names), and ``stages``/``quick_stages`` for the full run and for
-    ``simulate --quick``."""
+    ``simulate --quick``; ``head_only`` and ``zo_only`` are the stages of its
+    ablations (``fwdllm bench quality``): the head alone, and the ZO part alone."""
 
     name: str
     options: Mapping[str, Any]
@@ -39,6 +40,8 @@ class Recipe:
     quick_stages: str
     eval_every: int
     quick_eval_every: int
+    head_only: str
+    zo_only: str
     #: the presets it serves (a task spec file has none)
     tasks: tuple[str, ...] = field(default=())
 
@@ -54,6 +57,8 @@ RECIPES: dict[str, Recipe] = {
             quick_stages="50:k=16:lr=0.1:head-lr=3e-3:ema=0.9",
             eval_every=100,
             quick_eval_every=25,
+            head_only="400:k=0:lr=0:head-lr=1e-2",
+            zo_only="400:k=16:lr=0.05:ema=0.98",
         ),
         Recipe(
             name="agnews",
@@ -63,6 +68,8 @@ RECIPES: dict[str, Recipe] = {
             quick_stages="50:k=16:lr=0.1:head-lr=3e-3:ema=0.9",
             eval_every=100,
             quick_eval_every=25,
+            head_only="400:k=0:lr=0:head-lr=3e-3",
+            zo_only="400:k=16:lr=0.05:ema=0.98",
         ),
     )
 }

@@ -9,6 +9,7 @@ from fwdllm.bench.load import load
 from fwdllm.bench.memory import memory
 from fwdllm.bench.noise import noise
 from fwdllm.bench.probe import probe
+from fwdllm.bench.quality import quality
 from fwdllm.bench.round import round_cmd
 from fwdllm.bench.throughput import throughput
 from fwdllm.options import Group
@@ -24,6 +25,7 @@ def bench() -> None:
     Examples:
       fwdllm bench round --synth llama2-7b --quick
       fwdllm bench convergence --task sst2
+      fwdllm bench quality --task sst2
       fwdllm bench memory --model smollm2-135m
       fwdllm bench comm --k 16
       fwdllm bench fidelity --k-max 256
@@ -33,5 +35,5 @@ def bench() -> None:
     """
 
 
-for _cmd in (throughput, round_cmd, convergence, memory, comm, fidelity, load, probe, noise):
+for _cmd in (throughput, round_cmd, convergence, quality, memory, comm, fidelity, load, probe, noise):
     bench.add_command(_cmd)

@@ -48,7 +48,7 @@ def task_ref(task: str, label_words: str | None, out: Path) -> str:
 
 def run_simulate(model: str, strategy: str, run_dir: Path, task: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
     """One ``fwdllm simulate`` run; returns its metrics records."""
-    from fwdllm.aggregator.checkpoint import read_metrics
+    from fwdllm.aggregator.checkpoint import read_config, read_metrics
 
     args = [sys.executable, "-c", "from fwdllm.aggregator.cli import simulate; simulate()", "--model", model,
             "--strategy", strategy, "--out", str(run_dir), "--task", task]
@@ -58,7 +58,8 @@ def run_simulate(model: str, strategy: str, run_dir: Path, task: str, opts: dict
         args += [f"--{k.replace('_', '-')}"] + ([] if v is None else [str(v)])
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
     records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-    done = any(r["round"] == opts["rounds"] for r in records)
+    rounds = opts.get("rounds") or (read_config(run_dir).rounds if (run_dir / "run.json").exists() else None)
+    done = any(r["round"] == rounds for r in records)
     if proc.returncode != 0 and not done:
         raise click.ClickException(f"simulate {strategy} failed:\n{(proc.stderr or proc.stdout)[-2000:]}")
     if proc.returncode != 0:  # finished every round, then tripped on shutdown: keep the metrics, say so

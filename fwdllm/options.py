@@ -182,7 +182,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "max_batch": (("--max-batch",), dict(type=click.IntRange(1, 256), default=16, show_default=True,
                                          help="Sequences per llama_decode.")),
     "n_ctx": (("--n-ctx",), dict(type=click.IntRange(min=8), default=None,
-                                 help="Max tokens per example (default: 256, sft 512).")),
+                                 help="Max tokens per example (default: 256, sft 512, plus room for a long template).")),
     "no_mmap": (("--no-mmap",), dict(is_flag=True, help="Read the model into memory instead of mmap "
                                                         "(1.14x the file at peak instead of ~2x).")),
     "no_repack": (("--no-repack",), dict(is_flag=True, help="Skip llama.cpp's CPU weight repacking "

@@ -48,6 +48,7 @@ O(eps^2)).
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import time
@@ -67,6 +68,14 @@ from fwdllm.runtime.engine import Engine, Seq
 from fwdllm.runtime.tasks import Example, TaskSpec, report_bad
 
 DEFAULT_CTX = {"classify": 256, "sft": 512}
+
+
+def default_ctx(task: TaskSpec) -> int:
+    """Tokens per example by default: :data:`DEFAULT_CTX` for the row, plus
+    room for a long template's fixed text (a few-shot prompt's demonstrations,
+    counted at <= 1 token per 3 characters), in steps of 64."""
+    fixed = len(re.sub(r"\{[^{}]*\}", "", task.template)) // 3
+    return DEFAULT_CTX[task.kind] + (-(-fixed // 64) * 64 if fixed > 32 else 0)
 
 
 @dataclass(frozen=True)
@@ -167,7 +176,7 @@ class EdgeSession:
             self.model_path,
             n_threads=n_threads,
             n_seq_max=max_batch,
-            n_ctx_seq=n_ctx or DEFAULT_CTX[task.kind],
+            n_ctx_seq=n_ctx or default_ctx(task),
             mmap=mmap,
             repack=repack,
         )
