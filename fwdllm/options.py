@@ -159,7 +159,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "model": (("--model",), dict(default=DEFAULT_MODEL, show_default=True,
                                  help="Base model: a GGUF path or a model-store name (pulled on first use).")),
     "task": (("--task",), dict(default="sst2", show_default=True,
-                               help="Task: a preset (sst2, sst2-2shot, agnews, sft) or a .toml/.json task spec.")),
+                               help="Task: a preset (sst2, sst2-2shot, sst2-8shot, agnews, sft) or a .toml/.json task spec.")),
     "data": (("--data",), dict(type=click.Path(dir_okay=False, path_type=Path), default=None,
                                help="Data file (csv, tsv or jsonl); commands that can do without one read the task's "
                                     "dev split.")),

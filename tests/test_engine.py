@@ -80,9 +80,11 @@ def test_presets_and_sst2_split(data_dir):
     assert set(lines["tune-val"]) <= set(lines["train"]) and set(lines["tune-train"]) < set(lines["train"])
     assert not set(lines["tune-val"]) & set(lines["tune-train"])
     assert default_data("sst2", "train") == files["train"]
-    two = read_examples(load_task("sst2-2shot"), default_data("sst2-2shot", "dev"))
-    assert [e.label for e in two] == [e.label for e in dev]  # the same carved split, another prompt
-    assert all(t.prompt.endswith(d.prompt) and len(t.prompt) > len(d.prompt) for t, d in zip(two, dev))
+    plain = read_examples(load_task("sst2"), default_data("sst2", "dev"))
+    for other in ("sst2-2shot", "sst2-8shot"):  # the same carved split, the same prompt after demonstrations
+        demo = read_examples(load_task(other), default_data(other, "dev"))
+        assert [e.label for e in demo] == [e.label for e in plain]
+        assert all(t.prompt.endswith(d.prompt) and len(t.prompt) > len(d.prompt) for t, d in zip(demo, plain))
     ag = read_examples(load_task("agnews"), default_data("agnews", "dev"), limit=5)
     assert len(ag) == 5 and all(0 <= e.label < 4 for e in ag) and ag[0].line == 2
     with pytest.raises(UserError, match="no dev-phrases split"):

@@ -38,9 +38,12 @@ Built-in presets
           All are materialised once, in file order, under ``$FWDLLM_CACHE/data``
           (default ``~/.cache/fwdllm/data``) so that every tool reads plain
           files.
-``sst2-2shot`` SST-2's data and split, with two fixed demonstrations in front
-          of the same prompt: 3x the tokens and a lower zero-shot accuracy, but
-          features that ``--head`` reads better (``fwdllm bench probe``).
+``sst2-2shot`` SST-2's data and split, the prompt after two hand-written
+          demonstrations.
+``sst2-8shot`` the prompt after :data:`SST2_EIGHT_SHOT`, eight training
+          sentences: they raise what ``--head`` can read from the frozen
+          features of whole sentences from 0.82 to 0.88 (docs/experiments) for
+          ~250 more tokens, which the engine decodes once per batch.
 ``agnews`` ``ag_news/{train,dev}.csv`` (``label,title,description``), labels
           1-4 = World, Sports, Business, Sci/Tech.  Template
           ``{title}. {description}\nThis news article is about`` -> `` world``/
@@ -88,6 +91,23 @@ SST2_TWO_SHOT = (
     "Review: an utterly charming and hilarious film.\nSentiment: positive\n"
     "Review: a dull, lifeless mess.\nSentiment: negative\n"
 )
+#: Eight whole sentences of SST-2's ``tune-train`` split (so of ``train``, never
+#: of a dev split) with 8-16 tokens, four per label, alternating: those with
+#: the smallest ``sha256("sst2-demo:" + text)``.
+SST2_EIGHT_SHOT = (
+    "Review: by the standards of knucklehead swill , the hot chick is pretty damned funny .\nSentiment: positive\n"
+    "Review: this orange has some juice , but it 's far from fresh-squeezed .\nSentiment: negative\n"
+    "Review: one of the most gloriously unsubtle and adrenalized extreme shockers since the evil dead .\n"
+    "Sentiment: positive\n"
+    "Review: the sweetest thing leaves a bitter taste .\nSentiment: negative\n"
+    "Review: bigelow offers some flashy twists and turns that occasionally fortify this turgid fable .\n"
+    "Sentiment: positive\n"
+    "Review: it 's bedeviled by labored writing and slack direction .\nSentiment: negative\n"
+    "Review: jeffrey tambor 's performance as the intelligent jazz-playing exterminator is oscar-worthy .\n"
+    "Sentiment: positive\n"
+    "Review: a relentless , bombastic and ultimately empty world war ii action flick .\nSentiment: negative\n"
+)
+SST2_PROMPT = "Review: {text}\nSentiment:"
 
 
 @dataclass(frozen=True)
@@ -146,7 +166,7 @@ class Example:
 PRESETS: dict[str, TaskSpec] = {
     "sst2": TaskSpec(
         name="sst2",
-        template="Review: {text}\nSentiment:",
+        template=SST2_PROMPT,
         label_words=(" negative", " positive"),
         labels=("0", "1"),
         text_columns=("sentence",),
@@ -166,9 +186,8 @@ PRESETS: dict[str, TaskSpec] = {
     "sft": TaskSpec(name="sft", kind="sft", template="{prompt}", format="jsonl"),
 }
 
-PRESETS["sst2-2shot"] = dataclasses.replace(  # the same data and carved split, another prompt
-    PRESETS["sst2"], name="sst2-2shot", template=SST2_TWO_SHOT + PRESETS["sst2"].template
-)
+for _name, _demos in (("sst2-2shot", SST2_TWO_SHOT), ("sst2-8shot", SST2_EIGHT_SHOT)):  # the same data and split
+    PRESETS[_name] = dataclasses.replace(PRESETS["sst2"], name=_name, template=_demos + SST2_PROMPT)
 
 _TUPLE_FIELDS = {"label_words", "labels", "text_columns"}
 
