@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import numpy as np
 import zmq
+from harness import join_msg, serving, start_worker, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_helpers import join_msg, serving, start_worker, wait_until
 
 from fwdllm.aggregator import checkpoint
 from fwdllm.core.protocol import Heartbeat, Message, ProtocolError, Result, Task, Welcome

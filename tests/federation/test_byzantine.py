@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability_helpers import garbage_scorer, quadratic_loss, serving, start_worker
+from harness import garbage_scorer, quadratic_loss, serving, start_worker
 
 from fwdllm.aggregator import checkpoint
 from fwdllm.aggregator.registry import make_strategy
