@@ -7,9 +7,8 @@ from __future__ import annotations
 import os
 
 # One BLAS/OpenMP thread per process, for the reason THREADS (tests/harness.py) is one
-# llama.cpp thread: OpenBLAS's threads spin as well, and with more threads than free cores
-# a 512x256 SVD ran 50x slower on the loaded dev machine. Set before numpy loads; the
-# tests' child processes inherit it.
+# llama.cpp thread: OpenBLAS's threads spin as well. Set before numpy loads; the tests'
+# child processes inherit it.
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 

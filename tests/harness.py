@@ -39,8 +39,7 @@ from fwdllm.testing.fake import FAKE_MODEL_SHA, QuadraticScorer, synthetic_run  
 #: llama.cpp and torch threads per model in a test.  One, not the cores: their
 #: threads spin at every barrier, so with more threads than free cores (a CI
 #: runner's neighbours, a shared machine, the federation tests' own threads)
-#: each op waits for a descheduled sibling; measured on the 2-core dev machine
-#: under load, 2 threads ran perturbed scoring 15-25x slower than 1.
+#: each op waits for a descheduled sibling, and a test runs many times slower.
 THREADS = 1
 HB = 0.2  # heartbeat of the in-thread aggregators, seconds
 

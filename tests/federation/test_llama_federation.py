@@ -2,8 +2,8 @@
 three workers of the test process, each worker scoring on its own EdgeSession
 of the tiny synthetic model, over real sockets on 127.0.0.1.
 
-Each worker's shard is 8 examples and the batch size is 8, so every round
-scores the same training batch and its loss must fall.  (The same run across
+Each worker's shard is its batch (SHARD examples), so every round scores the
+same training batch and its loss must fall.  (The same run across
 real processes, through the commands: tests/system/test_processes.py.)
 """
 
@@ -33,7 +33,7 @@ from fwdllm.runtime.session import EdgeSession
 from fwdllm.runtime.tasks import TaskSpec, load_task, read_examples
 
 N_CLIENTS = 3
-SHARD = 8  # examples per client, and the batch size: every round scores the same rows
+SHARD = 4  # examples per client, and the batch size: every round scores the same rows
 K = 12
 
 
