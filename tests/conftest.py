@@ -13,10 +13,10 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
+from typing import Callable, Iterator  # noqa: E402
 
 import pytest  # noqa: E402
-from harness import THREADS  # noqa: E402
+from harness import THREADS, Devices  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FWDLLM_DATA", REPO.parent / "shared" / "data"))
@@ -45,6 +45,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny") / "tiny-q4_0.gguf"
     return write_synth(out, preset="tiny", quant="Q4_0", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_devices(tiny_model: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devices]:
+    """Three federation clients on the tiny model (harness.Devices)."""
+    devices = Devices.make(tiny_model, data_dir, tmp_path_factory.mktemp("devices"))
+    yield devices
+    devices.close()
 
 
 @pytest.fixture(scope="session")

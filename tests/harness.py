@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -31,7 +32,7 @@ from fwdllm.aggregator.strategy import StrategySpec  # noqa: E402
 from fwdllm.core.layout import PerturbMask  # noqa: E402
 from fwdllm.core.optim import OptimizerSpec  # noqa: E402
 from fwdllm.core.protocol import Join  # noqa: E402
-from fwdllm.edge_client.worker import EventLog, Worker  # noqa: E402
+from fwdllm.edge_client.worker import EventLog, Scorer, Worker  # noqa: E402
 from fwdllm.runtime.transport import ClientKeys, ServerKeys  # noqa: E402
 from fwdllm.testing.attackers import Byzantine  # noqa: E402
 from fwdllm.testing.fake import FAKE_MODEL_SHA, QuadraticScorer, synthetic_run  # noqa: E402
@@ -63,6 +64,57 @@ def tiny_sst2_task(directory: Path, data_dir: Path) -> Path:
         "labels": ["0", "1"], "text_columns": ["sentence"], "format": "tsv",
         "train": str(data_dir / "sst2" / "train.tsv")}))
     return path
+
+
+@dataclass
+class Devices:
+    """Federation clients on the tiny model: its SST-2 task, and per client a
+    shard (which is also its batch: every round scores the same rows) and an
+    EdgeSession.  Built once per test session (conftest's ``tiny_devices``):
+    a worker sets the LoRA of each task it scores."""
+
+    model: Path
+    task_file: Path
+    task: Any  # fwdllm.runtime.tasks.TaskSpec
+    shards: list[Path]
+    sessions: list[Any]  # fwdllm.runtime.session.EdgeSession
+
+    SHARD = 4
+
+    @classmethod
+    def make(cls, model: Path, data_dir: Path, out: Path, n: int = 3) -> "Devices":
+        from fwdllm.aggregator.simulate import write_shards
+        from fwdllm.runtime.session import EdgeSession
+        from fwdllm.runtime.tasks import load_task
+
+        task_file = tiny_sst2_task(out, data_dir)
+        task = load_task(str(task_file))
+        shards = write_shards(str(task_file), out / "shards", n, cls.SHARD, None, seed=1)
+        sessions = [EdgeSession(model, task, n_threads=THREADS, max_batch=cls.SHARD) for _ in range(n)]
+        return cls(model, task_file, task, shards, sessions)
+
+    def close(self) -> None:
+        for s in self.sessions:
+            s.close()
+
+    def examples(self, i: int | None = None) -> list:
+        """Client ``i``'s shard, or every client's."""
+        from fwdllm.runtime.tasks import read_examples
+
+        return [x for j, s in enumerate(self.shards) if i in (None, j) for x in read_examples(self.task, s)]
+
+    def scorer(self, i: int) -> Scorer:
+        return Scorer(self.sessions[i], self.examples(i), self.task.name)
+
+    def start(self, url: str, events: list[Path] | None = None,
+              scorers: dict[int, Any] | None = None) -> list[tuple[Worker, threading.Thread]]:
+        """A real Worker per client, in threads, each logging to ``events[i]``
+        (``scorers`` replaces some clients' scorer)."""
+        from fwdllm.runtime.models import model_sha256
+
+        sha, scorers = model_sha256(self.model), scorers or {}
+        return [start_worker(url, f"c{i}", scorers.get(i) or self.scorer(i), events=events[i] if events else None,
+                             sha=sha, give_up_s=60) for i in range(len(self.sessions))]
 
 
 #: a bench on the tiny model: one-token label words (its vocabulary splits " negative"/" positive"), THREADS

@@ -2,7 +2,7 @@
 three workers of the test process, each worker scoring on its own EdgeSession
 of the tiny synthetic model, over real sockets on 127.0.0.1.
 
-Each worker's shard is its batch (SHARD examples), so every round scores the
+Each worker's shard is its batch (harness.Devices), so every round scores the
 same training batch and its loss must fall.  (The same run across
 real processes, through the commands: tests/system/test_processes.py.)
 """
@@ -13,77 +13,36 @@ import dataclasses
 import json
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from harness import THREADS, finish, free_url, running, server_options, start_worker, tiny_sst2_task, wait_until
+from harness import THREADS, Devices, finish, free_url, running, server_options, wait_until
 
 from fwdllm.aggregator import checkpoint, setup
 from fwdllm.aggregator.server import Aggregator
-from fwdllm.aggregator.simulate import write_shards
 from fwdllm.aggregator.strategy import StrategySpec
 from fwdllm.core.adapter_io import read_adapter
 from fwdllm.core.layout import HEAD
 from fwdllm.core.optim import OptimizerSpec
 from fwdllm.edge_client.worker import Scorer, Worker
 from fwdllm.runtime.models import model_sha256
-from fwdllm.runtime.session import EdgeSession
-from fwdllm.runtime.tasks import TaskSpec, load_task, read_examples
 
-N_CLIENTS = 3
-SHARD = 4  # examples per client, and the batch size: every round scores the same rows
 K = 12
-
-
-@dataclasses.dataclass
-class Devices:
-    """The tiny model's task, the clients' shards and one session per client."""
-
-    model: Path
-    task_file: Path
-    task: TaskSpec
-    shards: list[Path]
-    sessions: list[EdgeSession]
-
-    def examples(self) -> list:
-        return [x for s in self.shards for x in read_examples(self.task, s)]
-
-
-@pytest.fixture(scope="module")
-def devices(tiny_model: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devices]:
-    tmp = tmp_path_factory.mktemp("devices")
-    task_file = tiny_sst2_task(tmp, data_dir)
-    task = load_task(str(task_file))
-    shards = write_shards(str(task_file), tmp / "shards", N_CLIENTS, SHARD, None, seed=1)
-    sessions = [EdgeSession(tiny_model, task, n_threads=THREADS, max_batch=SHARD) for _ in range(N_CLIENTS)]
-    try:
-        yield Devices(tiny_model, task_file, task, shards, sessions)
-    finally:
-        for s in sessions:
-            s.close()
 
 
 def aggregator(dev: Devices, out: Path, rounds: int, k: int = K, head: bool = False) -> Aggregator:
     """A new run as `aggregator serve` makes it: k seeds a round, eps 1e-2, lr 0.05
-    (cosine), batches of 8, seed 3, one-sided, a rank-8 LoRA on q and v (on v
-    alone 5 rounds move the tiny model's loss less than the tests' margin)."""
+    (cosine), batches of a shard, seed 3, one-sided, a rank-8 LoRA on q and v (on
+    v alone 5 rounds move the tiny model's loss less than the tests' margin)."""
     cfg, replica = setup.new_run(
         out, dev.model, model_sha256(dev.model), str(dev.task_file), None, None, rounds, rounds,
         setup.LoraSpec(8, 16.0, ("q", "v"), 3, head),
         OptimizerSpec(lr=0.05, head_lr=0.01, schedule="cosine", total_rounds=rounds),
-        StrategySpec(run_seed=3, k=k, eps=1e-2, batch_size=SHARD, one_sided=True))
-    opts = server_options(free_url(), min_clients=N_CLIENTS, liveness=10)
+        StrategySpec(run_seed=3, k=k, eps=1e-2, batch_size=Devices.SHARD, one_sided=True))
+    opts = server_options(free_url(), min_clients=len(dev.sessions), liveness=10)
     return Aggregator(out, cfg, replica, setup.strategy_for(cfg, {}), opts, None, 0.0)
-
-
-def clients(dev: Devices, url: str, events: list[Path], scorers: dict[int, Any] | None = None) -> list:
-    sha = model_sha256(dev.model)
-    scorers = scorers or {}
-    return [start_worker(url, f"c{i}", scorers.get(i) or Scorer(s, read_examples(dev.task, shard), dev.task.name),
-                         events=events[i], sha=sha, give_up_s=60)
-            for i, (s, shard) in enumerate(zip(dev.sessions, dev.shards))]
 
 
 def events(path: Path) -> list[dict]:
@@ -111,12 +70,12 @@ class DiesAtRound:
 
 
 @pytest.mark.timeout(60)
-def test_three_clients_train_agree_and_survive_a_dead_client(devices: Devices, tmp_path: Path) -> None:
+def test_three_clients_train_agree_and_survive_a_dead_client(tiny_devices: Devices, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    ev = [tmp_path / f"c{i}.jsonl" for i in range(N_CLIENTS)]
-    dies = DiesAtRound(Scorer(devices.sessions[2], read_examples(devices.task, devices.shards[2]), devices.task.name), 3)
-    with running(aggregator(devices, out, rounds=5)) as agg:
-        ws = clients(devices, agg.opts.bind, ev, {2: dies})
+    ev = [tmp_path / f"c{i}.jsonl" for i in range(3)]
+    dies = DiesAtRound(tiny_devices.scorer(2), 3)
+    with running(aggregator(tiny_devices, out, rounds=5)) as agg:
+        ws = tiny_devices.start(agg.opts.bind, ev, {2: dies})
         dies.worker = ws[2][0]
         try:
             wait_until(lambda: agg.replica.version >= 5 and agg.pending is None, 45, "the last round")
@@ -135,31 +94,31 @@ def test_three_clients_train_agree_and_survive_a_dead_client(devices: Devices, t
         assert set(seen) == ({1, 2} if i == 2 else set(sha))
     # the training loss on the clients' own data went down
     layout, tensors = read_adapter(out / "adapter.gguf")
-    s = devices.sessions[0]
+    s = tiny_devices.sessions[0]
     s.engine.free_adapter(s.engine.load_adapter(out / "adapter.gguf"))  # llama.cpp takes the file as is
     s.set_lora(None, None)
-    before = s.evaluate(devices.examples()).loss
+    before = s.evaluate(tiny_devices.examples()).loss
     s.set_lora(layout, tensors)
-    after = s.evaluate(devices.examples()).loss
+    after = s.evaluate(tiny_devices.examples()).loss
     assert after < before - 0.01, (before, after)
 
 
 def _run_to_the_end(dev: Devices, agg: Aggregator, events_: list[Path]) -> list[dict]:
     with running(agg):
-        finish(clients(dev, agg.opts.bind, events_))
+        finish(dev.start(agg.opts.bind, events_))
     return [r for r in checkpoint.read_metrics(agg.run_dir) if r["round"] > 0]
 
 
 @pytest.mark.timeout(60)
-def test_head_run_trains_agrees_and_ships_head_npy(devices: Devices, tmp_path: Path) -> None:
+def test_head_run_trains_agrees_and_ships_head_npy(tiny_devices: Devices, tmp_path: Path) -> None:
     """--head end to end: the exact head gradients travel up, their mean travels
     down, every replica lands on the server's hash, and eval --head scores
     exactly what the run trained."""
     from fwdllm.edge_client.cli import eval_cmd
 
     out = tmp_path / "head"
-    ev = [tmp_path / f"h{i}.jsonl" for i in range(N_CLIENTS)]
-    recs = _run_to_the_end(devices, aggregator(devices, out, rounds=3, head=True), ev)
+    ev = [tmp_path / f"h{i}.jsonl" for i in range(3)]
+    recs = _run_to_the_end(tiny_devices, aggregator(tiny_devices, out, rounds=3, head=True), ev)
     sha = {r["round"]: r["adapter_sha256"] for r in recs}
     for path in ev:
         seen = {e["round"]: e["sha"] for e in events(path) if e["event"] == "update"}
@@ -171,15 +130,15 @@ def test_head_run_trains_agrees_and_ships_head_npy(devices: Devices, tmp_path: P
 
     layout, tensors = read_adapter(out / "adapter.gguf")
     headed = dataclasses.replace(layout, head=head.shape)
-    s = devices.sessions[0]
+    s = tiny_devices.sessions[0]
     s.set_lora(headed, {**layout.zeros(), HEAD: np.zeros_like(head)})
-    before = s.evaluate(devices.examples()).loss
+    before = s.evaluate(tiny_devices.examples()).loss
     s.set_lora(headed, {**tensors, HEAD: head})
-    after = s.evaluate(devices.examples()).loss
-    shard0 = s.evaluate(read_examples(devices.task, devices.shards[0]))
+    after = s.evaluate(tiny_devices.examples()).loss
+    shard0 = s.evaluate(tiny_devices.examples(0))
     assert after < before - 0.01, (before, after)
-    common = ["--model", str(devices.model), "--task", str(devices.task_file), "--threads", str(THREADS)]
-    res = CliRunner().invoke(eval_cmd, [*common, "--data", str(devices.shards[0]), "--lora", str(out / "adapter.gguf"),
+    common = ["--model", str(tiny_devices.model), "--task", str(tiny_devices.task_file), "--threads", str(THREADS)]
+    res = CliRunner().invoke(eval_cmd, [*common, "--data", str(tiny_devices.shards[0]), "--lora", str(out / "adapter.gguf"),
                                         "--head-file", str(out / "head.npy"), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["loss"] == pytest.approx(shard0.loss, abs=1e-9)
@@ -188,16 +147,16 @@ def test_head_run_trains_agrees_and_ships_head_npy(devices: Devices, tmp_path: P
 
 
 @pytest.mark.timeout(60)
-def test_head_only_rounds_cost_one_pass_per_client_and_leave_the_lora(devices: Devices, tmp_path: Path) -> None:
+def test_head_only_rounds_cost_one_pass_per_client_and_leave_the_lora(tiny_devices: Devices, tmp_path: Path) -> None:
     """--k 0 --head: every client scores one batch with no seeds, so a round is
     one forward pass per client; the base loss travels up in place of the
     missing loss_minus, the head learns, the LoRA stays bit for bit where it
     started (B = 0), and the replicas still agree with the server."""
     out = tmp_path / "head-only"
-    ev = [tmp_path / f"o{i}.jsonl" for i in range(N_CLIENTS)]
-    recs = _run_to_the_end(devices, aggregator(devices, out, rounds=3, k=0, head=True), ev)
+    ev = [tmp_path / f"o{i}.jsonl" for i in range(3)]
+    recs = _run_to_the_end(tiny_devices, aggregator(tiny_devices, out, rounds=3, k=0, head=True), ev)
     assert [r["round"] for r in recs] == [1, 2, 3]
-    assert all(r["forward_passes"] == N_CLIENTS and r["perturbations"] == 0 for r in recs)
+    assert all(r["forward_passes"] == 3 and r["perturbations"] == 0 for r in recs)
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in recs)
     sha = {r["round"]: r["adapter_sha256"] for r in recs}
     for path in ev:

@@ -18,21 +18,20 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pytest
-from harness import tiny_sst2_task
+from harness import Devices, finish
 
 from fwdllm.aggregator.checkpoint import read_metrics
-from fwdllm.aggregator.simulate import free_port, write_shards
+from fwdllm.aggregator.simulate import free_port
 from fwdllm.core.adapter_io import read_adapter
 
-N_CLIENTS = 3
 # q,v pinned as in the in-thread federation tests; --no-head: the scalars-only protocol
 TRAIN = ["--k", "12", "--eps", "1e-2", "--lr", "0.05", "--batch-size", "8", "--seed", "3", "--targets", "q,v",
          "--no-head"]
 
 
 @pytest.fixture
-def fed(tmp_path: Path, tiny_model: Path, data_dir: Path) -> Iterator["Fed"]:
-    fed = Fed(tmp_path, tiny_model, data_dir)
+def fed(tmp_path: Path, tiny_devices: Devices) -> Iterator["Fed"]:
+    fed = Fed(tmp_path, tiny_devices)
     try:
         yield fed
     finally:
@@ -40,12 +39,11 @@ def fed(tmp_path: Path, tiny_model: Path, data_dir: Path) -> Iterator["Fed"]:
 
 
 class Fed:
-    """Starts and always reaps the processes of one test."""
+    """Starts and always reaps the processes of one test (on the clients' task and shards)."""
 
-    def __init__(self, tmp: Path, model: Path, data_dir: Path) -> None:
-        self.tmp, self.model = tmp, model
-        self.task = tiny_sst2_task(tmp, data_dir)
-        self.shards = write_shards(str(self.task), tmp / "shards", N_CLIENTS, 8, None, seed=1)
+    def __init__(self, tmp: Path, devices: Devices) -> None:
+        self.tmp, self.devices = tmp, devices
+        self.model, self.task, self.shards = devices.model, devices.task_file, devices.shards
         self.procs: list[subprocess.Popen] = []
         self.url = f"tcp://127.0.0.1:{free_port()}"
 
@@ -57,7 +55,7 @@ class Fed:
         return p
 
     def aggregator(self, out: Path, rounds: int, resume: bool = False, extra: tuple[str, ...] = (),
-                   clients: int = N_CLIENTS) -> subprocess.Popen:
+                   clients: int = 3) -> subprocess.Popen:
         args = ["fwdllm.aggregator", "serve", "--bind", self.url, "--min-clients", str(clients),
                 "--heartbeat", "0.5", "--threads", "1"]
         if resume:
@@ -96,24 +94,26 @@ def wait_for(cond: Callable[[], bool], fed: Fed, timeout: float = 120.0) -> None
 
 @pytest.mark.timeout(180)
 def test_kill9_aggregator_then_resume_is_bit_identical(fed: Fed) -> None:
-    def clients(tag: str) -> list[subprocess.Popen]:
-        return [fed.client(i, fed.tmp / f"{tag}-c{i}.jsonl") for i in range(N_CLIENTS)]
-
+    """`serve` as a process, SIGKILLed after round 2 and resumed with `--resume`,
+    ends on the adapter of the uninterrupted run, bit for bit.  The clients are
+    real workers on llama.cpp in this process (the aggregator's death is the
+    point here, not theirs): they reconnect to the resumed one by themselves."""
     ref = fed.tmp / "straight"
     agg = fed.aggregator(ref, rounds=4)
-    clients("a")
+    ws = fed.devices.start(fed.url)
     assert agg.wait(180) == 0, fed.logs()
-    fed.kill_all()
+    finish(ws)
 
     fed.url = f"tcp://127.0.0.1:{free_port()}"
     cut = fed.tmp / "resumed"
     agg = fed.aggregator(cut, rounds=4)
-    clients("b")
+    ws = fed.devices.start(fed.url)
     wait_for(lambda: len([r for r in read_metrics(cut) if r["round"] == 2]) == 1, fed)
     agg.send_signal(signal.SIGKILL)
     agg.wait(10)
-    agg = fed.aggregator(cut, rounds=4, resume=True)  # the same clients reconnect by themselves
+    agg = fed.aggregator(cut, rounds=4, resume=True)
     assert agg.wait(180) == 0, fed.logs()
+    finish(ws)
 
     assert [r["round"] for r in read_metrics(cut)] == [1, 2, 3, 4]
     a, b = read_metrics(ref)[-1], read_metrics(cut)[-1]
