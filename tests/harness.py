@@ -1,5 +1,6 @@
-"""What the tests share besides conftest's fixtures: the llama.cpp thread count,
-the tiny model's SST-2 task, and the in-thread federation: the real
+"""What the tests share besides conftest's fixtures: the llama.cpp thread count
+(THREADS), the tiny model's SST-2 task and its federation clients (Devices),
+the bench smoke helpers, and the in-thread federation: the real
 :class:`Aggregator` and real :class:`Worker`s as threads of the test process,
 talking over real ZeroMQ sockets on 127.0.0.1, with model-free quadratic
 clients or llama.cpp ones.

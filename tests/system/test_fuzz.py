@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pytest
 import zmq
 from harness import join_msg, serving, start_worker, wait_until
 from hypothesis import HealthCheck, given, settings
@@ -214,6 +215,7 @@ class Crashes(logging.Handler):
         self.records.append(record)
 
 
+@pytest.mark.timeout(180)
 def test_ten_thousand_hostile_frames(tmp_path: Path) -> None:
     crashes = Crashes()
     logging.getLogger("fwdllm").addHandler(crashes)

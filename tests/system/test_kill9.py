@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import free_url, serving, start_worker, wait_until
+from harness import finish, free_url, serving, start_worker, wait_until
 
 from fwdllm.aggregator import checkpoint
 from fwdllm.core.adapter_io import read_adapter
@@ -82,13 +82,17 @@ def test_kill9_aggregator_at_random_points_then_resume_is_bit_identical(tmp_path
 
 @pytest.mark.timeout(120)
 def test_kill9_of_30_percent_of_clients_mid_round(tmp_path: Path) -> None:
+    """Three of ten clients are processes, SIGKILLed while round 2 is in flight;
+    the seven that live on are workers in this process."""
     n, dead = 10, 3
     with serving(tmp_path / "run", rounds=4, k=20, min_clients=n, liveness=10) as agg:
-        procs = [spawn(tmp_path, "client", agg.opts.bind, f"c{i}", "0.5") for i in range(n)]
+        procs = [spawn(tmp_path, "client", agg.opts.bind, f"c{i}", "0.5") for i in range(dead)]
+        live = [start_worker(agg.opts.bind, f"c{i}", QuadraticScorer(delay_s=0.5, noise=0.01), give_up_s=60)
+                for i in range(dead, n)]
         try:
             wait_until(lambda: agg.round is not None and agg.round.number == 2
                        and sum(p.work is not None for p in agg.peers.values()) == n, 120, "round 2 in flight")
-            for p in procs[:dead]:
+            for p in procs:
                 p.send_signal(signal.SIGKILL)
             wait_until(lambda: agg.replica.version >= 4 and agg.pending is None, 60, "the last round")
         finally:
@@ -96,6 +100,7 @@ def test_kill9_of_30_percent_of_clients_mid_round(tmp_path: Path) -> None:
                 if p.poll() is None:
                     p.kill()
                 p.wait(10)
+    finish(live)
     recs = checkpoint.read_metrics(tmp_path / "run")
     assert [r["round"] for r in recs] == [1, 2, 3, 4]
     assert sorted(recs[1]["dropped"]) == ["c0", "c1", "c2"] and recs[1]["clients"] == n - dead
