@@ -20,7 +20,7 @@ from fwdllm.aggregator.robust import Robust, RobustOptions
 from fwdllm.aggregator.strategy import ClientView, Scored, StrategySpec
 from fwdllm.testing.fake import QuadraticScorer
 
-N, BAD, ROUNDS, K = 10, 2, 12, 20
+N, BAD, ROUNDS, K = 10, 2, 8, 20
 
 
 def train(run_dir: Path, n_bad: int, extra: dict) -> tuple[float, float, list[dict]]:
