@@ -70,7 +70,7 @@ def smollm2_session(smollm2: Path):  # noqa: ANN201 - EdgeSession
     from fwdllm.runtime.session import EdgeSession
     from fwdllm.runtime.tasks import load_task
 
-    with EdgeSession(smollm2, load_task("sst2"), n_threads=THREADS, max_batch=32) as s:
+    with EdgeSession(smollm2, load_task("sst2"), n_threads=THREADS) as s:
         yield s
 
 
