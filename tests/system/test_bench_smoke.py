@@ -14,7 +14,7 @@ import pytest
 from harness import TINY_BENCH, bench_result, invoke
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_convergence_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     from fwdllm.bench.convergence import convergence
 
@@ -39,7 +39,7 @@ def test_convergence_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     assert curves["fedcybgd"]["bytes"][1] == 0.75 * curves["fedavg-lora"]["bytes"][1]
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(60)
 def test_memory_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     from fwdllm.bench.memory import memory
 
@@ -51,6 +51,7 @@ def test_memory_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     assert all(r["peak_rss_bytes"] > 0 for r in data["runs"])
 
 
+@pytest.mark.timeout(60)
 def test_fidelity_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     from fwdllm.bench.fidelity import fidelity, k_grid
 
@@ -63,6 +64,7 @@ def test_fidelity_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     assert [r[0] for r in rows] == [1, 2, 4]
 
 
+@pytest.mark.timeout(60)
 def test_noise_bench_measures_the_clients_draw(tiny_model: Path, tmp_path: Path) -> None:
     from fwdllm.bench.noise import batch_noise, noise, signal
     from fwdllm.runtime.tasks import Example

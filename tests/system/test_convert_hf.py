@@ -27,7 +27,7 @@ from fwdllm.runtime.log import quiet_llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.timeout(90)]  # the first test also builds the models
 
 VOCAB = 512
 # Sentences from another corpus than the tokenizers were trained on, plus

@@ -57,7 +57,7 @@ def test_fidelity_tiny(tiny_model: Path, torch_ref, parts: str) -> None:  # noqa
     assert r["sign_agreement"] >= 0.9 and r["pearson"] >= 0.9
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_fidelity_smollm2(smollm2_session: EdgeSession, torch_ref) -> None:  # noqa: ANN001
     r = _check(smollm2_session, torch_ref(smollm2_session.model_path), 8, 8, ["q", "v"], "b", 3e-2, 0.02)
     assert r["sign_agreement"] >= 0.9 and r["pearson"] >= 0.9

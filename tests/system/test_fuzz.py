@@ -254,6 +254,7 @@ def test_ten_thousand_hostile_frames(tmp_path: Path) -> None:
     assert not crashes.records, [r.getMessage() for r in crashes.records[:5]]
 
 
+@pytest.mark.timeout(60)
 def test_server_answers_after_the_storm(tmp_path: Path) -> None:
     """A short storm, then a fresh client still gets Welcome and heartbeats."""
     with serving(tmp_path, rounds=1) as agg:

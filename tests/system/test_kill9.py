@@ -41,7 +41,7 @@ def final(run_dir: Path) -> tuple[list[int], dict[str, np.ndarray]]:
     return [r["round"] for r in checkpoint.read_metrics(run_dir)], read_adapter(run_dir / "adapter.gguf")[1]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(90)
 def test_kill9_aggregator_at_random_points_then_resume_is_bit_identical(tmp_path: Path) -> None:
     ref = tmp_path / "ref"
     ref.mkdir()
@@ -80,7 +80,7 @@ def test_kill9_aggregator_at_random_points_then_resume_is_bit_identical(tmp_path
             t.join(10)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(60)
 def test_kill9_of_30_percent_of_clients_mid_round(tmp_path: Path) -> None:
     """Three of ten clients are processes, SIGKILLed while round 2 is in flight;
     the seven that live on are workers in this process."""

@@ -92,7 +92,7 @@ def wait_for(cond: Callable[[], bool], fed: Fed, timeout: float = 120.0) -> None
         time.sleep(0.05)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(90)
 def test_kill9_aggregator_then_resume_is_bit_identical(fed: Fed) -> None:
     """`serve` as a process, SIGKILLed after round 2 and resumed with `--resume`,
     ends on the adapter of the uninterrupted run, bit for bit.  The clients are
@@ -123,7 +123,7 @@ def test_kill9_aggregator_then_resume_is_bit_identical(fed: Fed) -> None:
     assert any(np.any(ta[n] != 0) for n in ta if n.endswith("lora_b"))  # it did train
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(60)
 def test_cli_serve_and_client_run_over_curve(fed: Fed, keydir: Path) -> None:
     """The real commands, wired end to end: `aggregator serve --curve-secret --allow`
     and `client run --curve-secret --server-key` on the tiny model."""

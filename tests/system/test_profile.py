@@ -12,6 +12,8 @@ from harness import THREADS
 from fwdllm.core.errors import UserError
 from fwdllm.reference.profile import Candidate, profile
 
+pytestmark = pytest.mark.timeout(60)
+
 
 def test_candidate_parsing() -> None:
     c = Candidate.parse("rank=4,targets=q+k+v,parts=both,layers=2:6")
