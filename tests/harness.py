@@ -207,6 +207,13 @@ def finish(workers: list[tuple[Worker, threading.Thread]], timeout: float = 60.0
             w.busy.join(timeout)
 
 
+def stop(workers: list[tuple[Worker, threading.Thread]]) -> None:
+    """End workers whose aggregator is gone or stopped (no Bye will come), and wait for them."""
+    for w, _ in workers:
+        w.done = w.done or "test over"
+    finish(workers)
+
+
 def wait_until(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
     end = time.monotonic() + timeout
     while not cond():

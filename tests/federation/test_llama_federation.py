@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from harness import THREADS, Devices, finish, free_url, running, server_options, wait_until
+from harness import THREADS, Devices, finish, free_url, running, server_options, stop, wait_until
 
 from fwdllm.aggregator import checkpoint, setup
 from fwdllm.aggregator.server import Aggregator
@@ -79,9 +79,11 @@ def test_three_clients_train_agree_and_survive_a_dead_client(tiny_devices: Devic
         dies.worker = ws[2][0]
         try:
             wait_until(lambda: agg.replica.version >= 5 and agg.pending is None, 45, "the last round")
+            dies.released.set()
+            finish(ws)  # the run's Bye ends the live ones, after its last Update
         finally:
             dies.released.set()
-            finish(ws)
+            stop(ws)
     recs = checkpoint.read_metrics(out)
     assert [r["round"] for r in recs] == [1, 2, 3, 4, 5]
     assert "c2" in recs[2]["dropped"] and recs[2]["clients"] == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import finish, free_url, serving, start_worker, wait_until
+from harness import free_url, serving, start_worker, stop, wait_until
 
 from fwdllm.aggregator import checkpoint
 from fwdllm.core.adapter_io import read_adapter
@@ -100,7 +100,7 @@ def test_kill9_of_30_percent_of_clients_mid_round(tmp_path: Path) -> None:
                 if p.poll() is None:
                     p.kill()
                 p.wait(10)
-    finish(live)
+    stop(live)
     recs = checkpoint.read_metrics(tmp_path / "run")
     assert [r["round"] for r in recs] == [1, 2, 3, 4]
     assert sorted(recs[1]["dropped"]) == ["c0", "c1", "c2"] and recs[1]["clients"] == n - dead

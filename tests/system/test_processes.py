@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pytest
-from harness import Devices, finish
+from harness import Devices, stop
 
 from fwdllm.aggregator.checkpoint import read_metrics
 from fwdllm.aggregator.simulate import free_port
@@ -102,7 +102,7 @@ def test_kill9_aggregator_then_resume_is_bit_identical(fed: Fed) -> None:
     agg = fed.aggregator(ref, rounds=4)
     ws = fed.devices.start(fed.url)
     assert agg.wait(180) == 0, fed.logs()
-    finish(ws)
+    stop(ws)
 
     fed.url = f"tcp://127.0.0.1:{free_port()}"
     cut = fed.tmp / "resumed"
@@ -113,7 +113,7 @@ def test_kill9_aggregator_then_resume_is_bit_identical(fed: Fed) -> None:
     agg.wait(10)
     agg = fed.aggregator(cut, rounds=4, resume=True)
     assert agg.wait(180) == 0, fed.logs()
-    finish(ws)
+    stop(ws)
 
     assert [r["round"] for r in read_metrics(cut)] == [1, 2, 3, 4]
     a, b = read_metrics(ref)[-1], read_metrics(cut)[-1]
