@@ -7,18 +7,26 @@ changes only the scalars it forwards:
 
 * **Clipping at a running quantile.**  The clip level is ``mult`` times a
   robust scale of recent ``|projection|`` values (a window over past rounds).
-  The default scale is the median (``quantile=0.5``), which stays put while up
-  to half of the values are garbage; a 0.9 quantile would already follow 20 %
-  of attackers.  ``scale="mom"`` uses a median-of-means of the window instead
-  (the window split into ``groups`` interleaved groups, the median of their
-  means): smoother than a quantile on heavy-tailed honest values and still
-  robust while fewer than half the groups are hit.
+  The scale is taken per client first, then the median over clients, so a
+  client counts once however many values it sent: the scale stays put while
+  fewer than half of the *clients* lie, even when one of them sent most of
+  the values.  A client's own scale is the median of its values by default
+  (``quantile=0.5``; a 0.9 quantile would already follow 20 % of garbage
+  values); ``scale="mom"`` uses a median-of-means instead (its values split
+  into ``groups`` interleaved groups, the median of their means): smoother
+  on heavy-tailed honest values.  Clients are identities (CURVE keys), so
+  Sybil ids behind one key are one client.
 * **Outlier tracking and quarantine.**  A result more than half of whose
   scalars exceed the clip level is discarded whole (clipping it would still
   inject clip-sized noise of random sign) and its client gets a strike; after
   ``strikes`` strikes the client is quarantined: it gets no more work and
   anything it still sends is ignored (the loop keeps it connected, so it
   learns nothing).
+
+* **Head gradients** (``--head``) get the same treatment: a result whose
+  head gradient's norm exceeds ``mult`` times the robust scale of recent
+  norms (per client, then the median over clients) is left out of the
+  round's mean and its client gets a strike.
 
 Resume stays bit-identical: the clip level of a round is fixed when the
 round begins (from the window), the window is updated in a canonical order
@@ -92,6 +100,19 @@ def robust_scale(values: np.ndarray, opts: RobustOptions) -> float:
     return float(np.quantile(values, opts.quantile))
 
 
+def client_scale(pairs: list[tuple[str, float]], opts: RobustOptions) -> float:
+    """The median over clients of each client's :func:`robust_scale`; 0.0 when empty.
+
+    One client counts once, however many values it contributed, so the scale
+    cannot follow a majority of values that comes from a minority of clients."""
+    by_client: dict[str, list[float]] = {}
+    for client, v in pairs:
+        by_client.setdefault(client, []).append(v)
+    if not by_client:
+        return 0.0
+    return float(np.median([robust_scale(np.array(by_client[c]), opts) for c in sorted(by_client)]))
+
+
 class Robust(Strategy):
     """Clip, track and quarantine around ``inner`` (see the module docstring)."""
 
@@ -100,7 +121,8 @@ class Robust(Strategy):
         self.name = inner.name
         self.inner = inner
         self.opts = opts
-        self.history: list[float] = []  # clipped |projection| of past rounds, oldest first
+        self.history: list[tuple[str, float]] = []  # (client, clipped |projection|) of past rounds, oldest first
+        self.head_history: list[tuple[str, float]] = []  # (client, head gradient norm) of past rounds
         self.strikes: dict[str, int] = {}
         self.quarantined: set[str] = set()
         self._views: dict[str, ClientView] = {}
@@ -114,7 +136,7 @@ class Robust(Strategy):
     def begin(self, round: int, participants: list[ClientView]) -> RoundConfig:
         active = [p for p in participants if p.client_id not in self.quarantined]
         self._views = {p.client_id: replace(p, slot=i) for i, p in enumerate(active)}
-        self._limit = self._level(np.array(self.history)) if len(self.history) >= self.opts.min_history else None
+        self._limit = self._level(self.history) if len(self.history) >= self.opts.min_history else None
         self._buffer, self._seen, self._struck = [], {}, set()
         return self.inner.begin(round, list(self._views.values()))
 
@@ -147,8 +169,8 @@ class Robust(Strategy):
     def step(self) -> Step:
         limit = self._limit
         if limit is None:  # warm-up: one scale over the whole round, then replay in canonical order
-            raw = [v for c in sorted(self._seen) for v in self._seen[c]]
-            limit = self._level(np.array(self.history + raw))
+            raw = [(c, v) for c in sorted(self._seen) for v in self._seen[c]]
+            limit = self._level(self.history + raw)
             for client, work, scored in sorted(self._buffer, key=lambda b: b[0].client_id):
                 self._forward(client, work, scored, limit)
         clipped, newly = self._judge(limit)
@@ -166,10 +188,27 @@ class Robust(Strategy):
 
     # -- scale, clipping, strikes ---------------------------------------- #
 
-    def _level(self, values: np.ndarray) -> float:
+    def _level(self, pairs: list[tuple[str, float]]) -> float:
         """The clip level; +inf (no clipping) while there is no non-zero scale."""
-        scale = robust_scale(values, self.opts) if len(values) else 0.0
+        scale = client_scale(pairs, self.opts)
         return self.opts.mult * scale if scale > 0 else float("inf")
+
+    def head_step(self, heads: dict[tuple, tuple[int, np.ndarray]]) -> np.ndarray | None:
+        """The mean of the round's head gradients whose norm is within the
+        level (``mult`` x the clients' robust scale of recent norms; this
+        round's own while the window is short); the others strike their client."""
+        keys = sorted(heads)
+        norms = [(k[0], float(np.linalg.norm(heads[k][1].astype(np.float64)))) for k in keys]
+        window = self.head_history if len(self.head_history) >= self.opts.min_history else self.head_history + norms
+        limit = self._level(window)
+        kept = {}
+        for k, (client, norm) in zip(keys, norms):
+            if norm > limit:
+                self._struck.add(client)
+            else:
+                kept[k] = heads[k]
+        self.head_history = (self.head_history + [(c, min(n, limit)) for c, n in norms])[-self.opts.window:]
+        return self.inner.head_step(kept)
 
     def _forward(self, client: ClientView, work: Work, scored: Scored, limit: float) -> None:
         """Hand the inner strategy the clipped result, or nothing if it is mostly outliers."""
@@ -181,17 +220,17 @@ class Robust(Strategy):
     def _judge(self, limit: float) -> tuple[int, list[str]]:
         """Strike clients that sent a mostly-outlier result; grow the window."""
         clipped, newly = 0, []
-        for client in sorted(self._seen):
-            values = np.array(self._seen[client])
+        for client in sorted(set(self._seen) | self._struck):
+            values = np.array(self._seen.get(client, []), dtype=np.float64)
             clipped += int(np.sum(values > limit))
             if client in self._struck:
                 self.strikes[client] = self.strikes.get(client, 0) + 1
                 if self.strikes[client] >= self.opts.strikes and client not in self.quarantined:
                     self.quarantined.add(client)
                     newly.append(client)
-                    log.warning("client %s quarantined: its scalars were outliers in %d rounds",
+                    log.warning("client %s quarantined: its results were outliers in %d rounds",
                                 client, self.strikes[client])
-            self.history.extend(np.minimum(values, limit).tolist())
+            self.history.extend((client, v) for v in np.minimum(values, limit).tolist())
         self.history = self.history[-self.opts.window:]
         return clipped, newly
 
@@ -200,12 +239,19 @@ class Robust(Strategy):
     def state_dict(self) -> dict[str, Any]:
         return {
             "inner": self.inner.state_dict(),
-            "robust": {"history": self.history, "strikes": self.strikes, "quarantined": sorted(self.quarantined)},
+            "robust": {"history": [list(p) for p in self.history], "head_history": [list(p) for p in self.head_history],
+                       "strikes": self.strikes, "quarantined": sorted(self.quarantined)},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict(state.get("inner", {}))
         mine = state.get("robust", {})
-        self.history = [float(v) for v in mine.get("history", [])]
+        self.history = [_pair(v) for v in mine.get("history", [])]
+        self.head_history = [_pair(v) for v in mine.get("head_history", [])]
         self.strikes = {str(k): int(v) for k, v in mine.get("strikes", {}).items()}
         self.quarantined = set(mine.get("quarantined", []))
+
+
+def _pair(v: Any) -> tuple[str, float]:
+    """A window entry; runs saved before per-client scales kept bare values (one anonymous client)."""
+    return (str(v[0]), float(v[1])) if isinstance(v, list) else ("", float(v))
