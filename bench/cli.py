@@ -2,6 +2,7 @@
 
 import click
 
+from fwdllm.bench.attacks import attacks
 from fwdllm.bench.comm import comm
 from fwdllm.bench.convergence import convergence
 from fwdllm.bench.fidelity import fidelity
@@ -30,8 +31,9 @@ def bench() -> None:
       fwdllm bench load --sizes 10,100,1000
       fwdllm bench probe --task agnews
       fwdllm bench noise --task sst2
+      fwdllm bench attacks --baseline /path/to/older/.venv/bin/fwdllm
     """
 
 
-for _cmd in (throughput, round_cmd, convergence, memory, comm, fidelity, load, probe, noise):
+for _cmd in (throughput, round_cmd, convergence, memory, comm, fidelity, load, probe, noise, attacks):
     bench.add_command(_cmd)
