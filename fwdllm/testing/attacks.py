@@ -802,6 +802,59 @@ def bad_inputs(lab: Lab) -> Outcome:
 
 
 # --------------------------------------------------------------------------- #
+# 7. range lies
+# --------------------------------------------------------------------------- #
+
+
+class RangeLiar:
+    """Wraps a worker's scorer and reports ``factor`` times its true
+    projections: every value stays in the honest range, only the sign lies."""
+
+    def __init__(self, scorer: Any, factor: float = -3.0) -> None:
+        self.scorer, self.factor = scorer, factor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.scorer, name)
+
+    def score(self, layout: Any, tensors: dict[str, np.ndarray], task: Task) -> Result:
+        r = self.scorer.score(layout, tensors, task)
+        return replace(r, loss_plus=r.loss_minus + self.factor * (r.loss_plus - r.loss_minus))
+
+
+def _lie_run(lab: Lab, name: str, robust: Sequence[str], liar: bool, rounds: int = 40) -> dict[str, Any]:
+    agg = lab.serve(["--rounds", str(rounds), "--k", "16", "--min-clients", "4", "--lr", "4", *robust], name=name)
+    loss0 = quadratic(agg.adapter())
+    for i in range(4):
+        cid = f"{name}-{'liar' if liar and i == 0 else 'c'}{i}"
+        lab.worker(agg.url, cid, scorer=RangeLiar(QuadraticScorer(task_name="tiny-sst2")) if liar and i == 0 else None)
+    wait_for(lambda: agg.proc.poll() is not None, 60)
+    recs = agg.metrics()
+    flagged = next((r["round"] for r in recs if any("liar" in c for c in r.get("quarantined", []))), None)
+    return {"objective_before": loss0, "objective_after": quadratic(agg.adapter()), "rounds": len(recs),
+            "liar_quarantined_in_round": flagged}
+
+
+def range_lie(lab: Lab) -> Outcome:
+    """One of four clients sends -3x its true projections (in range), under
+    ``robust=clip``; then the same with the audit on shared seeds
+    (``robust_audit=1``, this checkout only)."""
+    clip = ["--strategy-opt", "robust=clip"]
+    clean = _lie_run(lab, "clean", clip, liar=False)
+    lied = _lie_run(lab, "clip", clip, liar=True)
+    try:
+        audited = _lie_run(lab, "audit", [*clip, "--strategy-opt", "robust_audit=1"], liar=True)
+    except RuntimeError as e:  # an aggregator without the audit refuses the option
+        audited = {"error": str(e).splitlines()[-1][:120] if str(e) else "did not start"}
+    numbers = {"clean": clean, "clip_only": lied, "clip_and_audit": audited}
+    caught = audited.get("liar_quarantined_in_round")
+    gain = clean["objective_before"] - clean["objective_after"]
+    kept = lambda r: (r["objective_before"] - r["objective_after"]) / gain if gain > 0 else float("nan")  # noqa: E731
+    headline = (f"progress kept: clip only {kept(lied):.0%}" + (f", with audit {kept(audited):.0%} (liar quarantined "
+                f"in round {caught})" if "error" not in audited else ", audit unavailable"))
+    return Outcome(caught is not None, numbers, headline)
+
+
+# --------------------------------------------------------------------------- #
 # the list
 # --------------------------------------------------------------------------- #
 
@@ -831,6 +884,7 @@ ATTACKS: dict[str, Attack] = {
     "counters": Attack("4", counters, "n_tokens = 2**63 - 1, seconds = 1e300"),
     "resume": Attack("5", resume_options, "serve --min-clients 2, kill -9, serve --resume RUN_DIR"),
     "bad-input": Attack("6", bad_inputs, "bad --out, corrupt run.json/state.npz, a GGUF with a corrupt tensor count"),
+    "range-lie": Attack("7", range_lie, "1 of 4 clients sends -3x its true projections, robust=clip (+ audit)"),
 }
 
 
