@@ -24,7 +24,7 @@ from fwdllm.options import (
     threads_for,
     training_options,
 )
-from fwdllm.runtime.transport import server_keys
+from fwdllm.runtime.transport import check_bind, server_keys
 
 
 def _check_head_only(kw: dict[str, Any]) -> None:
@@ -171,6 +171,7 @@ def serve(ctx: click.Context, bind: str, model: str, rounds: int, out: Path | No
                 raise UserError(f"{run_dir} is not a run directory (no run.json)")
             cfg = checkpoint.read_config(run_dir)
             values = _serve_options(ctx, cfg.serve or {})
+            check_bind(values["bind"])
             keys = server_keys(*(Path(v) if v else None for v in (values["curve_secret"], values["allow"])))
             given = ctx.get_parameter_source("model") is not click.core.ParameterSource.DEFAULT
             model_path = resolve_model(model if given else cfg.model)
@@ -181,6 +182,7 @@ def serve(ctx: click.Context, bind: str, model: str, rounds: int, out: Path | No
             if out is None:
                 raise UserError("a new run needs --out RUN_DIR (or --resume RUN_DIR)")
             values = _serve_options(ctx, None)
+            check_bind(values["bind"])
             keys = server_keys(curve_secret, allow)  # bad key files fail before any run directory is touched
             model_path = resolve_model(model)
             opt, strat = _specs(kw, rounds)

@@ -68,6 +68,7 @@ from fwdllm.core.protocol import (
     Welcome,
     head_array,
 )
+from fwdllm.core.errors import UserError
 from fwdllm.core.replica import Replica
 from fwdllm.runtime import transport as security
 from fwdllm.runtime.log import Throttle
@@ -245,7 +246,13 @@ class Aggregator:
         self.auth = security.secure_server(ctx, self.sock, self.opts.keys, self.opts.bind)
         if self.auth is not None:
             self.auth.allow.barred.update(self.evicted)
-        self.sock.bind(self.opts.bind)
+        try:
+            self.sock.bind(self.opts.bind)
+        except zmq.ZMQError as e:  # taken since the CLI's check_bind: one line, the run directory intact
+            self.sock.close(0)
+            if self.auth is not None:
+                self.auth.stop()
+            raise UserError(f"--bind {self.opts.bind}: {e}") from None
         log.info("listening on %s (run %s, version %d)", self.opts.bind, self.config.run_id, self.replica.version)
         try:
             if self.replica.version == 0 and self.evaluate:

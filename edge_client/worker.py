@@ -115,7 +115,10 @@ class EventLog:
     """Machine-readable JSONL trace of what the worker did (hashes per round)."""
 
     def __init__(self, path: Path | None) -> None:
-        self._f = open(path, "a", buffering=1) if path else None
+        try:
+            self._f = open(path, "a", buffering=1) if path else None
+        except OSError as e:
+            raise UserError(f"--events {path}: cannot write there ({e.strerror or e})") from None
 
     def __call__(self, event: str, **fields: Any) -> None:
         if self._f:
@@ -169,7 +172,11 @@ class Worker:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, CLIENT_MAX_MSG)
             secure_client(sock, self.curve)
-            sock.connect(self.connect)
+            try:
+                sock.connect(self.connect)
+            except zmq.ZMQError as e:
+                sock.close(0)
+                raise UserError(f"--connect {self.connect}: {e}; expected tcp://HOST:PORT") from None
             try:
                 if self._session(sock):
                     backoff = 0.5

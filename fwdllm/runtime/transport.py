@@ -142,6 +142,19 @@ class KeyedAuthenticator(ThreadAuthenticator):
         return self.allow.name(z85.encode(client_public_key))
 
 
+def check_bind(where: str) -> None:
+    """A ``--bind`` that libzmq cannot bind (malformed, an address this host
+    does not have, a port in use) as one line, before anything is written."""
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(where)
+    except zmq.ZMQError as e:
+        raise UserError(f"--bind {where}: {e}; expected e.g. tcp://*:5555") from None
+    finally:
+        sock.close(0)
+
+
 def server_keys(secret_file: Path | None, allow_dir: Path | None) -> ServerKeys | None:
     """Both or neither: a server key without an allow-list would admit no one."""
     if secret_file is None and allow_dir is None:
@@ -204,14 +217,17 @@ def generate_keypair(name: str, out: Path, allow: Path | None) -> tuple[Path, Pa
     and copy the public key into ``allow`` when given; never overwrites."""
     if not name or "/" in name or name.startswith("."):
         raise UserError(f"bad key name {name!r}: use a plain file name such as server or device-1")
-    out.mkdir(parents=True, exist_ok=True)
-    targets = [out / f"{name}.key", out / f"{name}.key_secret"] + ([allow / f"{name}.key"] if allow else [])
-    existing = [str(p) for p in targets if p.exists()]
-    if existing:
-        raise UserError(f"refusing to overwrite {', '.join(existing)}")
-    public_file, secret_file = zmq.auth.create_certificates(str(out), name)
-    os.chmod(secret_file, 0o600)
-    if allow is not None:
-        allow.mkdir(parents=True, exist_ok=True)
-        (allow / f"{name}.key").write_bytes(Path(public_file).read_bytes())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        targets = [out / f"{name}.key", out / f"{name}.key_secret"] + ([allow / f"{name}.key"] if allow else [])
+        existing = [str(p) for p in targets if p.exists()]
+        if existing:
+            raise UserError(f"refusing to overwrite {', '.join(existing)}")
+        public_file, secret_file = zmq.auth.create_certificates(str(out), name)
+        os.chmod(secret_file, 0o600)
+        if allow is not None:
+            allow.mkdir(parents=True, exist_ok=True)
+            (allow / f"{name}.key").write_bytes(Path(public_file).read_bytes())
+    except OSError as e:
+        raise UserError(f"cannot write the keys ({e.strerror or e}: {e.filename})") from None
     return Path(public_file), Path(secret_file)

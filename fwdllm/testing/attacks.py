@@ -747,8 +747,11 @@ def bad_inputs(lab: Lab) -> Outcome:
     d = lab.dir
     (d / "a-file").write_text("not a directory")
     serve = ["aggregator", "serve", "--model", str(lab.model), "--task", str(lab.task), "--rounds", "1",
-             "--bind", "tcp://127.0.0.1:1"]
+             "--bind", "tcp://127.0.0.1:*"]
     simulate = ["simulate", "--model", str(lab.model), "--task", "sst2", "--clients", "1", "--rounds", "1"]
+    (d / "shard.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    client = ["client", "run", "--model", str(lab.model), "--task", str(lab.task), "--data", str(d / "shard.tsv"),
+              "--give-up", "1"]
 
     def run_dir(name: str, config: bytes | None, state: bytes | None) -> str:
         path = d / name
@@ -784,6 +787,11 @@ def bad_inputs(lab: Lab) -> Outcome:
         "serve, GGUF with a corrupt tensor count": ["aggregator", "serve", "--model", str(d / "bad-count.gguf"),
                                                     "--task", str(lab.task), "--out", str(d / "gguf-run")],
         "convert inspect, GGUF with a corrupt tensor count": ["convert", "inspect", str(d / "bad-count.gguf")],
+        "serve --bind that is no address": [*serve[:-2], "--bind", "nonsense", "--out", str(d / "bind-run")],
+        "client run --connect that is no address": [*client, "--connect", "nonsense"],
+        "client run --events in /proc": [*client, "--connect", "tcp://127.0.0.1:1", "--events", "/proc/x.jsonl"],
+        "keys generate --allow in /proc": ["keys", "generate", "k", "--out", str(d / "keys-out"), "--allow",
+                                           "/proc/allowed"],
     }
     failures = {}
     for what, args in cases.items():
