@@ -16,28 +16,23 @@ import pytest
 from fwdllm.aggregator.registry import make_strategy
 from fwdllm.aggregator.robust import RobustOptions, client_scale
 from fwdllm.aggregator.strategy import ClientView, Scored, StrategySpec
-from fwdllm.testing.attacks import run_attack, under_attack
-
-
-def attack(name: str, tmp_path: Path, model: Path) -> None:
-    outcome = run_attack(name, under_attack(), tmp_path, model)
-    assert outcome.held, outcome.to_dict()
+from fwdllm.testing.attacks import check
 
 
 def test_attack_impostor_cannot_take_another_devices_slot(tmp_path: Path, tiny_model: Path) -> None:
-    attack("impostor", tmp_path, tiny_model)
+    check("impostor", tmp_path, tiny_model)
 
 
 def test_attack_one_key_with_eight_ids_gets_one_share(tmp_path: Path, tiny_model: Path) -> None:
-    attack("sybil-seeds", tmp_path, tiny_model)
+    check("sybil-seeds", tmp_path, tiny_model)
 
 
 def test_attack_sybil_majority_of_one_key_cannot_move_the_clip_scale(tmp_path: Path, tiny_model: Path) -> None:
-    attack("sybil-poison", tmp_path, tiny_model)
+    check("sybil-poison", tmp_path, tiny_model)
 
 
 def test_attack_quarantine_survives_a_new_id(tmp_path: Path, tiny_model: Path) -> None:
-    attack("requarantine", tmp_path, tiny_model)
+    check("requarantine", tmp_path, tiny_model)
 
 
 def test_clip_scale_counts_each_client_once() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from fwdllm.aggregator.registry import make_strategy
 from fwdllm.aggregator.strategy import ClientView, Scored, StrategySpec
-from fwdllm.testing.attacks import run_attack, under_attack
+from fwdllm.testing.attacks import check
 
 
 def _truth(seed: int) -> float:
@@ -48,5 +48,4 @@ def test_audit_quarantines_a_sign_liar_and_nobody_else() -> None:
 
 @pytest.mark.slow  # three multi-process runs, ~30 s
 def test_attack_range_lie_is_caught_by_the_audit(tmp_path: Path, tiny_model: Path) -> None:
-    outcome = run_attack("range-lie", under_attack(), tmp_path, tiny_model)
-    assert outcome.held, outcome.to_dict()
+    check("range-lie", tmp_path, tiny_model)

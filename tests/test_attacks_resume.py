@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fwdllm.testing.attacks import run_attack, under_attack
+from fwdllm.testing.attacks import check
 
 
 def test_attack_resume_keeps_min_clients(tmp_path: Path, tiny_model: Path) -> None:
-    outcome = run_attack("resume", under_attack(), tmp_path, tiny_model)
-    assert outcome.held, outcome.to_dict()
+    check("resume", tmp_path, tiny_model)
 
 
 def test_resume_restores_serve_options_and_given_flags_win(tmp_path: Path) -> None:

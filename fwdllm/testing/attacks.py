@@ -483,7 +483,7 @@ def sybil_poison(lab: Lab) -> Outcome:
     ok = finite(params) and biggest < 10 and loss < loss0
     numbers = {"rounds": len(agg.metrics()), "adapter_max_abs": biggest, "finite": finite(params),
                "objective_before": round(loss0, 4), "objective_after": loss}
-    return Outcome(ok, numbers, f"max |adapter| {biggest:.3g}, objective {loss0:.3f} -> {loss:.3g}")
+    return Outcome(ok, numbers, f"max abs(adapter) {biggest:.3g}, objective {loss0:.3f} -> {loss:.3g}")
 
 
 def _garbage(task: Task) -> Result:
@@ -900,3 +900,10 @@ def run_attack(name: str, fwdllm: Sequence[str], workdir: Path, model: Path) -> 
     """Run one attack against a fresh aggregator started from ``fwdllm``."""
     with lab(fwdllm, workdir, model) as the_lab:
         return ATTACKS[name].run(the_lab)
+
+
+def check(name: str, workdir: Path, model: Path) -> Outcome:
+    """A test's assertion: attack :func:`under_attack`'s aggregator; it must hold."""
+    outcome = run_attack(name, under_attack(), workdir, model)
+    assert outcome.held, outcome.to_dict()
+    return outcome
