@@ -51,6 +51,7 @@ import zmq
 from fwdllm.aggregator import checkpoint
 from fwdllm.aggregator.checkpoint import RunConfig
 from fwdllm.aggregator.strategy import ClientView, RoundConfig, Scored, Strategy, Work
+from fwdllm.core.errors import UserError
 from fwdllm.core.protocol import (
     MAX_HEADER_BYTES,
     Bye,
@@ -68,7 +69,6 @@ from fwdllm.core.protocol import (
     Welcome,
     head_array,
 )
-from fwdllm.core.errors import UserError
 from fwdllm.core.replica import Replica
 from fwdllm.runtime import transport as security
 from fwdllm.runtime.log import Throttle
@@ -84,7 +84,9 @@ MAX_TOTAL = SERVER_MAX_MSG + MAX_HEADER_BYTES
 #: Outbound messages queued per peer before libzmq drops (a heartbeat, a
 #: task and an update per round: an honest reader is never near it).
 SEND_HWM = 64
-RECV_HWM = 64
+#: Inbound messages waiting per peer before libzmq stops reading it (TCP
+#: pushes back; nothing is lost): an honest device sends about one a second.
+RECV_HWM = 8
 #: frames at least this long are sent zero-copy: every peer's queue then
 #: shares one Update or Snapshot buffer instead of holding its own copy
 SHARE_BYTES = 1024
@@ -147,10 +149,14 @@ class Peer:
     deadline: float = math.inf
     rank: int = 0  # position key in this round's order (a keyed hash; see Aggregator._rank)
     benched: int = 0  # the round in which a task of its was taken back: no more work in that round
-    #: the last task taken back from it: an answer that comes late (even in a
-    #: later round) still counts for its speed and clears its strikes
+    #: the task whose deadline it missed, while unanswered: it gets no other
+    #: work meanwhile (it is still busy with this one, or silent), a strike
+    #: for every further budget of silence, and a late answer still counts
+    #: for its speed and clears its strikes
     expired: Task | None = None
     expired_sent: float = 0.0
+    silent_until: float = math.inf  # the next strike, if still unanswered by then
+    expired_budget: float = 0.0
 
     @property
     def label(self) -> str:
@@ -184,6 +190,7 @@ class RoundState:
     bytes_up: dict[str, int] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)  # identities whose task was taken back (deadline, refused)
+    released: set[str] = field(default_factory=set)  # participants whose share went to others (no work for them)
     by_id: dict[str, ClientView] = field(default_factory=dict)  # participants by identity (O(1) at 1,000 clients)
     #: classifier head: (identity, batch seed, seeds) -> (rows, exact gradient)
     head: dict[tuple, tuple[int, np.ndarray]] = field(default_factory=dict)
@@ -375,10 +382,16 @@ class Aggregator:
             return
         if self.strategy.has_work():
             for peer in sorted(self.peers.values(), key=lambda p: (p.rank, p.who)):
-                if peer.work is None and peer.benched != rs.number:
-                    work = self.strategy.next_work(self._participant(peer))
-                    if work is not None:
-                        self._assign(peer, work)
+                if peer.work is not None:
+                    continue
+                if peer.expired is not None or peer.benched == rs.number:  # no work for it now: its share goes
+                    if peer.who in rs.by_id and peer.who not in rs.released:
+                        rs.released.add(peer.who)
+                        self.strategy.drop(self._participant(peer), None)
+                    continue
+                work = self.strategy.next_work(self._participant(peer))
+                if work is not None:
+                    self._assign(peer, work)
         if not any(p.work is not None for p in self.peers.values()):
             self._end_round()
 
@@ -430,32 +443,43 @@ class Aggregator:
         typical = self._typical_speed()
         for peer in list(self.peers.values()):
             if peer.work is None:
+                if peer.expired is not None and now > peer.silent_until:
+                    self._strike(peer, f"still silent {now - peer.expired_sent:.1f} s after its task")
+                    peer.silent_until = now + peer.expired_budget
                 continue
             own = self.standing.get(peer.who)
             if own is None or own.seconds_per_seed is None:
                 budget = self._budget(peer.who, len(peer.work.seeds), typical)
                 peer.deadline = min(peer.deadline, peer.task_sent + budget)
             if now > peer.deadline:
-                self._take_back(peer, f"missed its task deadline ({peer.deadline - peer.task_sent:.1f} s)")
+                budget = peer.deadline - peer.task_sent
+                unanswered = peer.task
+                self._take_back(peer, f"missed its task deadline ({budget:.1f} s)")
+                if peer.routing in self.peers:
+                    peer.expired, peer.expired_sent = unanswered, peer.task_sent
+                    peer.expired_budget, peer.silent_until = budget, now + budget
 
     def _take_back(self, peer: Peer, why: str) -> None:
-        """The peer's task goes to others in this round and its identity gets
-        a strike (a deadline missed, or a result refused); ``evict_after``
-        strikes in a row evict it.  An answer that comes late still counts
-        for its speed and clears its strikes: slowness costs one task, only
-        silence and lies add up."""
+        """The peer's task goes to others in this round, and its identity gets
+        a strike (a deadline missed, or a result refused)."""
         rs = self.round
         assert rs is not None and peer.work is not None
-        st = self._standing(peer.who)
-        st.strikes += 1
-        self.noise.warning(("strike", peer.who), "client %s %s; its seeds go to others (strike %d of %d)",
-                           peer.label, why, st.strikes, self.opts.evict_after)
-        work, peer.expired, peer.expired_sent, peer.benched = peer.work, peer.task, peer.task_sent, rs.number
+        work, peer.benched = peer.work, rs.number
         peer.work, peer.task = None, None
         rs.expired.append(peer.who)
         self.strategy.drop(self._participant(peer), work)
+        self._strike(peer, f"{why}; its seeds go to others")
+
+    def _strike(self, peer: Peer, why: str) -> None:
+        """One more strike; ``evict_after`` in a row evict the identity.  An
+        answer, even a late one, clears them: slowness costs a task, only
+        silence and refused results add up."""
+        st = self._standing(peer.who)
+        st.strikes += 1
+        self.noise.warning(("strike", peer.who), "client %s %s (strike %d of %d)", peer.label, why, st.strikes,
+                           self.opts.evict_after)
         if st.strikes >= self.opts.evict_after:
-            self._evict(peer, f"{st.strikes} tasks in a row taken back (deadline missed or result refused)")
+            self._evict(peer, f"{st.strikes} strikes in a row (deadlines missed, silence or refused results)")
 
     def _evict(self, peer: Peer, why: str) -> None:
         """Out of the run for good: this connection, and under CURVE its key
