@@ -1,12 +1,12 @@
-"""``fwdllm bench field``: the federation under field conditions, one command per condition.
+"""``fwdllm bench field-*``: the federation under field conditions, one command per condition.
 
-* ``link``: every device behind its own slow, lossy link (:mod:`fwdllm.testing.relay`:
+* ``field-link``: every device behind its own slow, lossy link (:mod:`fwdllm.testing.relay`:
   RTT, TCP-style loss, rate, optional resets) against the same devices on a clean
   loopback link; rounds per hour of each, arms interleaved.
-* ``quota``: devices of uneven speed (CPU quotas in cgroups, :mod:`fwdllm.testing.cgroups`);
+* ``field-quota``: devices of uneven speed (CPU quotas in cgroups, :mod:`fwdllm.testing.cgroups`);
   seconds per round of ``--strategy adaptive`` (seeds in proportion to measured
   throughput, the round ends at K) against ``zo-sgd`` (K split evenly), arms interleaved.
-* ``memory``: one device in a phone-sized memory cgroup with the model loaded
+* ``field-memory``: one device in a phone-sized memory cgroup with the model loaded
   without mmap; did its round complete, and its peak RSS.
 
 The devices are real processes (``fwdllm client run``; for ``memory`` the same
@@ -34,7 +34,7 @@ from typing import Any
 import click
 
 from fwdllm.bench.common import GIB, RESULTS, figure, number_list, save_figure, write_result
-from fwdllm.options import Command, Group, option, shared, threads_for
+from fwdllm.options import Command, option, shared, threads_for
 
 
 def _load() -> str:
@@ -180,7 +180,7 @@ def _model(model: str) -> tuple[Path, str]:
 def run_options(f: Any) -> Any:
     """What every field bench takes: the training job and its bounds."""
     f = option("out", default=RESULTS, help="Directory for field-*.json and field-*.png.")(f)
-    f = click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=900.0, show_default=True,
+    f = click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
                      help="Give up on an arm after this many seconds.")(f)
     f = click.option("--shard-size", type=click.IntRange(1), default=200, show_default=True,
                      help="Training examples per device.")(f)
@@ -197,25 +197,11 @@ def _require_cgroups() -> None:
         raise UserError(f"this bench needs cgroups: {why}")
 
 
-@click.group("field", cls=Group)
-def field() -> None:
-    """The federation under field conditions: slow lossy links, devices of
-    uneven speed, phone-sized memory.  Each command compares its arms in one
-    run, interleaved, and records the machine's load while they ran.
-
-    \b
-    Examples:
-      fwdllm bench field link --rtt 0.3 --loss 0.02 --rate 1
-      fwdllm bench field quota --mixes "1,0.5,0.25,0.25;0.5,0.5,0.5,0.5"
-      fwdllm bench field memory --synth llama2-7b --limit 4.5
-    """
-
-
-@field.command("link", cls=Command)
+@click.command("field-link", cls=Command)
 @option("model")
 @option("clients", default=2, help="Devices, each behind its own link.")
 @option("rounds", default=8, help="Rounds per arm (round 1, joins and snapshots, is reported apart).")
-@click.option("--repeats", type=click.IntRange(1), default=2, show_default=True, help="Runs of each arm, interleaved.")
+@click.option("--runs", "repeats", type=click.IntRange(1), default=2, show_default=True, help="Runs of each arm, interleaved.")
 @click.option("--rtt", type=click.FloatRange(min=0), default=0.3, show_default=True, help="Round-trip time, seconds.")
 @click.option("--loss", type=click.FloatRange(0, 1, max_open=True), default=0.02, show_default=True,
               help="Probability that a TCP segment is lost (it arrives one retransmission timeout later).")
@@ -226,7 +212,7 @@ def field() -> None:
 @click.option("--heartbeat", "heartbeat_s", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
               help="Heartbeat interval, seconds.")
 @run_options
-def link(model: str, clients: int, rounds: int, repeats: int, rtt: float, loss: float, rate: float, resets: float,
+def field_link(model: str, clients: int, rounds: int, repeats: int, rtt: float, loss: float, rate: float, resets: float,
          heartbeat_s: float, out: Path, **kw: Any) -> None:
     """Rounds per hour with every device behind a slow, lossy link vs a clean one.
 
@@ -236,7 +222,7 @@ def link(model: str, clients: int, rounds: int, repeats: int, rtt: float, loss: 
 
     \b
     Example:
-      fwdllm bench field link --rtt 0.3 --loss 0.02 --rate 1 --clients 2 --rounds 8
+      fwdllm bench field-link --rtt 0.3 --loss 0.02 --rate 1 --clients 2 --rounds 8
     """
     from fwdllm.testing.relay import LinkSpec
 
@@ -272,20 +258,21 @@ def link(model: str, clients: int, rounds: int, repeats: int, rtt: float, loss: 
     save_figure(fig, out, "field-link")
 
 
-@field.command("quota", cls=Command)
+@click.command("field-quota", cls=Command)
 @option("model")
 @click.option("--mixes", default="1,0.5,0.25,0.25;0.5,0.5,0.5,0.5", show_default=True, metavar="C,C,..;...",
               help="CPU quotas in cores, one per device; mixes separated by ';'.")
-@click.option("--strategies", default="zo-sgd,adaptive", show_default=True, help="Strategies to compare.")
+@click.option("--compare", "strategies", default="zo-sgd,adaptive", show_default=True,
+              help="Strategies to compare, comma-separated.")
 @option("rounds", default=8, help="Rounds per run (round 1, joins and snapshots, is reported apart).")
-@click.option("--repeats", type=click.IntRange(1), default=2, show_default=True, help="Runs of each arm, interleaved.")
+@click.option("--runs", "repeats", type=click.IntRange(1), default=2, show_default=True, help="Runs of each arm, interleaved.")
 @run_options
-def quota(model: str, mixes: str, strategies: str, rounds: int, repeats: int, out: Path, **kw: Any) -> None:
+def field_quota(model: str, mixes: str, strategies: str, rounds: int, repeats: int, out: Path, **kw: Any) -> None:
     """Seconds per round to K perturbations: adaptive split vs a fixed one, devices under CPU quotas.
 
     \b
     Example:
-      fwdllm bench field quota --mixes "1,0.5,0.25,0.25" --rounds 8 --repeats 2
+      fwdllm bench field-quota --mixes "1,0.5,0.25,0.25" --rounds 8 --runs 2
     """
     from fwdllm.aggregator.registry import STRATEGIES
     from fwdllm.core.errors import UserError
@@ -297,7 +284,7 @@ def quota(model: str, mixes: str, strategies: str, rounds: int, repeats: int, ou
     if not mix_list or len({len(m) for m in mix_list}) != 1:
         raise UserError("--mixes: every mix needs one quota per device, the same number of devices in each")
     if not names or any(s not in STRATEGIES for s in names):
-        raise UserError(f"--strategies: choose from {', '.join(STRATEGIES)}")
+        raise UserError(f"--compare: choose from {', '.join(STRATEGIES)}")
     n = len(mix_list[0])
     kw.update(rounds=rounds, threads=kw["threads"] or 1)
     path, sha = _model(model)
@@ -331,20 +318,20 @@ def quota(model: str, mixes: str, strategies: str, rounds: int, repeats: int, ou
     save_figure(fig, out, "field-quota")
 
 
-@field.command("memory", cls=Command)
+@click.command("field-memory", cls=Command)
 @option("model")
 @click.option("--synth", default=None, metavar="PRESET",
               help="Use this synthetic preset (e.g. llama2-7b, written on first use and cached) instead of --model.")
-@click.option("--limit", "limit_gib", type=click.FloatRange(min=0.1), default=4.5, show_default=True,
+@click.option("--mem-limit", "limit_gib", type=click.FloatRange(min=0.1), default=4.5, show_default=True,
               help="Memory limit of the device's cgroup, GiB.")
 @option("rounds", default=1, help="Rounds the device must complete inside the limit.")
 @run_options
-def memory(model: str, synth: str | None, limit_gib: float, rounds: int, out: Path, **kw: Any) -> None:
+def field_memory(model: str, synth: str | None, limit_gib: float, rounds: int, out: Path, **kw: Any) -> None:
     """One device, model loaded without mmap, inside a memory cgroup: does its round complete, at what peak RSS.
 
     \b
     Example:
-      fwdllm bench field memory --synth llama2-7b --limit 4.5 --k 1 --batch-size 2
+      fwdllm bench field-memory --synth llama2-7b --mem-limit 4.5 --k 1 --batch-size 2
     """
     from fwdllm.bench.round import synth_model
 
