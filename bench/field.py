@@ -94,7 +94,16 @@ def federate(work: Path, name: str, model: Path, sha: str, kw: dict[str, Any], *
     shards: list[Path] = kw["shards"]
     n, rounds = len(shards), kw["rounds"]
     run_dir = work / name
-    cfg, replica = new_run(run_dir, model, sha, kw, strategy, rounds)
+    if kw.get("model_free"):  # devices that compute nothing: what is left of a round is the link's
+        from fwdllm.aggregator.strategy import StrategySpec
+        from fwdllm.core.optim import OptimizerSpec
+        from fwdllm.testing.fake import synthetic_run
+
+        cfg, replica = synthetic_run(rounds, OptimizerSpec(lr=0.05, total_rounds=rounds), StrategySpec(strategy, k=kw["k"]))
+        run_dir.mkdir(parents=True)
+        checkpoint.write_config(run_dir, cfg)
+    else:
+        cfg, replica = new_run(run_dir, model, sha, kw, strategy, rounds)
     opts = ServerOptions(bind=f"tcp://127.0.0.1:{free_port()}", heartbeat_s=kw.get("heartbeat_s", 1.0), min_clients=n,
                          round_timeout_s=kw["timeout_s"])
     procs: list[subprocess.Popen] = []
@@ -113,6 +122,8 @@ def federate(work: Path, name: str, model: Path, sha: str, kw: dict[str, Any], *
                    "--model", str(model), "--data", str(shard), "--task", kw["task"], "--threads", str(kw["threads"]),
                    "--client-id", cid, "--max-batch", str(kw["batch_size"]), "--events", str(run_dir / f"{cid}.jsonl"),
                    "--give-up", "60"]
+            if kw.get("model_free"):
+                cmd = [sys.executable, "-m", "fwdllm.testing.fake", url, cid, "0"]
             cpu = cpus[i] if cpus else None
             if cpu is not None or mem_bytes is not None:
                 groups.append(stack.enter_context(Cgroup(f"field-{cid}", cpu=cpu, mem_bytes=mem_bytes)))
@@ -211,9 +222,11 @@ def _require_cgroups() -> None:
               help="Mean seconds between connection resets (0: none).")
 @click.option("--heartbeat", "heartbeat_s", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
               help="Heartbeat interval, seconds.")
+@click.option("--model-free", is_flag=True,
+              help="Devices that compute nothing (the quadratic fake): a round's time is then the link's alone.")
 @run_options
 def field_link(model: str, clients: int, rounds: int, repeats: int, rtt: float, loss: float, rate: float, resets: float,
-         heartbeat_s: float, out: Path, **kw: Any) -> None:
+               heartbeat_s: float, model_free: bool, out: Path, **kw: Any) -> None:
     """Rounds per hour with every device behind a slow, lossy link vs a clean one.
 
     A device drops the aggregator after 5 heartbeats without a whole message,
@@ -226,7 +239,8 @@ def field_link(model: str, clients: int, rounds: int, repeats: int, rtt: float, 
     """
     from fwdllm.testing.relay import LinkSpec
 
-    kw.update(rounds=rounds, threads=threads_for(kw["threads"], clients + 1), heartbeat_s=heartbeat_s)
+    kw.update(rounds=rounds, threads=threads_for(kw["threads"], clients + 1), heartbeat_s=heartbeat_s,
+              model_free=model_free)
     path, sha = _model(model)
     runs = []
     with workspace(kw, clients) as work:
@@ -242,9 +256,10 @@ def field_link(model: str, clients: int, rounds: int, repeats: int, rtt: float, 
              sum(lk["resets"] for lk in r["links"]), sum(lk["up"]["lost"] + lk["down"]["lost"] for lk in r["links"])]
             for r in runs]
     spec = {"rtt_s": rtt, "loss": loss, "rate_mbit_s": rate, "reset_every_s": resets}
-    write_result(out, "field-link", {"model": str(path), "link": spec, "clients": clients, "runs": runs,
-                                     "heartbeat_s": heartbeat_s,
-                                     "rounds_per_hour": summary, "k": kw["k"], "batch_size": kw["batch_size"]},
+    name = "field-link-model-free" if model_free else "field-link"
+    write_result(out, name, {"model": "none (quadratic fake)" if model_free else str(path), "link": spec,
+                             "clients": clients, "runs": runs, "heartbeat_s": heartbeat_s,
+                             "rounds_per_hour": summary, "k": kw["k"], "batch_size": kw["batch_size"]},
                  {f"Rounds/hour, {clients} devices, clean loopback vs {rtt * 1e3:.0f} ms RTT, {loss:.0%} loss, "
                   f"{rate:g} Mbit/s": (["arm", "rounds", "round 1 s", "s/round", "rounds/h", "load (1/5/15 min)",
                                          "resets", "segments lost"], rows)})
@@ -255,7 +270,7 @@ def field_link(model: str, clients: int, rounds: int, repeats: int, rtt: float, 
         ax.plot([i] * len(vals), vals, "ko", ms=4)
     ax.set_xticks([0, 1], ["clean loopback", f"{rtt * 1e3:.0f} ms, {loss:.0%} loss, {rate:g} Mbit/s"])
     ax.set_ylabel("rounds per hour")
-    save_figure(fig, out, "field-link")
+    save_figure(fig, out, name)
 
 
 @click.command("field-quota", cls=Command)
