@@ -21,6 +21,7 @@ reported apart.  Everything runs on 127.0.0.1, bounded by ``--timeout``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -33,7 +34,7 @@ from typing import Any
 
 import click
 
-from fwdllm.bench.common import GIB, RESULTS, figure, number_list, save_figure, write_result
+from fwdllm.bench.common import GIB, RESULTS, bench_task, figure, number_list, save_figure, write_result
 from fwdllm.options import Command, option, shared, threads_for
 
 
@@ -156,7 +157,10 @@ def federate(work: Path, name: str, model: Path, sha: str, kw: dict[str, Any], *
         "perturbations": [r["perturbations"] for r in recs],
         "throughput": [r.get("throughput") for r in recs],
         "devices": {cid: {"rc": p.returncode, "peak_rss_bytes": u.ru_maxrss * 1024,
-                          "cpu_s": u.ru_utime + u.ru_stime, "cores": cpus[i] if cpus else None}
+                          "cpu_s": u.ru_utime + u.ru_stime, "cores": cpus[i] if cpus else None,
+                          # a device that failed says why here: the run directory goes with the workspace
+                          "log_tail": None if p.returncode == 0 else
+                          (run_dir / f"{cid}.log").read_text(errors="replace")[-2000:]}
                     for i, ((cid, u), p) in enumerate(zip(usage.items(), procs))},
         "links": link_stats,
     }
@@ -340,13 +344,16 @@ def field_quota(model: str, mixes: str, strategies: str, rounds: int, repeats: i
 @click.option("--mem-limit", "limit_gib", type=click.FloatRange(min=0.1), default=4.5, show_default=True,
               help="Memory limit of the device's cgroup, GiB.")
 @option("rounds", default=1, help="Rounds the device must complete inside the limit.")
+@shared("label_words")
 @run_options
-def field_memory(model: str, synth: str | None, limit_gib: float, rounds: int, out: Path, **kw: Any) -> None:
+def field_memory(model: str, synth: str | None, limit_gib: float, rounds: int, label_words: str | None, out: Path,
+                 **kw: Any) -> None:
     """One device, model loaded without mmap, inside a memory cgroup: does its round complete, at what peak RSS.
 
     \b
     Example:
-      fwdllm bench field-memory --synth llama2-7b --mem-limit 4.5 --k 1 --batch-size 2
+      fwdllm bench field-memory --synth llama2-7b --mem-limit 4.5 --k 1 --batch-size 2 \\
+          --label-words negative,positive
     """
     from fwdllm.bench.round import synth_model
 
@@ -355,6 +362,10 @@ def field_memory(model: str, synth: str | None, limit_gib: float, rounds: int, o
     path, sha = _model(str(synth_model(synth)) if synth else model)
     limit = int(limit_gib * GIB)
     with workspace(kw, 1) as work:
+        if label_words:  # the run and the device read the task from one spec file
+            spec = bench_task(kw["task"], label_words, kinds=None)
+            (work / "task.json").write_text(json.dumps(spec.to_dict()))
+            kw["task"] = str(work / "task.json")
         r = federate(work, "memory", path, sha, kw, mem_bytes=limit, device=["fwdllm.bench.field"])
     rss = r["devices"]["dev0"]["peak_rss_bytes"]
     ok = r["rounds_done"] >= rounds and r["oom_kills"] == 0
