@@ -67,10 +67,13 @@ def asks(s: zmq.Socket, agg: Aggregator) -> None:
 def pump(s: zmq.Socket, wait_s: float, until: Callable[[], bool] = lambda: False) -> list[Message]:
     """Heartbeat and collect for ``wait_s`` (or until ``until()``)."""
     out: list[Message] = []
-    end = time.monotonic() + wait_s
+    end = next_hb = time.monotonic()
+    end += wait_s
     while time.monotonic() < end and not until():
-        s.send_multipart(Heartbeat().to_frames())
-        while s.poll(100):
+        if time.monotonic() >= next_hb:  # by the clock: a busy round must not starve our heartbeats
+            s.send_multipart(Heartbeat().to_frames())
+            next_hb = time.monotonic() + 0.1
+        if s.poll(50):
             out.append(Message.from_frames(s.recv_multipart()))
     return out
 
