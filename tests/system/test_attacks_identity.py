@@ -18,6 +18,8 @@ from fwdllm.aggregator.robust import RobustOptions, client_scale
 from fwdllm.aggregator.strategy import ClientView, Scored, StrategySpec
 from fwdllm.testing.attacks import check
 
+pytestmark = pytest.mark.timeout(60)
+
 
 def test_attack_impostor_cannot_take_another_devices_slot(tmp_path: Path, tiny_model: Path) -> None:
     check("impostor", tmp_path, tiny_model)

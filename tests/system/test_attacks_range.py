@@ -14,6 +14,8 @@ from fwdllm.aggregator.registry import make_strategy
 from fwdllm.aggregator.strategy import ClientView, Scored, StrategySpec
 from fwdllm.testing.attacks import check
 
+pytestmark = pytest.mark.timeout(60)
+
 
 def _truth(seed: int) -> float:
     return float(np.random.default_rng(seed).standard_normal())

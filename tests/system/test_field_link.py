@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from reliability_helpers import free_url, quadratic_loss, serving, start_worker, wait_until
+from harness import free_url, quadratic_loss, serving, start_worker, wait_until
 
 from fwdllm.aggregator import checkpoint
 from fwdllm.testing.fake import QuadraticScorer
 from fwdllm.testing.relay import Direction, LinkSpec, Relay
+
+pytestmark = pytest.mark.timeout(60)
 
 FIELD = LinkSpec(rtt_s=0.3, loss=0.02, rate_bps=1e6, seed=1)
 

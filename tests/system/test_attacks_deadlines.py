@@ -11,12 +11,14 @@ import logging
 from pathlib import Path
 
 import pytest
-from reliability_helpers import serving, start_worker
+from harness import serving, start_worker
 
 from fwdllm.aggregator import checkpoint
 from fwdllm.runtime.log import Throttle
 from fwdllm.testing.attacks import check
 from fwdllm.testing.fake import QuadraticScorer
+
+pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.mark.slow  # a multi-process attack of 10-30 s

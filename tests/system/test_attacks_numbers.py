@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fwdllm.aggregator.registry import make_strategy
 from fwdllm.aggregator.strategy import ClientView, Scored, StrategySpec
@@ -19,6 +20,8 @@ from fwdllm.core.protocol import Update
 from fwdllm.core.replica import Replica
 from fwdllm.testing.attacks import check
 from fwdllm.testing.fake import synthetic_layout
+
+pytestmark = pytest.mark.timeout(60)
 
 
 def test_attack_losses_near_the_float64_limit(tmp_path: Path, tiny_model: Path) -> None:

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from fwdllm.testing.attacks import check
+
+pytestmark = pytest.mark.timeout(60)
 
 
 def test_attack_resume_keeps_min_clients(tmp_path: Path, tiny_model: Path) -> None:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from reliability_helpers import free_url, wait_until
+from harness import free_url, wait_until
 
 from fwdllm.aggregator import checkpoint
 from fwdllm.aggregator.server import ServerOptions
@@ -24,7 +24,7 @@ from fwdllm.testing.fake import synthetic_run
 from fwdllm.testing.harness import aggregator_thread
 
 WHY = unavailable()
-pytestmark = pytest.mark.skipif(WHY is not None, reason=f"no cgroups here: {WHY}")
+pytestmark = [pytest.mark.skipif(WHY is not None, reason=f"no cgroups here: {WHY}"), pytest.mark.timeout(60)]
 MIB = 1 << 20
 
 

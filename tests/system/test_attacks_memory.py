@@ -15,11 +15,13 @@ from typing import Callable
 import numpy as np
 import pytest
 import zmq
-from reliability_helpers import join_msg, serving, start_worker
+from harness import join_msg, serving, start_worker
 
 from fwdllm.aggregator.server import Aggregator
 from fwdllm.core.protocol import Heartbeat, Message, Snapshot, SnapshotRequest
 from fwdllm.testing.attacks import check
+
+pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.mark.slow  # a multi-process attack of 10-30 s
