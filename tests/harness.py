@@ -37,6 +37,7 @@ from fwdllm.edge_client.worker import EventLog, Scorer, Worker  # noqa: E402
 from fwdllm.runtime.transport import ClientKeys, ServerKeys  # noqa: E402
 from fwdllm.testing.attackers import Byzantine  # noqa: E402
 from fwdllm.testing.fake import FAKE_MODEL_SHA, QuadraticScorer, synthetic_run  # noqa: E402
+from fwdllm.testing.harness import serving_thread  # noqa: E402
 
 #: llama.cpp and torch threads per model in a test.  One, not the cores: their
 #: threads spin at every barrier, so with more threads than free cores (a CI
@@ -166,15 +167,11 @@ def make_aggregator(run_dir: Path, url: str, rounds: int = 5, k: int = 16, resum
 
 @contextmanager
 def running(agg: Aggregator) -> Iterator[Aggregator]:
-    """``agg.serve()`` in a thread; always stopped and joined."""
-    t = threading.Thread(target=agg.serve, daemon=True)
-    t.start()
-    try:
+    """``agg.serve()`` in a thread (fwdllm.testing.harness); always stopped and
+    joined, and the loop must have ended (its socket closed) by then."""
+    with serving_thread(agg):
         yield agg
-    finally:
-        agg.stop.set()
-        t.join(15)
-        assert not t.is_alive()
+    assert agg.sock is None, "the aggregator loop did not stop"
 
 
 @contextmanager
