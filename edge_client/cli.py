@@ -39,18 +39,29 @@ def data_options(f: Callable) -> Callable:
 
 def _load(kw: dict[str, Any]) -> tuple[TaskSpec, list, Any]:
     """Task, examples and an open EdgeSession from the shared options."""
-    from fwdllm.runtime.session import EdgeSession
+    task = _task(kw)
+    return task, _examples(kw, task), _session(kw, task)
 
-    task = load_task(
+
+def _task(kw: dict[str, Any]) -> TaskSpec:
+    return load_task(
         kw["task"],
         text_columns=parse_columns(kw["text_column"]),
         label_column=kw["label_column"],
         prompt_column=kw["prompt_column"],
         completion_column=kw["completion_column"],
     )
+
+
+def _examples(kw: dict[str, Any], task: TaskSpec) -> list:
     data = kw["data"] or default_data(kw["task"], kw["split"])
-    examples = read_examples(task, data, limit=kw["limit"], strict=kw["strict"])
-    session = EdgeSession(
+    return read_examples(task, data, limit=kw["limit"], strict=kw["strict"])
+
+
+def _session(kw: dict[str, Any], task: TaskSpec) -> Any:
+    from fwdllm.runtime.session import EdgeSession
+
+    return EdgeSession(
         kw["model"],
         task,
         n_threads=threads_for(kw["threads"]),
@@ -60,7 +71,6 @@ def _load(kw: dict[str, Any]) -> tuple[TaskSpec, list, Any]:
         repack=not kw["no_repack"],
         strict=kw["strict"],
     )
-    return task, examples, session
 
 
 def _load_lora(session: Any, lora: Path | None, head: Path | None = None) -> None:
@@ -159,19 +169,18 @@ def generate_cmd(prompts: tuple[str, ...], lora: Path | None, max_tokens: int | 
       fwdllm generate --prompt $'Article: Stocks rose on Monday.\\nHeadline:' --max-tokens 16
       fwdllm generate --task sft --data my.jsonl --temperature 0.7 --seed 1 --json
     """
+    import dataclasses
+
     from fwdllm.runtime.generation import generate
-    from fwdllm.runtime.session import EdgeSession
 
     if prompts and kw["data"] is not None:
         raise UserError("give prompts with --prompt or --data, not both")
-    if prompts:
-        task = load_task(kw["task"])
-        examples = None
-        session = EdgeSession(kw["model"], task, n_threads=threads_for(kw["threads"]), max_batch=kw["max_batch"],
-                              n_ctx=kw["n_ctx"], mmap=not kw["no_mmap"], repack=not kw["no_repack"])
-    else:
-        task, examples, session = _load(kw)
-        prompts = tuple(ex.prompt for ex in examples)
+    task = _task(kw)
+    examples = None if prompts else _examples(kw, task)
+    prompts = prompts or tuple(ex.prompt for ex in examples)
+    # Generation reads no label words: a classify task's verbalizer need not
+    # fit this model's vocabulary, and the context is sized as for sft.
+    session = _session(kw, dataclasses.replace(task, kind="sft", label_words=(), labels=()))
     with session:
         _load_lora(session, lora)
         gens = generate(session, prompts, max_new_tokens=max_tokens or task.max_new_tokens, stop=task.stop,

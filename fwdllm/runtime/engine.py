@@ -125,16 +125,15 @@ class Engine:
             raise RuntimeError("tokenizer buffer too small")
         return list(buf[:n])
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        """The text of ``tokens`` (special tokens dropped), as llama.cpp renders it."""
-        arr = (ll.llama_token * max(len(tokens), 1))(*tokens)
-        size = 16 * len(tokens) + 16
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = ll.llama_detokenize(self.vocab, arr, len(tokens), buf, size, True, False)
-            if n >= 0:
-                return buf.raw[:n].decode("utf-8", errors="replace")
-            size = -n + 1
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token as text (special tokens render as nothing);
+        a multi-byte character may span several tokens."""
+        buf = ctypes.create_string_buffer(64)
+        n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:  # pragma: no cover - no vocabulary has 64-byte pieces, but the API allows them
+            buf = ctypes.create_string_buffer(-n)
+            n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
 
     def is_eog(self, token: int) -> bool:
         """Whether ``token`` ends generation (EOS, EOT, ...)."""

@@ -10,7 +10,8 @@ default context, which the engine uses, has flash attention on, while
 ``Llama()`` turns it off, and that moved SmolLM2's logits by up to 0.5.
 Sampling draws from ``softmax(logits / temperature)`` with one generator per
 prompt, seeded from ``(seed, prompt index)``.  A prompt's text never depends
-on the other prompts.
+on the other prompts.  The text is the tokens' bytes decoded as UTF-8 with
+invalid bytes dropped, as ``Llama`` renders it.
 
 :func:`sft_scores` is what ``fwdllm eval`` reports on an sft task:
 
@@ -41,12 +42,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Generation:
-    """One continuation: its text (cut before a stop string), how many tokens
-    it took and why it ended (``stop``, ``eos`` or ``length``)."""
+    """One continuation: its text (cut before a stop string), its tokens and
+    why it ended (``stop``, ``eos`` or ``length``)."""
 
     text: str
-    n_tokens: int
+    tokens: tuple[int, ...]
     ended: str
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
 
 
 def generate(
@@ -74,6 +79,7 @@ def generate(
                             f"{engine.max_seq_tokens} (raise --n-ctx)")
         rng = np.random.Generator(np.random.PCG64(derive_seed(seed, "generate", i)))
         made: list[int] = []
+        raw = bytearray()
         state = {"text": "", "ended": "length"}
 
         def choose(z: np.ndarray) -> int | None:
@@ -86,7 +92,8 @@ def generate(
                 state["ended"] = "eos"
                 return None
             made.append(tok)
-            text = state["text"] = engine.detokenize(made)
+            raw.extend(engine.piece(tok))
+            text = state["text"] = raw.decode("utf-8", errors="ignore")
             cuts = [text.find(s) for s in stop if s in text]
             if cuts:
                 state.update(text=text[: min(cuts)], ended="stop")
@@ -94,7 +101,7 @@ def generate(
             return tok if len(made) < max_new_tokens else None
 
         engine.generate(toks, choose)
-        out.append(Generation(state["text"], len(made), state["ended"]))
+        out.append(Generation(state["text"], tuple(made), state["ended"]))
     return out
 
 
