@@ -151,7 +151,7 @@ def parse_entry(entry: str) -> tuple[str, dict[str, str]]:
     from fwdllm.core.errors import UserError
 
     name, *pairs = re.split(r":(?=[A-Za-z])", entry)
-    fixed = {"model", "strategy", "out", "task", "clients", "shard_size", "rounds", "dev_limit", "eval_every",
+    fixed = {"model", "strategy", "out", "task", "clients", "shard_size", "rounds", "dev", "dev_limit", "eval_every",
              "seed", "threads", "quick", "port"}
     params = [p for p in simulate.params if p.name not in fixed]
     valued = {p.name.replace("_", "-") for p in params if not p.is_flag}
@@ -206,6 +206,7 @@ def passes_to(c: dict[str, list[float]], target: float, window: int = 1) -> floa
 @option("lr")
 @click.option("--bp-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="AdamW learning rate of the baselines.")
+@option("split")
 @option("dev_limit")
 @option("eval_every")
 @click.option("--bp-eval-every", type=click.IntRange(1), default=3, show_default=True,
@@ -214,7 +215,7 @@ def passes_to(c: dict[str, list[float]], target: float, window: int = 1) -> floa
 @option("out", default=RESULTS, help="Directory for convergence.json, convergence.png and the runs "
                                      "(convergence-runs/, which must be empty or absent).")
 def convergence(model, task, label_words, strategies, baselines, clients, shard_size, rounds, bp_rounds,  # noqa: ANN001
-                local_steps, k, batch_size, lr, bp_lr, dev_limit, eval_every, bp_eval_every, seed, threads,
+                local_steps, k, batch_size, lr, bp_lr, split, dev_limit, eval_every, bp_eval_every, seed, threads,
                 out: Path) -> None:
     """Accuracy (sft: perplexity) vs forward passes / bytes / wall time: fwdllm strategies vs backprop baselines.
 
@@ -250,13 +251,14 @@ def convergence(model, task, label_words, strategies, baselines, clients, shard_
         raise UserError(f"{runs} is not empty; pick another --out or remove it")
     ref = task_ref(task, label_words, runs)
     curves: dict[str, dict[str, list[float]]] = {}
-    opts = dict(clients=clients, shard_size=shard_size, rounds=rounds, k=k, batch_size=batch_size,
+    dev_file = default_data(task, split)  # every method is scored on these rows: simulate's --dev too
+    opts = dict(clients=clients, shard_size=shard_size, rounds=rounds, k=k, batch_size=batch_size, dev=dev_file,
                 dev_limit=dev_limit, eval_every=eval_every, seed=seed, threads=threads, lr=lr)
     opts = {key: v for key, v in opts.items() if v is not None}  # unset: simulate's own default
     for s, (name, extra) in entries.items():
         click.echo(f"simulate --strategy {s} ({rounds} rounds)", err=True)
         curves[s] = curve(run_simulate(str(path), name, runs / s.replace(":", "_"), ref, {**opts, **extra}), metric)
-    dev = read_examples(spec, default_data(task, "dev"), limit=dev_limit)  # the rows simulate evaluates on
+    dev = read_examples(spec, dev_file, limit=dev_limit)
     finals = {"zero-shot": int4_scores(path, spec, dev, None, threads)} if metric == "perplexity" else {}
     if bps:
         shards = [read_examples(spec, p) for p in write_shards(ref, runs / "bp-shards", clients, shard_size, None, seed)]
@@ -274,7 +276,7 @@ def convergence(model, task, label_words, strategies, baselines, clients, shard_
                 finals[b] = int4_scores(path, spec, dev, tl.save_gguf(path, runs / b / "adapter.gguf"), threads)
     curves = with_last_iterates(curves, metric)
     options = {**opts, "bp_rounds": bp_rounds, "local_steps": local_steps, "bp_lr": bp_lr}
-    title = f"{task} dev {metric} ({dev_limit or 'all'} rows), {path.name}, {clients} clients"
+    title = f"{task} {split} {metric} ({dev_limit or 'all'} rows), {path.name}, {clients} clients"
     if metric == "perplexity":
         table = (["method", "perplexity", "ROUGE-L", "exact match", "rounds", "forward passes",
                   "bytes/client (down+up)", "wall s"], sft_rows(curves, finals))
@@ -304,7 +306,7 @@ def convergence(model, task, label_words, strategies, baselines, clients, shard_
             ax.plot([max(x, 1) if key == "bytes" else x for x in c[key]], c[metric], "o-", label=name)
     for ax, label in zip(axes, ("forward passes (batches)", "bytes per client, cumulative", "wall seconds")):
         ax.set_xlabel(label)
-        ax.set_ylabel(f"{task} dev {metric}")
+        ax.set_ylabel(f"{task} {split} {metric}")
     axes[1].set_xscale("log")
     axes[0].legend(fontsize=8)
     save_figure(fig, out, "convergence")

@@ -181,7 +181,8 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
                                      help="llama.cpp threads per process (default: the cores, shared evenly "
                                           "among the processes this command starts).")),
     "max_batch": (("--max-batch",), dict(type=click.IntRange(1, 256), default=16, show_default=True,
-                                         help="Sequences per llama_decode.")),
+                                         help="Sequences per llama_decode (an sft task decodes one at a time), and "
+                                              "the most rows a device scores per batch.")),
     "n_ctx": (("--n-ctx",), dict(type=click.IntRange(min=8), default=None,
                                  help="Max tokens per example (default: 256, sft 512).")),
     "no_mmap": (("--no-mmap",), dict(is_flag=True, help="Read the model into memory instead of mmap "
