@@ -259,7 +259,11 @@ def convergence(model, task, label_words, strategies, baselines, clients, shard_
         click.echo(f"simulate --strategy {s} ({rounds} rounds)", err=True)
         curves[s] = curve(run_simulate(str(path), name, runs / s.replace(":", "_"), ref, {**opts, **extra}), metric)
     dev = read_examples(spec, dev_file, limit=dev_limit)
-    finals = {"zero-shot": int4_scores(path, spec, dev, None, threads)} if metric == "perplexity" else {}
+    finals: dict[str, dict[str, Any]] = {}
+    if metric == "perplexity":  # a ZO run's round 0 is the zero-shot model on these rows, scored the same way
+        first = next(iter(curves.values()), None)
+        finals["zero-shot"] = ({k: first[k][0] for k in ("perplexity", "rouge_l", "exact_match")} if first
+                               else int4_scores(path, spec, dev, None, threads))
     if bps:
         shards = [read_examples(spec, p) for p in write_shards(ref, runs / "bp-shards", clients, shard_size, None, seed)]
         tl = TorchLora(path, spec, threads=threads_for(threads), seed=seed)

@@ -180,7 +180,7 @@ def test_convergence_bench_carries_backprop_on_the_same_sft_split(tiny_model: Pa
     data = json.loads((tmp_path / "out" / "convergence.json").read_text())
     rows = {r[0]: r for r in next(iter(data["tables"].values()))["rows"]}
     assert set(rows) == {"zero-shot", "zo-sgd", "fedavg-lora"}
-    assert data["curves"]["zo-sgd"]["perplexity"][0] == pytest.approx(rows["zero-shot"][1])  # the same dev rows
+    assert len(data["curves"]["fedavg-lora"]["perplexity"]) == 2  # torch's curve: round 0 and 1
     assert rows["fedavg-lora"][1] != rows["zero-shot"][1]  # its trained adapter, run by llama.cpp
     assert all(0 <= r[2] <= 1 for r in rows.values())
     assert (tmp_path / "out" / "convergence-runs" / "fedavg-lora" / "adapter.gguf").is_file()
