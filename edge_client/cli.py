@@ -189,9 +189,9 @@ def generate_cmd(prompts: tuple[str, ...], lora: Path | None, max_tokens: int | 
         ex.completion if ex.completion is not None else task.label_words[ex.label] for ex in examples]
     for i, (prompt, g, ref) in enumerate(zip(prompts, gens, refs), start=1):
         click.echo(f"[{i}] {_tail(prompt)}")
-        click.echo(f"  generated:{g.text}" if g.text.startswith(" ") else f"  generated: {g.text}")
+        click.echo(f"  generated: {_flat(g.text)}")
         if ref is not None:
-            click.echo(f"  reference:{ref}" if ref.startswith(" ") else f"  reference: {ref}")
+            click.echo(f"  reference: {_flat(ref)}")
     if kw["as_json"]:
         click.echo(json.dumps({"model": str(session.model_path), "lora": None if lora is None else str(lora),
                                "temperature": temperature, "seed": seed, "generations": [
@@ -203,6 +203,11 @@ def _tail(prompt: str, width: int = 160) -> str:
     """A prompt on one line, its start cut to ``width`` characters (the end is what the model continues)."""
     flat = prompt.replace("\n", " | ")
     return flat if len(flat) <= width else "..." + flat[-width + 3:]
+
+
+def _flat(text: str) -> str:
+    """A generation on one line for the terminal (--json keeps the text as it is)."""
+    return text.strip().replace("\n", "\\n")
 
 
 def _seeds(value: str) -> list[int]:
