@@ -44,7 +44,8 @@ demo: install
 demo-long: install
 	$(BIN)/fwdllm simulate --model smollm2-135m --task sst2 --clients 4 --long --out runs/demo-long
 
-## The whole suite (<= 5 minutes on 2 cores), and its inner-loop tier (<= 2 minutes).
+## The whole suite (<= 5 minutes on 2 cores), and its inner-loop tier (<= 2 minutes):
+## every tier but tests/system (tests/README.md).
 test: install
 	$(BIN)/python -m pytest -q --durations=10
 
