@@ -1,7 +1,7 @@
-"""Generative fine-tuning end to end, on the tiny model: ROUGE-L from the
-library, greedy generation with and without an adapter (the same text as
-``llama_cpp.Llama``), the headline splits, and an sft run through the real
-aggregator that lowers the held-out completion loss."""
+"""Generative fine-tuning through the real path: an sft run of `fwdllm
+simulate` (aggregator and client processes) that lowers the held-out completion
+loss, SmolLM2's headlines against ``llama_cpp.Llama``, and the convergence
+bench's backprop baseline on the same sft split."""
 
 from __future__ import annotations
 
@@ -11,80 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from harness import lora_with_b
 
 from fwdllm.aggregator.checkpoint import read_metrics
-from fwdllm.cli import main
-
-PROMPT = "Review: a warm, funny and moving film\nSentiment:"
 
 
-def test_rouge_l_is_the_library_on_a_known_pair() -> None:
-    from rouge_score import rouge_scorer
-
-    from fwdllm.runtime.generation import exact_match, rouge_l
-
-    # LCS "the cat on the mat" = 5 of 6 tokens each way: P = R = F = 5/6
-    assert rouge_l(["the cat sat on the mat"], ["the cat lay on the mat"]) == pytest.approx(5 / 6)
-    assert rouge_l(["Dogs running"], ["dog runs"]) == 1.0  # the library's Porter stemmer
-    pair = ("Oil prices fall as supplies rise", "Oil falls on rising supplies")
-    want = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(pair[1], pair[0])["rougeL"].fmeasure
-    assert rouge_l([pair[0]], [pair[1]]) == want
-    assert exact_match([" Stocks  rise ", "Stocks rise"], ["Stocks rise", "stocks rise"]) == 0.5
-
-
-def _adapter(model: Path, out: Path, b_std: float = 0.5) -> Path:
-    """A q,v LoRA with B large enough to change the model's greedy text."""
-    from fwdllm.core.lora import layout_for_base, write_lora
-
-    layout = layout_for_base(model, 4, 8.0, ("q", "v"))
-    rng = np.random.default_rng(0)
-    tensors = {n: rng.standard_normal(s).astype(np.float32) * (b_std if n.endswith("lora_b") else 0.2)
-               for n, s in layout.shapes().items()}
-    return write_lora(out, layout, tensors, model)
-
-
-def _generate(*args: str) -> list[str]:
-    res = CliRunner().invoke(main, ["generate", "--threads", "1", "--max-tokens", "12", "--json", *args])
-    assert res.exit_code == 0, res.output
-    return [g["text"] for g in json.loads(res.output.strip().splitlines()[-1])["generations"]]
-
-
-def test_generate_with_and_without_the_adapter(tiny_model: Path, tmp_path: Path) -> None:
-    """Greedy text is deterministic and the adapter changes it; sampling repeats with its seed."""
-    adapter = _adapter(tiny_model, tmp_path / "a.gguf")
-    base = _generate("--model", str(tiny_model), "--prompt", PROMPT)
-    tuned = _generate("--model", str(tiny_model), "--prompt", PROMPT, "--lora", str(adapter))
-    assert base == _generate("--model", str(tiny_model), "--prompt", PROMPT)
-    assert tuned == _generate("--model", str(tiny_model), "--prompt", PROMPT, "--lora", str(adapter))
-    assert base[0] and tuned[0] and base != tuned
-    hot = ("--model", str(tiny_model), "--prompt", PROMPT, "--temperature", "1.5")
-    assert _generate(*hot, "--seed", "1") == _generate(*hot, "--seed", "1") != _generate(*hot, "--seed", "2")
-
-
-def test_greedy_tokens_are_llama_cpp_pythons(tiny_model: Path, tmp_path: Path) -> None:
-    """The same adapter through llama-cpp-python's own Llama(lora_path=...)
-    picks the same greedy tokens.  (Its text can run past max_tokens to finish
-    a multi-byte character, which the tiny model's byte tokens never do.)"""
-    import itertools
-
-    import llama_cpp
-
-    from fwdllm.core.adapter_io import read_adapter
-    from fwdllm.runtime.generation import generate
-    from fwdllm.runtime.session import EdgeSession
-    from fwdllm.runtime.tasks import load_task
-
-    adapter = _adapter(tiny_model, tmp_path / "a.gguf")
-    with EdgeSession(tiny_model, load_task("sft"), n_threads=1) as session:
-        session.set_lora(*read_adapter(adapter))
-        ours = generate(session, [PROMPT], max_new_tokens=12)[0]
-    llm = llama_cpp.Llama(str(tiny_model), lora_path=str(adapter), n_ctx=256, n_threads=1, flash_attn=True,
-                          verbose=False)
-    theirs = itertools.islice(llm.generate(llm.tokenize(PROMPT.encode(), special=True), temp=0.0), 12)
-    assert ours.tokens == tuple(theirs) and len(ours.tokens) == 12
-
-
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_smollm2_headlines_are_llama_cpp_pythons_text(smollm2: Path, tmp_path: Path) -> None:
     """On SmolLM2 with an adapter, `generate`'s greedy headlines are
@@ -96,7 +27,7 @@ def test_smollm2_headlines_are_llama_cpp_pythons_text(smollm2: Path, tmp_path: P
     from fwdllm.runtime.session import EdgeSession
     from fwdllm.runtime.tasks import default_data, load_task, read_examples
 
-    adapter = _adapter(smollm2, tmp_path / "a.gguf", b_std=0.02)
+    adapter = lora_with_b(smollm2, tmp_path / "a.gguf", b_std=0.02)
     task = load_task("agnews-headline")
     prompts = [x.prompt for x in read_examples(task, default_data("agnews-headline", "dev"), limit=3)]
     with EdgeSession(smollm2, task, n_threads=2) as session:
@@ -107,19 +38,6 @@ def test_smollm2_headlines_are_llama_cpp_pythons_text(smollm2: Path, tmp_path: P
     theirs = [llm.create_completion(p, max_tokens=24, temperature=0.0, stop=list(task.stop))["choices"][0]["text"]
               for p in prompts]
     assert ours == theirs and all(ours)
-
-
-def test_headline_splits_are_fixed_and_disjoint(data_dir: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    from fwdllm.runtime.tasks import default_data, load_task, read_examples
-
-    monkeypatch.setenv("FWDLLM_CACHE", str(tmp_path))
-    task = load_task("agnews-headline")
-    rows = {s: read_examples(task, default_data("agnews-headline", s)) for s in ("train", "dev", "test")}
-    assert (len(rows["train"]), len(rows["dev"]), len(rows["test"])) == (6000, 400, 400)
-    assert not {x.prompt for x in rows["dev"]} & {x.prompt for x in rows["test"]}
-    first = rows["test"][0]
-    assert first.prompt.startswith("Article: ") and first.prompt.endswith("\nHeadline:")
-    assert first.completion == " Strong Family Equals Strong Education"
 
 
 def _sft_task(tmp: Path, data_dir: Path) -> Path:
@@ -161,7 +79,6 @@ def test_sft_run_through_the_aggregator_lowers_held_out_loss(tiny_model: Path, d
     assert "dev perplexity: before" in res.output
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_convergence_bench_carries_backprop_on_the_same_sft_split(tiny_model: Path, data_dir: Path,
                                                                     tmp_path: Path) -> None:
