@@ -24,7 +24,7 @@ endif
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -e '.[torch,bench,test]'
+	$(BIN)/python -m pip install -e '.[torch,bench,eval,test]'
 ifneq ($(NO_AMX),)
 	@# pip reuses a wheel it built before, whatever CMAKE_ARGS said then: rebuild an AMX one.
 	$(BIN)/python -c 'import sys, llama_cpp; sys.exit(b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info())' \

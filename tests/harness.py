@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # as a child process, run from anywhere
 
@@ -227,6 +229,18 @@ def quadratic_loss(agg: Aggregator) -> float:
 def garbage_scorer() -> Byzantine:
     """A byzantine device: well-formed Results whose losses are huge random numbers."""
     return Byzantine(QuadraticScorer())
+
+
+def lora_with_b(model: Path, out: Path, b_std: float = 0.5) -> Path:
+    """A random q,v LoRA of ``model`` whose B (std ``b_std``) is large enough to
+    change the model's greedy text."""
+    from fwdllm.core.lora import layout_for_base, write_lora
+
+    layout = layout_for_base(model, 4, 8.0, ("q", "v"))
+    rng = np.random.default_rng(0)
+    tensors = {n: rng.standard_normal(s).astype(np.float32) * (b_std if n.endswith("lora_b") else 0.2)
+               for n, s in layout.shapes().items()}
+    return write_lora(out, layout, tensors, model)
 
 
 def _main(argv: list[str]) -> None:
