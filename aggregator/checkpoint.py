@@ -3,10 +3,14 @@
 Layout of ``RUN_DIR``::
 
     run.json        the run's fixed configuration (model hash, task, layout,
-                    optimizer, strategy, run seed); written once
+                    optimizer, strategy, run seed), written once, plus the
+                    ``serve`` options the last ``aggregator serve`` ran with
+                    (bind, quorum, timeouts, keys...), which ``--resume``
+                    restores and explicit flags override
     state.npz       the authoritative checkpoint: adapter tensors, optimizer
                     state, version (= rounds finished), strategy state,
-                    elapsed seconds.  Replaced atomically after every round.
+                    elapsed seconds, and the server's own record (identities
+                    evicted from the run).  Replaced atomically after every round.
     adapter.gguf    the run's product as a llama.cpp LoRA: the adapter, or
                     its moving average under ``--ema`` (written just before
                     state.npz, so it is never older than the checkpoint); a
@@ -25,13 +29,15 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import asdict, dataclass
+import zipfile
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fwdllm.core.adapter_io import write_adapter
+from fwdllm.core.errors import UserError
 from fwdllm.core.files import atomic_write
 from fwdllm.core.layout import LoraLayout
 from fwdllm.core.optim import OptimizerSpec
@@ -63,6 +69,9 @@ class RunConfig:
     init_adapter: dict[str, str] | None = None
     #: the recipe that filled the options the user did not pass (``--recipe``), if any
     recipe: str | None = None
+    #: the serve options (``aggregator serve``'s flags, by parameter name) of
+    #: the last process that served this run; None in runs that predate it
+    serve: dict[str, Any] | None = None
 
     @property
     def lora_layout(self) -> LoraLayout:
@@ -78,13 +87,31 @@ def write_config(run_dir: Path, cfg: RunConfig) -> None:
 
 
 def read_config(run_dir: Path) -> RunConfig:
-    return RunConfig(**json.loads((run_dir / RUN_JSON).read_text()))
+    """run.json; a file that is not one is a one-line :class:`UserError`."""
+    path = run_dir / RUN_JSON
+    try:
+        cfg = RunConfig(**json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise UserError(f"{path} is not a fwdllm run configuration ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg.optimizer, dict) or not isinstance(cfg.layout, dict) or not isinstance(cfg.strategy, dict):
+        raise UserError(f"{path} is not a fwdllm run configuration (layout, optimizer or strategy is not an object)")
+    return cfg
 
 
-def save(run_dir: Path, replica: Replica, strategy_state: dict[str, Any], elapsed_s: float) -> None:
+def save_serve_options(run_dir: Path, cfg: RunConfig, serve: dict[str, Any]) -> RunConfig:
+    """Record the serve options in run.json (the rest of it never changes)."""
+    if serve == cfg.serve:
+        return cfg
+    cfg = replace(cfg, serve=dict(serve))
+    write_config(run_dir, cfg)
+    return cfg
+
+
+def save(run_dir: Path, replica: Replica, strategy_state: dict[str, Any], elapsed_s: float,
+         server_state: dict[str, Any] | None = None) -> None:
     """Checkpoint after a finished round: adapter.gguf, then state.npz."""
     write_adapter(run_dir / ADAPTER, replica.layout, replica.optimizer.averaged(replica.tensors))
-    meta = {"strategy": strategy_state, "elapsed_s": elapsed_s}
+    meta = {"strategy": strategy_state, "elapsed_s": elapsed_s, "server": server_state or {}}
     buf = io.BytesIO()
     np.savez(
         buf,
@@ -95,11 +122,35 @@ def save(run_dir: Path, replica: Replica, strategy_state: dict[str, Any], elapse
 
 
 def load(run_dir: Path, spec: OptimizerSpec) -> tuple[Replica, dict[str, Any], float]:
-    """(replica, strategy state, elapsed seconds) of the last finished round."""
-    with np.load(run_dir / STATE, allow_pickle=False) as z:
-        replica = Replica.from_bytes(z["replica"].tobytes(), spec)
-        meta = json.loads(z["meta"].tobytes())
-    return replica, meta["strategy"], float(meta["elapsed_s"])
+    """(replica, strategy state, elapsed seconds) of the last finished round;
+    a file that is not a checkpoint is a one-line :class:`UserError`."""
+    meta, blob = _read_state(run_dir)
+    try:
+        replica = Replica.from_bytes(blob, spec)
+        return replica, dict(meta["strategy"]), float(meta["elapsed_s"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{run_dir / STATE} is not a fwdllm checkpoint ({type(e).__name__}: {e})") from None
+
+
+def server_state(run_dir: Path) -> dict[str, Any]:
+    """The server's record in the last checkpoint ({} in runs that predate it)."""
+    meta, _ = _read_state(run_dir)
+    state = meta.get("server", {})
+    return state if isinstance(state, dict) else {}
+
+
+def _read_state(run_dir: Path) -> tuple[dict[str, Any], bytes]:
+    path = run_dir / STATE
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            blob = z["replica"].tobytes()
+            meta = json.loads(z["meta"].tobytes())
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a fwdllm checkpoint, or it is damaged ({type(e).__name__}: {e}); "
+                        "a run directory keeps only its last checkpoint, so start over or restore a copy") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is not a fwdllm checkpoint (its meta is not an object)")
+    return meta, blob
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from fwdllm.aggregator.checkpoint import RunConfig
 from fwdllm.aggregator.registry import make_strategy
 from fwdllm.aggregator.strategy import Strategy, StrategySpec
 from fwdllm.core.errors import UserError
+from fwdllm.core.files import output_dir
 from fwdllm.core.layout import HEAD, LoraLayout
 from fwdllm.core.optim import Optimizer, OptimizerSpec
 from fwdllm.core.replica import Replica
@@ -48,13 +49,15 @@ def new_run(
     optimizer: OptimizerSpec,
     strategy: StrategySpec,
     recipe: str | None = None,
+    serve: dict[str, Any] | None = None,
 ) -> tuple[RunConfig, Replica]:
-    """Write run.json and the round-0 checkpoint in a fresh ``out``."""
+    """Write run.json (with the ``serve`` options) and the round-0 checkpoint in a fresh ``out``."""
     from fwdllm.core.lora import init_lora
     from fwdllm.runtime.tasks import load_task
 
     if (out / checkpoint.STATE).exists() or (out / checkpoint.RUN_JSON).exists():
         raise UserError(f"{out} already holds a run; continue it with --resume {out} or pick another --out")
+    output_dir(out)
     if lora.init_adapter is not None:
         layout, tensors = adapter_start(lora, model)
     else:
@@ -89,8 +92,8 @@ def new_run(
             "path": str(lora.init_adapter),
             "sha256": hashlib.sha256(lora.init_adapter.read_bytes()).hexdigest(),
         },
+        serve=serve,
     )
-    out.mkdir(parents=True, exist_ok=True)
     replica = Replica(layout, tensors, Optimizer(optimizer), version=0)
     checkpoint.write_config(out, cfg)
     checkpoint.save(out, replica, {}, 0.0)
@@ -149,7 +152,11 @@ def resume_run(run_dir: Path, model_sha: str) -> tuple[RunConfig, Replica, dict[
     cfg = checkpoint.read_config(run_dir)
     if model_sha != cfg.model_sha256:
         raise UserError(f"model sha256 {model_sha[:16]}... is not the run's base model {cfg.model_sha256[:16]}...")
-    replica, strategy_state, elapsed = checkpoint.load(run_dir, cfg.optimizer_spec)
+    try:
+        spec = cfg.optimizer_spec
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{run_dir / checkpoint.RUN_JSON}: bad optimizer ({e})") from None
+    replica, strategy_state, elapsed = checkpoint.load(run_dir, spec)
     checkpoint.trim_metrics(run_dir, replica.version)
     return cfg, replica, strategy_state, elapsed
 
@@ -157,12 +164,18 @@ def resume_run(run_dir: Path, model_sha: str) -> tuple[RunConfig, Replica, dict[
 def strategy_for(cfg: RunConfig, state: dict[str, Any]) -> Strategy:
     """The run's strategy at ``state``; ``spec.extra["layout"]`` is the run's
     LoRA layout (discriminative sampling and block schedules need it)."""
-    spec = StrategySpec.from_dict(cfg.strategy)
+    try:
+        spec = StrategySpec.from_dict(cfg.strategy)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"run.json: bad strategy {cfg.strategy!r:.80} ({e})") from None
     try:
         strategy = make_strategy(replace(spec, extra={**spec.extra, "layout": cfg.layout}))
     except ValueError as e:  # a bad --strategy-opt is the user's to fix: one line, no traceback
         raise UserError(f"strategy {spec.name!r}: {e}") from None
-    strategy.load_state_dict(state)
+    try:
+        strategy.load_state_dict(state)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"the checkpoint's strategy state does not fit strategy {spec.name!r} ({e})") from None
     return strategy
 
 
@@ -187,9 +200,26 @@ def evaluator(cfg: RunConfig, model: Path, threads: int | None):  # noqa: ANN201
         out: dict[str, float] = {}
         for suffix, tensors in views.items():
             session.set_lora(replica.layout, tensors)
+            if task.kind == "sft":
+                out.update(_sft_eval(session, examples, suffix, replica.version in (0, cfg.rounds)))
+                continue
             r = session.evaluate(examples)
             out.update({f"dev_loss{suffix}": r.loss, f"dev_accuracy{suffix}": r.accuracy,
                         "dev_n": r.n, f"eval_s{suffix}": round(r.seconds, 3)})
         return out
 
     return evaluate
+
+
+def _sft_eval(session, examples: list, suffix: str, generations: bool) -> dict[str, float]:  # noqa: ANN001
+    """``dev_loss``/``dev_perplexity`` of an sft task; ROUGE-L and exact match of
+    greedy generations only when ``generations`` (the run's first and last
+    evaluations, of the shipped adapter): generating costs about as much as
+    scoring, and the perplexity tracks training in between."""
+    from fwdllm.runtime.generation import sft_scores
+
+    s = sft_scores(session, examples, generations=generations and not suffix)
+    out = {f"dev_loss{suffix}": s["loss"], f"dev_perplexity{suffix}": s["perplexity"], "dev_n": s["n"],
+           f"eval_s{suffix}": round(s["score_s"] + s.get("generate_s", 0.0), 3)}
+    out.update({f"dev_{k}": s[k] for k in ("rouge_l", "exact_match") if k in s})
+    return out

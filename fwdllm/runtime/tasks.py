@@ -55,11 +55,24 @@ Built-in presets
           rows whose ``sha256("agnews-val:<row index>")`` are smallest, for
           choosing recipes without touching ``dev``.
 ``sft``   JSONL with ``prompt`` and ``completion`` (no default data).
+``agnews-headline`` headline generation (an ``sft`` task) from AG News:
+          prompt ``Article: {description}\nHeadline:``, completion
+          `` {title}``.  ``train`` is every row of ``ag_news/train.csv``;
+          ``ag_news/dev.csv`` is cut in two by a FIXED hash rule: the 400 data
+          rows whose ``sha256("agnews-headline-test:<row index>")`` are
+          smallest (row index counted from 0 after the header) are ``test``,
+          the other 400 ``dev``.  Tune on dev, report on test.  Runs of
+          whitespace become one space; rows with an empty title or
+          description are left out.  The splits are
+          materialised once as JSONL (``prompt``/``completion``, file order)
+          under ``$FWDLLM_CACHE/data``: the very format a user's own ``sft``
+          data takes.  Generation stops at a newline (a headline is one line).
 
 A custom task is a ``.toml`` or ``.json`` file with the same field names as
 :class:`TaskSpec` (``kind``, ``template``, ``label_words``, ``labels``,
-``text_columns``, ``label_column``, ``format``, ``train``/``dev`` data paths
-relative to the spec file).
+``text_columns``, ``label_column``, ``format``, ``train``/``dev``/``test`` data paths
+relative to the spec file, and for ``sft`` the generation limits ``stop`` and
+``max_new_tokens``).
 """
 
 from __future__ import annotations
@@ -82,6 +95,9 @@ from fwdllm.core.files import atomic_write
 KINDS = ("classify", "sft")
 FORMATS = ("tsv", "csv", "jsonl")
 SST2_DEV_ROWS = 872
+HEADLINE_TEST_ROWS = 400
+#: the splits a task spec file can name, and those ``--split`` can read (presets carve the others)
+DATA_SPLITS = ("train", "dev", "test")
 AGNEWS_TEMPLATE = "{title}. {description}\nThis news article is about"
 #: Two hand-written demonstrations (not from the data) in front of SST-2's
 #: prompt.  Zero-shot falls, but ``--head`` reads the last hidden state, and
@@ -131,6 +147,11 @@ class TaskSpec:
     max_chars: int = 4000
     train: str | None = None
     dev: str | None = None
+    #: the held-out split results are reported on (never tuned on)
+    test: str | None = None
+    #: generation (sft): strings that end a completion, and its token budget
+    stop: tuple[str, ...] = ()
+    max_new_tokens: int = 64
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -184,12 +205,23 @@ PRESETS: dict[str, TaskSpec] = {
         dev="ag_news/dev.csv",
     ),
     "sft": TaskSpec(name="sft", kind="sft", template="{prompt}", format="jsonl"),
+    "agnews-headline": TaskSpec(
+        name="agnews-headline",
+        kind="sft",
+        template="{prompt}",
+        format="jsonl",
+        train="ag_news/train.csv",  # built into JSONL splits by default_data(), see module docstring
+        dev="ag_news/dev.csv",
+        test="ag_news/dev.csv",
+        stop=("\n",),
+        max_new_tokens=32,
+    ),
 }
 
 for _name, _demos in (("sst2-2shot", SST2_TWO_SHOT), ("sst2-8shot", SST2_EIGHT_SHOT)):  # the same data and split
     PRESETS[_name] = dataclasses.replace(PRESETS["sst2"], name=_name, template=_demos + SST2_PROMPT)
 
-_TUPLE_FIELDS = {"label_words", "labels", "text_columns"}
+_TUPLE_FIELDS = {"label_words", "labels", "text_columns", "stop"}
 
 
 def load_task(name_or_spec: str, **overrides: Any) -> TaskSpec:
@@ -234,7 +266,7 @@ def _read_spec_file(path: Path) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise UserError(f"task spec {path}: expected a table/object at top level")
     spec.setdefault("name", path.stem)
-    for split in ("train", "dev"):  # data paths are relative to the spec file
+    for split in DATA_SPLITS:  # data paths are relative to the spec file
         if isinstance(spec.get(split), str):
             spec[split] = str((path.parent / spec[split]).resolve())
     return spec
@@ -257,7 +289,7 @@ def _cache_dir() -> Path:
 
 
 #: The splits :func:`default_data` knows; ``dev-phrases`` is SST-2's only.
-SPLITS = ("train", "dev", "dev-phrases", "tune-train", "tune-val")
+SPLITS = (*DATA_SPLITS, "dev-phrases", "tune-train", "tune-val")
 AGNEWS_VAL_ROWS = 800
 
 
@@ -266,11 +298,13 @@ def default_data(task_name: str, split: str) -> Path:
     if split not in SPLITS:
         raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     spec = load_task(task_name)
-    if spec.train == PRESETS["sst2"].train:  # sst2 and sst2-2shot share the carved split
+    if spec.kind == "sft" and spec.train == PRESETS["agnews-headline"].train and split in DATA_SPLITS:
+        return _headline_split(split)
+    if spec.train == PRESETS["sst2"].train and split != "test":  # the sst2 presets share the carved splits
         return sst2_splits()[split]
-    if spec.train == PRESETS["agnews"].train and split.startswith("tune-"):
+    if spec.train == PRESETS["agnews"].train and spec.kind == "classify" and split.startswith("tune-"):
         return _agnews_tune_split()[split]
-    if split not in ("train", "dev"):
+    if split not in DATA_SPLITS:
         raise UserError(f"task {spec.name} has no {split} split (only the sst2 and agnews presets carve one)")
     rel = getattr(spec, split)
     if rel is None:
@@ -341,7 +375,7 @@ def sst2_splits() -> dict[str, Path]:
     """Materialise SST-2's fixed splits (module docstring) once; split -> file."""
     src = _shared_file(PRESETS["sst2"].train or "")
     tag = f"v3-{src.stat().st_size}"
-    out = {split: _cache_dir() / f"sst2-{split}-{tag}.tsv" for split in SPLITS}
+    out = {split: _cache_dir() / f"sst2-{split}-{tag}.tsv" for split in SPLITS if split != "test"}
     if all(p.is_file() for p in out.values()):
         return out
     lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -383,6 +417,30 @@ def _agnews_tune_split() -> dict[str, Path]:
 def _write_rows(path: Path, header: str, rows: Sequence[str]) -> None:
     """Write a cached split whole or not at all (several processes may race to make it)."""
     atomic_write(path, (header + "".join(rows)).encode("utf-8"))
+
+
+def _headline_split(split: str) -> Path:
+    """Materialise the fixed AG News headline splits as JSONL (see module docstring)."""
+    src = data_root() / ("ag_news/train.csv" if split == "train" else "ag_news/dev.csv")
+    if not src.is_file():
+        raise UserError(f"{src} not found (set FWDLLM_DATA to the shared data directory)")
+    out = _cache_dir() / f"agnews-headline-{split}-{src.stat().st_size}.jsonl"
+    if out.is_file():
+        return out
+    with src.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep = range(len(rows))
+    if split != "train":
+        ranked = sorted(keep, key=lambda i: hashlib.sha256(f"agnews-headline-test:{i}".encode()).digest())
+        test = set(ranked[:HEADLINE_TEST_ROWS])
+        keep = [i for i in keep if (i in test) == (split == "test")]
+    lines = []
+    for i in keep:
+        title, desc = (" ".join((rows[i].get(c) or "").split()) for c in ("title", "description"))
+        if title and desc:
+            lines.append(json.dumps({"prompt": f"Article: {desc}\nHeadline:", "completion": f" {title}"}) + "\n")
+    _write_rows(out, "", lines)
+    return out
 
 
 def _rows(task: TaskSpec, path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:

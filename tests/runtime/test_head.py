@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from harness import THREADS
 
 from fwdllm.core.adapter_io import base_shapes
 from fwdllm.core.errors import UserError
@@ -44,7 +45,7 @@ def _layouts(s: EdgeSession) -> tuple[LoraLayout, LoraLayout, dict[str, np.ndarr
 def test_head_gradient_is_exact_and_a_zero_head_changes_nothing(tiny_model: Path, task_file: Path) -> None:
     task = load_task(str(task_file))
     ex = read_examples(task, task_file.parent / "data.tsv")
-    with EdgeSession(tiny_model, task, n_threads=2, max_batch=4) as s:
+    with EdgeSession(tiny_model, task, n_threads=THREADS, max_batch=4) as s:
         plain, headed, lora = _layouts(s)
         s.set_lora(plain, lora)
         ref = s.evaluate(ex)
@@ -89,7 +90,7 @@ def test_hidden_states_recovered_from_the_logits_are_the_lm_heads_input(tiny_mod
     from fwdllm.runtime.engine import Engine, Seq
     from fwdllm.runtime.readout import HiddenFromLogits
 
-    engine = Engine(tiny_model, n_seq_max=1, n_ctx_seq=64, n_threads=2)
+    engine = Engine(tiny_model, n_seq_max=1, n_ctx_seq=64, n_threads=THREADS)
     try:
         toks = engine.tokenize("Review: boring and bad\nSentiment:", bos=True)
         ll.llama_set_embeddings(engine.ctx, True)

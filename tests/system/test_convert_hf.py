@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from harness import THREADS
 
 from fwdllm.convert.cli import convert
 from fwdllm.convert.llama_meta import rope_unpermute
@@ -26,7 +27,7 @@ from fwdllm.runtime.log import quiet_llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.timeout(90)]  # the first test also builds the models
 
 VOCAB = 512
 # Sentences from another corpus than the tokenizers were trained on, plus
@@ -135,7 +136,7 @@ def hf_models(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[
     """name -> (HF dir, tokenizer, torch model) for "spm", "bpe", and
     "spm-json": the spm model as transformers 5 re-saves it (tokenizer.json
     only, no tokenizer.model)."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     lines = _sentences(data_dir)
     root = tmp_path_factory.mktemp("hf")
     out = {}
@@ -159,7 +160,7 @@ def _llama(path: Path, lora: Path | None = None):
 
     quiet_llama()
     return llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=512, n_batch=512,
-                           n_threads=2, logits_all=True, verbose=False)
+                           n_threads=THREADS, logits_all=True, verbose=False)
 
 
 def _llama_logits(llm, ids: list[int]) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability_helpers import free_url, serving, start_worker, wait_until
+from harness import free_url, serving, start_worker, wait_until
 
 from fwdllm.aggregator import checkpoint
 from fwdllm.core.adapter_io import read_adapter

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from harness import THREADS
 
 from fwdllm.core.adapter_io import base_shapes, write_adapter
 from fwdllm.core.batches import sample_batch, stratum_sizes
@@ -47,7 +48,7 @@ def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def session(tiny_model: Path, tiny_task: Path):
-    s = EdgeSession(tiny_model, load_task(str(tiny_task)), n_threads=2, max_batch=4)
+    s = EdgeSession(tiny_model, load_task(str(tiny_task)), n_threads=THREADS, max_batch=4)
     yield s
     s.close()
 
@@ -172,7 +173,7 @@ def test_stratified_batches_keep_each_labels_share_and_are_unbiased():
 
 
 def test_batched_decode_equals_one_by_one(tiny_model: Path):
-    eng = Engine(tiny_model, n_threads=2, n_seq_max=4, n_ctx_seq=64)
+    eng = Engine(tiny_model, n_threads=THREADS, n_seq_max=4, n_ctx_seq=64)
     try:
         seqs = [Seq(tuple(eng.tokenize(t, bos=True)), ()) for _, t in ROWS[:4]]
         seqs = [Seq(s.tokens, (0, len(s.tokens) - 1)) for s in seqs]
@@ -190,11 +191,11 @@ def test_evaluate_and_too_long_rows(session: EdgeSession, tiny_task: Path, tiny_
     ex = read_examples(session.task, tiny_task.parent / "data.tsv")
     r = session.evaluate(ex)
     assert r.n == len(ROWS) and 0 <= r.accuracy <= 1 and r.loss > 0 and r.n_tokens > r.n
-    with EdgeSession(tiny_model, session.task, n_threads=2, max_batch=4, n_ctx=28) as short:
+    with EdgeSession(tiny_model, session.task, n_threads=THREADS, max_batch=4, n_ctx=28) as short:
         r2 = short.evaluate(ex)
         assert r2.n < len(ROWS)
         assert "data.tsv:2: bad row:" in capsys.readouterr().err
-    with EdgeSession(tiny_model, session.task, n_threads=2, n_ctx=8, strict=True) as strict:
+    with EdgeSession(tiny_model, session.task, n_threads=THREADS, n_ctx=8, strict=True) as strict:
         with pytest.raises(UserError, match="tokens > context"):
             strict.evaluate(ex)
 
@@ -274,7 +275,7 @@ def test_one_sided_and_central(session: EdgeSession, tiny_task: Path, tiny_model
 
 def test_eval_cli_json(tiny_model: Path, tiny_task: Path):
     res = CliRunner().invoke(
-        eval_cmd, ["--model", str(tiny_model), "--task", str(tiny_task), "--threads", "2", "--json"]
+        eval_cmd, ["--model", str(tiny_model), "--task", str(tiny_task), "--threads", str(THREADS), "--json"]
     )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -295,7 +296,7 @@ def test_client_score_cli(tiny_model: Path, tiny_task: Path, tmp_path: Path):
     layout, tensors = _lora(tiny_model)
     lora = write_adapter(tmp_path / "a.gguf", layout, tensors)
     args = ["score", "--model", str(tiny_model), "--task", str(tiny_task), "--lora", str(lora),
-            "--seeds", "1,2,3", "--eps", "0.01", "--parts", "both", "--central", "--threads", "2", "--json"]
+            "--seeds", "1,2,3", "--eps", "0.01", "--parts", "both", "--central", "--threads", str(THREADS), "--json"]
     res = CliRunner().invoke(client, args)
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])

@@ -1,35 +1,21 @@
-"""Smoke tests of every ``fwdllm bench`` on the tiny synthetic model.
+"""Smoke tests of the ``fwdllm bench`` commands that run in this process on
+llama.cpp alone, on the tiny synthetic model (those that need torch or child
+processes: tests/system/test_bench_smoke.py).
 
-They check that each bench runs end to end on real llama.cpp (and torch where
-the bench needs it), writes its JSON and PNG, and that the numbers mean what
-the tables say (e.g. the staged round IS EdgeSession.perturbed, the fwdllm
-messages are the encoded contract messages).  No timing is asserted.
+They check that each bench runs end to end on real llama.cpp, writes its JSON
+and PNG, and that the numbers mean what the tables say (e.g. the staged round
+IS EdgeSession.perturbed, the fwdllm messages are the encoded contract
+messages).  No timing is asserted.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-# The tiny model's vocabulary splits " negative"/" positive" into a shared
-# leading-space token, so the smoke runs use single-token label words.
-WORDS = ["--label-words", "good,bad"]
-
-
-def _invoke(cmd, args: list[str]) -> None:  # noqa: ANN001 - click command
-    result = CliRunner().invoke(cmd, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-
-
-def _result(out: Path, name: str) -> dict:
-    assert (out / f"{name}.png").stat().st_size > 0
-    data = json.loads((out / f"{name}.json").read_text())
-    assert data["bench"] == name and data["commit"] and "CPU" in data["machine"]
-    return data
+from harness import THREADS, TINY_BENCH, bench_result, invoke
 
 
 def test_every_bench_takes_the_shared_options() -> None:
@@ -72,7 +58,7 @@ def test_staged_round_is_edge_session_perturbed(tiny_model: Path) -> None:
     task = bench_task("sst2", "good,bad")
     examples = read_examples(task, default_data("sst2", "train"), limit=3)
     mask = PerturbMask(parts="both")
-    with EdgeSession(tiny_model, task, n_threads=2, max_batch=4) as s:
+    with EdgeSession(tiny_model, task, n_threads=THREADS, max_batch=4) as s:
         layout = layout_for_base(tiny_model, 4, 8.0, ("q", "v"))
         s.set_lora(layout, random_lora(layout, 1))
         ref = s.perturbed(examples, [5, 6, 7], 0.05, mask)
@@ -88,9 +74,9 @@ def test_staged_round_is_edge_session_perturbed(tiny_model: Path) -> None:
 def test_round_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     from fwdllm.bench.round import round_cmd
 
-    _invoke(round_cmd, ["--model", str(tiny_model), "--k", "2", "--batch-size", "2", "--tokens", "16", "--modes",
-                        "default,no-repack", "--out", str(tmp_path), *WORDS])
-    data = _result(tmp_path, "round")
+    invoke(round_cmd, ["--model", str(tiny_model), "--k", "2", "--batch-size", "2", "--tokens", "16", "--modes",
+                        "default,no-repack", "--out", str(tmp_path), *TINY_BENCH])
+    data = bench_result(tmp_path, "round")
     default, no_repack = data["runs"]
     assert default["passes"] == 4 and no_repack["passes"] == 2  # --mode-k 1 for the second mode
     assert default["tokens_per_pass"] == 32
@@ -103,8 +89,8 @@ def test_comm_bench_counts_encoded_messages(tiny_model: Path, tmp_path: Path) ->
     from fwdllm.bench.comm import comm, fwdllm_bytes
     from fwdllm.core.gguf_file import read_header
 
-    _invoke(comm, ["--model", str(tiny_model), "--k", "16", "--clients", "4", "--out", str(tmp_path)])
-    data = _result(tmp_path, "comm")
+    invoke(comm, ["--model", str(tiny_model), "--k", "16", "--clients", "4", "--out", str(tmp_path)])
+    data = bench_result(tmp_path, "comm")
     rows = {r[0]: r for r in next(iter(data["tables"].values()))["rows"]}
     solo = rows["fwdllm, 1 client x 16 seeds"]
     dense = rows["FedAvg-LoRA (dense f32)"]
@@ -121,54 +107,6 @@ def test_comm_bench_counts_encoded_messages(tiny_model: Path, tmp_path: Path) ->
     n_embd = int(read_header(tiny_model).field("llama.embedding_length"))
     for way in (1, 2):
         assert 0 < head[way] - plain[way] - 4 * 4 * n_embd < 48
-
-
-def test_fidelity_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
-    from fwdllm.bench.fidelity import fidelity, k_grid
-
-    assert k_grid(8) == [1, 2, 4, 8] and k_grid(6) == [1, 2, 4, 6]
-    _invoke(fidelity, ["--model", str(tiny_model), "--k-max", "4", "--batch-size", "2", "--out", str(tmp_path), *WORDS])
-    data = _result(tmp_path, "fidelity")
-    assert len(data["projected"]) == 4
-    assert data["pearson_scalars"] > 0.9  # INT4 finite differences track torch's exact g.v
-    rows = next(iter(data["tables"].values()))["rows"]
-    assert [r[0] for r in rows] == [1, 2, 4]
-
-
-def test_memory_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
-    from fwdllm.bench.memory import memory
-
-    _invoke(memory, ["--model", str(tiny_model), "--modes", "no-mmap", "--k", "1", "--rounds", "1", "--steps", "1",
-                     "--batch-size", "2", "--out", str(tmp_path), *WORDS])
-    data = _result(tmp_path, "memory")
-    sides = [r["side"] for r in data["runs"]]
-    assert sides == ["edge (no-mmap)", "torch backprop-LoRA"]
-    assert all(r["peak_rss_bytes"] > 0 for r in data["runs"])
-
-
-@pytest.mark.slow
-def test_convergence_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
-    from fwdllm.bench.convergence import convergence
-
-    _invoke(convergence, ["--model", str(tiny_model), "--clients", "2", "--shard-size", "16", "--rounds", "2",
-                          "--strategies", "zo-sgd,zo-sgd:k=4:central,zo-sgd:ema=0.5", "--k", "2", "--batch-size", "2",
-                          "--dev-limit", "8",
-                          "--eval-every", "1", "--bp-rounds", "2", "--local-steps", "1", "--bp-eval-every", "1",
-                          "--out", str(tmp_path), *WORDS])
-    data = _result(tmp_path, "convergence")
-    curves = data["curves"]
-    assert set(curves) == {"zo-sgd", "zo-sgd:k=4:central", "zo-sgd:ema=0.5", "zo-sgd:ema=0.5 (last iterate)",
-                           "fedavg-lora", "fedcybgd"}
-    # the averaged run is evaluated twice per round: its average and, as its own row, its last iterate
-    ema, last = curves["zo-sgd:ema=0.5"], curves["zo-sgd:ema=0.5 (last iterate)"]
-    assert len(ema["accuracy"]) == len(last["accuracy"]) == 3 and ema["accuracy"][0] == last["accuracy"][0]
-    assert last["accuracy"] == curves["zo-sgd"]["accuracy"]  # the same trajectory as the plain run
-    assert curves["zo-sgd"]["forward_passes"] == [0, 4, 8]  # K=2 one-sided: 1 seed + 1 base pass per client
-    assert curves["zo-sgd:k=4:central"]["forward_passes"] == [0, 8, 16]  # 2 seeds x 2 signs per client
-    assert curves["fedavg-lora"]["forward_passes"] == [0, 2, 4]  # 2 clients x 1 local step
-    assert curves["fedcybgd"]["forward_passes"] == [0, 1, 2]
-    # FedCyBGD uploads one of two blocks; FedAvg-LoRA the whole adapter, down and up
-    assert curves["fedcybgd"]["bytes"][1] == 0.75 * curves["fedavg-lora"]["bytes"][1]
 
 
 def test_passes_to_counts_a_lucky_evaluation_only_without_smoothing() -> None:
@@ -200,10 +138,10 @@ def test_probe_bench_features_are_the_engines_logits_and_the_exact_fit_separates
     from fwdllm.runtime.session import EdgeSession
     from fwdllm.runtime.tasks import default_data, read_examples
 
-    _invoke(probe, ["--model", str(tiny_model), "--train-sizes", "8,16", "--dev-limit", "12", "--l2-grid", "0",
+    invoke(probe, ["--model", str(tiny_model), "--train-sizes", "8,16", "--dev-limit", "12", "--l2-grid", "0",
                     "--rounds", "6", "--zo-lr-grid", "1", "--head-lr-grid", "1e-2", "--ema-grid", "0,0.9", "--repeats", "2",
-                    "--template", "Text: {text}\\nLabel:", "--out", str(tmp_path), *WORDS])
-    data = _result(tmp_path, "probe")
+                    "--template", "Text: {text}\\nLabel:", "--out", str(tmp_path), *TINY_BENCH])
+    data = bench_result(tmp_path, "probe")
     assert data["template"] == "Text: {text}\nLabel:"
     head = data["head"]["curves"]["0.01"]
     assert len(head) == 2 and all(len(c) == 6 for c in head) and head[0] != head[1]  # two sampling seeds
@@ -215,7 +153,7 @@ def test_probe_bench_features_are_the_engines_logits_and_the_exact_fit_separates
     assert len(data["zo"]["curves"]["1.0"]) == 6 and data["d_head"] == 2 * data["n_embd"]
     # zero-shot through the embedding path (float64 E_lab @ h) is the engine's restricted softmax
     spec = bench_task("sst2", "good,bad", "Text: {text}\nLabel:")  # the features came from this prompt
-    with EdgeSession(tiny_model, spec, n_threads=2) as s:
+    with EdgeSession(tiny_model, spec, n_threads=THREADS) as s:
         engine = s.evaluate(read_examples(spec, default_data("sst2", "dev"), limit=12))
     assert abs(data["zero_shot"]["loss"] - engine.loss) < 2e-3  # measured 5e-5: q8 activations vs float64
 
@@ -235,13 +173,13 @@ def test_probe_reads_features_under_a_trained_lora(tiny_model: Path, tmp_path: P
     tensors = random_lora(layout, seed=3, b_std=0.5)
     adapter = write_lora(tmp_path / "trained.gguf", layout, tensors, tiny_model)
     args = ["--model", str(tiny_model), "--train-sizes", "8", "--dev-limit", "12", "--l2-grid", "0", "--rounds", "6",
-            "--zo-lr-grid", "1", "--head-lr-grid", "1e-2", "--repeats", "1", *WORDS]
-    _invoke(probe, [*args, "--lora", str(adapter), "--out", str(tmp_path / "p")])
-    data = _result(tmp_path / "p", "probe")
+            "--zo-lr-grid", "1", "--head-lr-grid", "1e-2", "--repeats", "1", *TINY_BENCH]
+    invoke(probe, [*args, "--lora", str(adapter), "--out", str(tmp_path / "p")])
+    data = bench_result(tmp_path / "p", "probe")
     assert data["lora"] == str(adapter)
     spec = bench_task("sst2", "good,bad", None)
     dev = read_examples(spec, default_data("sst2", "dev"), limit=12)
-    with EdgeSession(tiny_model, spec, n_threads=2) as s:
+    with EdgeSession(tiny_model, spec, n_threads=THREADS) as s:
         base = s.evaluate(dev)
         s.set_lora(layout, tensors)
         tuned = s.evaluate(dev)
@@ -256,24 +194,3 @@ def test_probe_reads_features_under_a_trained_lora(tiny_model: Path, tmp_path: P
     res = CliRunner().invoke(probe, [*args, "--head-lr-grid", "1e-2,x", "--out", str(tmp_path / "bad")])
     assert res.exit_code == 2 and "'--head-lr-grid': expected comma-separated floats" in res.output, res.output
     assert not (tmp_path / "bad" / "probe.json").exists()
-
-
-def test_noise_bench_measures_the_clients_draw(tiny_model: Path, tmp_path: Path) -> None:
-    from fwdllm.bench.noise import batch_noise, noise, signal
-    from fwdllm.runtime.tasks import Example
-
-    _invoke(noise, ["--model", str(tiny_model), "--rows", "12", "--batch-sizes", "2,4", "--draws", "200",
-                          "--rank", "4", "--targets", "q,v", "--out", str(tmp_path), *WORDS])
-    data = _result(tmp_path, "noise")
-    rows = next(iter(data["tables"].values()))["rows"]
-    assert [r[0] for r in rows] == [2, 4] and data["grad_sq"] > 0 and sum(data["label_counts"]) == 12
-    assert all(r[1] > 0 and r[2] > 0 for r in rows)
-    # the uniform draw against sampling theory without replacement: E|g_b - g|^2 = var/b (n-b)/(n-1)
-    rng = np.random.default_rng(0)
-    grads = rng.standard_normal((30, 5)) + np.repeat([[3.0], [-3.0]], 15, axis=0)  # a label-driven component
-    examples = [Example(prompt=str(i), label=i // 15) for i in range(30)]
-    _, var = signal(grads)
-    uniform = batch_noise(grads, examples, 6, 4000, stratify=False)
-    assert uniform == pytest.approx(var / 6 * 24 / 29, rel=0.08)
-    # stratified: 3 + 3 rows every time, so the +-3 label component cancels exactly
-    assert batch_noise(grads, examples, 6, 4000, stratify=True) < 0.5 * uniform

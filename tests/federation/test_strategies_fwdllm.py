@@ -5,24 +5,22 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from harness import THREADS, finish, free_url, running, server_options, start_worker, tiny_sst2_task
 
 from fwdllm.aggregator import checkpoint
 from fwdllm.aggregator.registry import STRATEGIES, make_strategy
-from fwdllm.aggregator.server import Aggregator, ServerOptions
+from fwdllm.aggregator.server import Aggregator
 from fwdllm.aggregator.strategies_fwdllm import FwdLLM
 from fwdllm.aggregator.strategy import ClientView, Scored, Step, StrategySpec
 from fwdllm.core.directions import combine, direction
 from fwdllm.core.layout import LoraLayout, PerturbMask
 from fwdllm.core.optim import OptimizerSpec
-from fwdllm.core.protocol import Join
-from fwdllm.edge_client.worker import EventLog, Worker
-from fwdllm.testing.fake import FAKE_MODEL_SHA, QuadraticScorer, synthetic_layout, synthetic_run
+from fwdllm.testing.fake import QuadraticScorer, synthetic_layout, synthetic_run
 
 LAYOUT = synthetic_layout(n_layers=4, dim=16, rank=4)  # B only: 4 x 2 x 64 = 512 dims
 
@@ -219,29 +217,11 @@ def serve(tmp: Path, s: StrategySpec, layout: LoraLayout, rounds: int, clients: 
     cfg, replica = synthetic_run(rounds, OptimizerSpec(lr=lr, total_rounds=rounds), s, layout)
     cfg = replace(cfg, task=task, task_name=task)
     checkpoint.write_config(tmp, cfg)
-    url = f"tcp://127.0.0.1:{_free_port()}"
-    opts = ServerOptions(bind=url, heartbeat_s=0.1, liveness=20, round_timeout_s=60, min_clients=len(clients),
-                         quorum=1.0)
-    agg = Aggregator(tmp, cfg, replica, FwdLLM(s), opts, None, 0.0)
-    server = threading.Thread(target=agg.serve, daemon=True)
-    server.start()
-    workers = []
-    for cid, scorer, tps in clients:
-        join = Join(client_id=cid, model_sha256=FAKE_MODEL_SHA, tokens_per_s=tps, mem_bytes=0, max_batch=8,
-                    n_examples=10)
-        w = Worker(url, cid, lambda _s, j=join: j, scorer, EventLog(None), give_up_s=60)
-        t = threading.Thread(target=w.run, daemon=True)
-        t.start()
-        workers.append((w, t))
-    try:
-        for w, t in workers:
-            t.join(240)
-            assert not t.is_alive()
-            if w.busy is not None:  # a late task may still be scoring: let it finish before
-                w.busy.join(60)  # the caller closes the llama.cpp session under it
-    finally:
-        agg.stop.set()
-        server.join(10)
+    opts = server_options(free_url(), heartbeat_s=0.1, liveness=20, round_timeout_s=60, min_clients=len(clients))
+    with running(Aggregator(tmp, cfg, replica, FwdLLM(s), opts, None, 0.0)) as agg:
+        workers = [start_worker(agg.opts.bind, cid, scorer, give_up_s=60, tokens_per_s=tps)
+                   for cid, scorer, tps in clients]
+        finish(workers, 240)
     recs = checkpoint.read_metrics(tmp)
     assert [r["round"] for r in recs] == list(range(1, rounds + 1))
     for w, _ in workers:  # every client replayed the seeds+coefficients to the server's adapter
@@ -291,33 +271,23 @@ def test_fwdllm_on_llama_cpp_lowers_the_training_loss(tmp_path: Path, tiny_model
     from fwdllm.runtime.session import EdgeSession
     from fwdllm.runtime.tasks import load_task, read_examples
 
-    spec_file = tmp_path / "tiny-sst2.json"  # the tiny vocabulary has one-token "bad"/"good"
-    spec_file.write_text(json.dumps({
-        "kind": "classify", "template": "Review: {text}\nSentiment:", "label_words": ["bad", "good"],
-        "labels": ["0", "1"], "text_columns": ["sentence"], "format": "tsv",
-        "train": str(data_dir / "sst2" / "train.tsv")}))
-    task = load_task(str(spec_file))
-    examples = read_examples(task, data_dir / "sst2" / "train.tsv", limit=8)
+    task = load_task(str(tiny_sst2_task(tmp_path, data_dir)))
+    examples = read_examples(task, data_dir / "sst2" / "train.tsv", limit=4)  # the batch: every round, the same rows
     layout = layout_for_base(tiny_model, 4, 8.0, ("q", "v"))
-    s = StrategySpec(name="fwdllm", k=4, run_seed=2, eps=1e-2, batch_size=8, one_sided=True,
+    s = StrategySpec(name="fwdllm", k=4, run_seed=2, eps=1e-2, batch_size=4, one_sided=True,
                      mask=PerturbMask(parts="b", layers=(1, 4)),
-                     extra={"layout": layout.to_dict(), "k_max": 12, "blocks": 2})
-    sessions = [EdgeSession(tiny_model, task, n_threads=1, max_batch=8) for _ in range(2)]
+                     extra={"layout": layout.to_dict(), "k_max": 8, "blocks": 2})
+    sessions = [EdgeSession(tiny_model, task, n_threads=THREADS, max_batch=8) for _ in range(2)]
     try:
         clients = [(f"c{i}", Scorer(ses, examples, task.name), 50.0 * (i + 1)) for i, ses in enumerate(sessions)]
-        recs = serve(tmp_path, s, layout, 6, clients, lr=0.5, task=task.name)
+        recs = serve(tmp_path, s, layout, 4, clients, lr=0.5, task=task.name)
     finally:
         for ses in sessions:
             ses.close()
-    assert [r["block"] for r in recs] == [0, 1] * 3
+    assert [r["block"] for r in recs] == [0, 1] * 2
     assert all(r["perturbations"] >= 4 for r in recs)
     assert recs[-1]["loss"] < recs[0]["loss"], [r["loss"] for r in recs]
     _, final = read_adapter(tmp_path / checkpoint.ADAPTER)
     moved = {t.layer for t in layout.targets if np.any(final[t.b_name] != 0)}
     assert moved == {1, 2, 3}  # blocks (1,3) and (3,4) of --layers 1:4; layer 0 never perturbed
 
-
-def _free_port() -> int:
-    from fwdllm.aggregator.simulate import free_port
-
-    return free_port()

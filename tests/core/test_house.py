@@ -13,7 +13,7 @@ import click
 from fwdllm.cli import help_pages, main
 from fwdllm.options import OPTIONS, Command, Group
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_import_contracts_hold() -> None:

@@ -86,7 +86,6 @@ def test_head_run_adapter_alone_gives_fwdllms_label_logits_in_llama_cpp(tiny_mod
 
 @pytest.mark.timeout(300)
 @pytest.mark.torch
-@pytest.mark.slow
 def test_head_run_adapter_in_peft_adds_the_head_to_lm_head(tiny_model: Path, head_run, tmp_path: Path) -> None:
     """`convert lora-to-peft` puts the head on lm_head at its own rank: in
     transformers + PEFT it moves exactly the label words' logits, by what it

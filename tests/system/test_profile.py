@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from harness import THREADS
 
 from fwdllm.core.errors import UserError
 from fwdllm.reference.profile import Candidate, profile
+
+pytestmark = pytest.mark.timeout(60)
 
 
 def test_candidate_parsing() -> None:
@@ -24,7 +27,7 @@ def test_candidate_parsing() -> None:
 def test_profile_ranks_sets_and_writes_the_recommendation(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
     args = ["--model", str(tiny_model), "--label-words", "good,bad", "--k", "4", "--n-batches", "1",
-            "--batch-size", "2", "--threads", "2", "--out", str(tmp_path),
+            "--batch-size", "2", "--threads", str(THREADS), "--out", str(tmp_path),
             "--candidate", "rank=2,targets=v,layers=2:4", "--candidate", "rank=4,targets=v,parts=a"]
     r = CliRunner().invoke(profile, args)
     assert r.exit_code == 0, r.output
@@ -44,18 +47,17 @@ def test_profile_ranks_sets_and_writes_the_recommendation(tiny_model: Path, tmp_
     assert [t["density"] for t in data["census"]] == sorted((t["density"] for t in data["census"]), reverse=True)
 
 
-def test_census_sees_no_gradient_in_a_while_b_is_zero(tiny_model: Path) -> None:
+def test_census_sees_no_gradient_in_a_while_b_is_zero(tiny_model: Path, torch_ref) -> None:  # noqa: ANN001
     """dL/dA = 0 at B = 0 for every target; B carries all of it. A census
     that mixed up the factors or the layers would fail one of the two."""
     from fwdllm.reference.profile import census
-    from fwdllm.reference.torch_ref import TorchRef
     from fwdllm.runtime.session import EdgeSession
     from fwdllm.runtime.tasks import Example, load_task
 
     spec = load_task("sst2", label_words=("good", "bad"))
     batch = [Example("a fine film", 0), Example("dull and long", 1)]
-    with EdgeSession(tiny_model, spec, n_threads=2, max_batch=2) as session:
-        ref = TorchRef(session.model_path, n_threads=2)
+    with EdgeSession(tiny_model, spec, n_threads=THREADS, max_batch=2) as session:
+        ref = torch_ref(tiny_model)
         a_rows = census(session, ref, 2, "a", [batch], seed=0)
         b_rows = census(session, ref, 2, "b", [batch], seed=0)
     assert len(a_rows) == len(b_rows) == 7 * 4

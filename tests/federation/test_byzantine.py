@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability_helpers import garbage_scorer, quadratic_loss, serving, start_worker
+from harness import garbage_scorer, quadratic_loss, serving, start_worker
 
 from fwdllm.aggregator import checkpoint
 from fwdllm.aggregator.registry import make_strategy
@@ -20,7 +20,7 @@ from fwdllm.aggregator.robust import Robust, RobustOptions
 from fwdllm.aggregator.strategy import ClientView, Scored, StrategySpec
 from fwdllm.testing.fake import QuadraticScorer
 
-N, BAD, ROUNDS, K = 10, 2, 12, 20
+N, BAD, ROUNDS, K = 10, 2, 8, 20
 
 
 def train(run_dir: Path, n_bad: int, extra: dict) -> tuple[float, float, list[dict]]:

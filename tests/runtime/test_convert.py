@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from harness import THREADS
 
 from fwdllm.convert.cli import convert
 from fwdllm.convert.describe import describe
@@ -25,7 +26,7 @@ def _llama(path: Path, **kw):
     import llama_cpp
 
     quiet_llama()
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, n_batch=256, verbose=False, **kw)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=THREADS, n_batch=256, verbose=False, **kw)
 
 
 def _types(path: Path) -> dict[str, str]:

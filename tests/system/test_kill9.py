@@ -1,6 +1,6 @@
 """Crashes: kill -9 of the aggregator at random points, and of 30 % of the clients.
 
-The aggregator runs as a child process (``tests/reliability_helpers.py
+The aggregator runs as a child process (``tests/harness.py
 server``) so it can really be SIGKILLed: mid-round, mid-checkpoint, between
 rounds.  ``--resume`` must then reach an adapter bit-identical to the
 uninterrupted run, with no round applied twice; the clients (real Workers on
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability_helpers import free_url, serving, start_worker, wait_until
+from harness import free_url, serving, start_worker, stop, wait_until
 
 from fwdllm.aggregator import checkpoint
 from fwdllm.core.adapter_io import read_adapter
 from fwdllm.testing.fake import QuadraticScorer
 
-HELPER = Path(__file__).with_name("reliability_helpers.py")
+HELPER = Path(__file__).parents[1] / "harness.py"
 ROUNDS, N_CLIENTS, TRIALS = 6, 3, 5
 
 
@@ -41,6 +41,7 @@ def final(run_dir: Path) -> tuple[list[int], dict[str, np.ndarray]]:
     return [r["round"] for r in checkpoint.read_metrics(run_dir)], read_adapter(run_dir / "adapter.gguf")[1]
 
 
+@pytest.mark.timeout(90)
 def test_kill9_aggregator_at_random_points_then_resume_is_bit_identical(tmp_path: Path) -> None:
     ref = tmp_path / "ref"
     ref.mkdir()
@@ -79,48 +80,19 @@ def test_kill9_aggregator_at_random_points_then_resume_is_bit_identical(tmp_path
             t.join(10)
 
 
-def test_worker_asks_a_restarted_aggregator_again_for_the_snapshot_the_old_one_never_sent(tmp_path: Path) -> None:
-    """The aggregator dies between its Welcome and the Snapshot the worker asked
-    for; the worker's socket silently reconnects to the restarted one, which
-    answers "join". The lost request must be asked again, or the worker
-    heartbeats forever without ever scoring (CI once hung on exactly this)."""
-    import zmq
-
-    from fwdllm.aggregator.server import welcome
-    from fwdllm.aggregator.strategy import StrategySpec
-    from fwdllm.core.optim import OptimizerSpec
-    from fwdllm.core.protocol import Message, SnapshotRequest
-    from fwdllm.testing.fake import synthetic_run
-
-    url = free_url()
-    cfg, replica = synthetic_run(2, OptimizerSpec(lr=0.05, total_rounds=2), StrategySpec(k=4))
-    dead = zmq.Context.instance().socket(zmq.ROUTER)
-    dead.setsockopt(zmq.LINGER, 0)
-    dead.bind(url)
-    worker, thread = start_worker(url, "c0", give_up_s=30)
-    try:
-        assert dead.poll(10_000), "no Join"
-        ident, *_ = dead.recv_multipart()
-        dead.send_multipart([ident, *welcome(cfg, replica, heartbeat_s=0.2).to_frames()])
-        wait_until(lambda: dead.poll(0) and isinstance(Message.from_frames(dead.recv_multipart()[1:]),
-                                                       SnapshotRequest), 10, "the SnapshotRequest")
-    finally:
-        dead.close(0)  # dies without answering
-    with serving(tmp_path / "run", rounds=2, k=4, min_clients=1, url=url) as agg:
-        wait_until(lambda: agg.replica.version >= 2, 20, "two rounds scored by the reconnected worker")
-    worker.done = "test over"
-    thread.join(10)
-
-
-@pytest.mark.slow
+@pytest.mark.timeout(60)
 def test_kill9_of_30_percent_of_clients_mid_round(tmp_path: Path) -> None:
+    """Three of ten clients are processes, SIGKILLed while round 2 is in flight;
+    the seven that live on are workers in this process."""
     n, dead = 10, 3
     with serving(tmp_path / "run", rounds=4, k=20, min_clients=n, liveness=10) as agg:
-        procs = [spawn(tmp_path, "client", agg.opts.bind, f"c{i}", "0.5") for i in range(n)]
+        procs = [spawn(tmp_path, "client", agg.opts.bind, f"c{i}", "0.5") for i in range(dead)]
+        live = [start_worker(agg.opts.bind, f"c{i}", QuadraticScorer(delay_s=0.5, noise=0.01), give_up_s=60)
+                for i in range(dead, n)]
         try:
             wait_until(lambda: agg.round is not None and agg.round.number == 2
                        and sum(p.work is not None for p in agg.peers.values()) == n, 120, "round 2 in flight")
-            for p in procs[:dead]:
+            for p in procs:
                 p.send_signal(signal.SIGKILL)
             wait_until(lambda: agg.replica.version >= 4 and agg.pending is None, 60, "the last round")
         finally:
@@ -128,8 +100,9 @@ def test_kill9_of_30_percent_of_clients_mid_round(tmp_path: Path) -> None:
                 if p.poll() is None:
                     p.kill()
                 p.wait(10)
+    stop(live)
     recs = checkpoint.read_metrics(tmp_path / "run")
     assert [r["round"] for r in recs] == [1, 2, 3, 4]
     assert sorted(recs[1]["dropped"]) == ["c0", "c1", "c2"] and recs[1]["clients"] == n - dead
-    assert recs[1]["perturbations"] == 20 * (n - dead) // n
+    assert recs[1]["perturbations"] == 20  # the dead clients' seeds went to the others in the same round
     assert all(r["participants"] == n - dead and r["clients"] == n - dead for r in recs[2:])
