@@ -66,8 +66,8 @@ def _totals(records: list[dict[str, Any]]) -> tuple[int, float, int]:
 
 @click.command("quality", cls=Command)
 @shared("model", "task")
-@click.option("--rows", default=",".join(ROWS), show_default=True,
-              help=f"Rows to run, comma-separated, from {','.join(ROWS)}.")
+@click.option("--methods", default=",".join(ROWS), show_default=True,
+              help=f"The table's rows to run, comma-separated, from {','.join(ROWS)}.")
 @option("clients")
 @click.option("--shard-size", type=click.IntRange(1), default=2000, show_default=True, help="Training rows per client.")
 @click.option("--bp-rounds", type=click.IntRange(1), default=50, show_default=True,
@@ -79,7 +79,7 @@ def _totals(records: list[dict[str, Any]]) -> tuple[int, float, int]:
 @shared("batch_size", "seed", "threads")
 @option("out", default=RESULTS, help="Directory for quality.json and the runs (quality-runs/, which must be "
                                      "empty or absent).")
-def quality(model, task, rows, clients, shard_size, bp_rounds, local_steps, bp_lr, batch_size, seed,  # noqa: ANN001
+def quality(model, task, methods, clients, shard_size, bp_rounds, local_steps, bp_lr, batch_size, seed,  # noqa: ANN001
             threads, out: Path) -> None:
     """Zero-shot, head only, ZO only, ZO + head (the recipe) and backprop FedAvg-LoRA, side by side.
 
@@ -89,7 +89,7 @@ def quality(model, task, rows, clients, shard_size, bp_rounds, local_steps, bp_l
     \b
     Examples:
       fwdllm bench quality --task sst2
-      fwdllm bench quality --task agnews --rows zero-shot,head,both
+      fwdllm bench quality --task agnews --methods zero-shot,head,both
     """
     from fwdllm.aggregator.recipes import recipe_for
     from fwdllm.aggregator.simulate import write_shards
@@ -100,9 +100,9 @@ def quality(model, task, rows, clients, shard_size, bp_rounds, local_steps, bp_l
     from fwdllm.runtime.models import resolve_model
     from fwdllm.runtime.tasks import default_data, read_examples
 
-    wanted = [r for r in rows.split(",") if r]
+    wanted = [r for r in methods.split(",") if r]
     if not wanted or set(wanted) - set(ROWS):
-        raise UserError(f"--rows: unknown {sorted(set(wanted) - set(ROWS)) or rows!r}; choose from {','.join(ROWS)}")
+        raise UserError(f"--methods: unknown {sorted(set(wanted) - set(ROWS)) or methods!r}; choose from {','.join(ROWS)}")
     spec = bench_task(task, None)
     recipe = recipe_for("auto", task)
     if recipe is None and set(wanted) & {"head", "zo", "both"}:
@@ -152,7 +152,7 @@ def quality(model, task, rows, clients, shard_size, bp_rounds, local_steps, bp_l
             extra = [tl.evaluate(read_examples(spec, default_data(task, sp)))[0] for sp in splits[1:]]
             passes = sum(r["forward_passes"] for r in records)
             nbytes = sum(r["bytes_down_per_client"] + r["bytes_up_per_client"] for r in records)
-            cmd = (f"fwdllm bench quality --task {task} --rows fedavg-lora --bp-rounds {bp_rounds} "
+            cmd = (f"fwdllm bench quality --task {task} --methods fedavg-lora --bp-rounds {bp_rounds} "
                    f"--local-steps {local_steps} --bp-lr {bp_lr} --clients {clients} --shard-size {shard_size}")
             table.append([row, records[-1]["dev_accuracy"], *extra, records[-1]["dev_loss"], passes,
                           round(time.perf_counter() - t0), nbytes, cmd])

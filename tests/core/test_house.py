@@ -52,7 +52,7 @@ def test_every_command_turns_bad_input_into_one_line() -> None:
 
 
 #: Flags whose default is the size or place of the job a command runs.
-JOB_SIZE = {"--rounds", "--clients", "--out", "--shard-size", "--quick"}
+JOB_SIZE = {"--rounds", "--bp-rounds", "--clients", "--out", "--shard-size", "--quick"}
 
 
 def test_a_flag_means_one_thing_everywhere() -> None:

@@ -116,7 +116,7 @@ def test_bad_stages_are_one_line_before_anything_starts(args: list[str], match: 
 def test_bench_quality_checks_its_rows_and_task_first(tmp_path: Path) -> None:
     from fwdllm.bench.quality import quality
 
-    for args, match in ((["--rows", "zero-shot,nope"], "unknown ['nope']"),
+    for args, match in ((["--methods", "zero-shot,nope"], "unknown ['nope']"),
                         (["--task", "sft"], "needs a classify task")):
         res = CliRunner().invoke(quality, [*args, "--out", str(tmp_path)])
         assert res.exit_code == 2 and match in res.output, res.output
