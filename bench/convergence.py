@@ -255,7 +255,7 @@ def convergence(model, task, label_words, strategies, baselines, clients, shard_
     ref = task_ref(task, label_words, runs)
     curves: dict[str, dict[str, list[float]]] = {}
     dev_file = default_data(task, split)  # every method is scored on these rows: simulate's --dev too
-    opts = dict(clients=clients, shard_size=shard_size, rounds=rounds, k=k, batch_size=batch_size, dev=dev_file,
+    opts = dict(clients=clients, shard_size=shard_size, rounds=rounds, k=k, batch_size=batch_size, dev=str(dev_file),
                 dev_limit=dev_limit, eval_every=eval_every, seed=seed, threads=threads, lr=lr)
     opts = {key: v for key, v in opts.items() if v is not None}  # unset: simulate's own default
     for s, (name, extra) in entries.items():
