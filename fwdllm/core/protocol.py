@@ -17,9 +17,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fwdllm.core import compress
 from fwdllm.core.layout import LoraLayout
 
-PROTOCOL_VERSION = 1
+#: 2: seeds-only joins (init seed + update history), compressed head
+#: gradients, secure aggregation and differential privacy of the scalars
+PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BLOB_BYTES = 256 * 1024 * 1024
 MAX_ARRAY_LEN = 65536
@@ -179,6 +182,9 @@ class Join(Message):
     mem_bytes: int
     max_batch: int
     n_examples: int
+    #: direction entries per second this device generates (the catch-up cost
+    #: model's compute term, :func:`fwdllm.core.history.catch_up_plan`); 0 = unknown
+    replay_entries_per_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -242,6 +248,8 @@ class Result(Message):
     #: little-endian float32 (n_labels * n_embd), over ``head_rows`` examples
     head_grad: bytes = b""
     head_rows: int = 0
+    #: ``head_grad``'s encoding (:mod:`fwdllm.core.compress`)
+    head_codec: str = "f32"
     #: the batch loss at the current adapter, sent only by a task without
     #: seeds (a head-only round, ``--k 0``): there is no ``loss_minus`` to
     #: carry it, and it is the round's training loss
@@ -269,20 +277,19 @@ class Update(Message):
     mask: dict = field(default_factory=dict)
     dist: str = "gaussian"
     head_grad: bytes = b""
+    #: ``head_grad``'s encoding: every replica applies the decoded bytes
+    head_codec: str = "f32"
 
 
-def head_array(raw: bytes, layout: LoraLayout) -> np.ndarray:
+def head_array(raw: bytes, layout: LoraLayout, codec: str = "f32") -> np.ndarray:
     """A ``head_grad`` field as a float32 array of the layout's head shape;
     ``ProtocolError`` when it does not fit or is not finite."""
     if layout.head is None:
         raise ProtocolError("head_grad sent for a layout without a head")
-    n = layout.head[0] * layout.head[1]
-    if len(raw) != 4 * n:
-        raise ProtocolError(f"head_grad has {len(raw)} bytes, want {4 * n}")
-    arr = np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(layout.head)
-    if not np.all(np.isfinite(arr)):
-        raise ProtocolError("head_grad has a non-finite value")
-    return arr
+    try:
+        return compress.decode(raw, codec, layout.head)
+    except ValueError as e:
+        raise ProtocolError(f"head_grad: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -300,6 +307,29 @@ class Snapshot(Message):
     version: int
     adapter_sha256: str
     state: bytes
+
+
+@dataclass(frozen=True)
+class CatchUp(Message):
+    """Client -> server: my replica is at ``version`` with this hash (the
+    init seed's adapter at 0); bring me to the current version, by replay of
+    the update history or by snapshot, whichever costs less."""
+
+    TYPE: ClassVar[str] = "catchup"
+    version: int
+    adapter_sha256: str
+
+
+@dataclass(frozen=True)
+class Replay(Message):
+    """Server -> client: the updates after the client's version
+    (:meth:`fwdllm.core.history.History.encode`); applied in order they must
+    land on ``adapter_sha256`` at ``version``."""
+
+    TYPE: ClassVar[str] = "replay"
+    version: int
+    adapter_sha256: str
+    history: bytes
 
 
 @dataclass(frozen=True)
