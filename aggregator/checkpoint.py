@@ -63,6 +63,26 @@ class RunConfig:
     strategy: dict[str, Any]
     #: the adapter round 0 started from (``--init-adapter``): path and sha256
     init_adapter: dict[str, str] | None = None
+    #: protocol v2 (runs written before it resume with the v1 behaviour: no
+    #: init seed, so devices older than the checkpoint get a snapshot, raw
+    #: float32 head gradients, no secure aggregation, no DP)
+    #: the seed round 0's adapter was drawn from (:func:`fwdllm.core.lora.initial_tensors`)
+    init_seed: int | None = None
+    head_codec: str = "f32"
+    secagg: dict[str, Any] | None = None  # SecAggOptions
+    dp: dict[str, Any] | None = None  # DPSpec, calibrated
+
+    @property
+    def secagg_options(self):  # noqa: ANN201 - aggregator.secure.SecAggOptions | None
+        from fwdllm.aggregator.secure import SecAggOptions
+
+        return SecAggOptions(**self.secagg) if self.secagg is not None else None
+
+    @property
+    def dp_spec(self):  # noqa: ANN201 - aggregator.privacy.DPSpec | None
+        from fwdllm.aggregator.privacy import DPSpec
+
+        return DPSpec.from_dict(self.dp) if self.dp is not None else None
 
     @property
     def lora_layout(self) -> LoraLayout:
@@ -81,21 +101,31 @@ def read_config(run_dir: Path) -> RunConfig:
     return RunConfig(**json.loads((run_dir / RUN_JSON).read_text()))
 
 
-def save(run_dir: Path, replica: Replica, strategy_state: dict[str, Any], elapsed_s: float) -> None:
-    """Checkpoint after a finished round: adapter.gguf, then state.npz."""
+def save(run_dir: Path, replica: Replica, strategy_state: dict[str, Any], elapsed_s: float,
+         extra: dict[str, Any] | None = None) -> None:
+    """Checkpoint after a finished round: adapter.gguf, then state.npz.
+
+    ``extra`` (protocol v2): ``history`` (:class:`~fwdllm.core.history.History`),
+    ``head_residual`` (the head codec's carried error) and ``dp`` (the
+    privacy ledger's state), saved with the round they belong to."""
     shipped = replica.optimizer.averaged(replica.tensors)
     write_adapter(run_dir / ADAPTER, replica.layout, shipped)
     if replica.layout.head is not None:
         buf = io.BytesIO()
         np.save(buf, shipped[HEAD], allow_pickle=False)
         atomic_write(run_dir / HEAD_FILE, buf.getvalue())
-    meta = {"strategy": strategy_state, "elapsed_s": elapsed_s}
+    extra = extra or {}
+    meta = {"strategy": strategy_state, "elapsed_s": elapsed_s, "dp": extra.get("dp")}
+    arrays = {
+        "replica": np.frombuffer(replica.to_bytes(), dtype=np.uint8),
+        "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+    }
+    if extra.get("history") is not None:
+        arrays["history"] = np.frombuffer(extra["history"].encode(), dtype=np.uint8)
+    if extra.get("head_residual") is not None:
+        arrays["head_residual"] = np.asarray(extra["head_residual"], dtype=np.float32)
     buf = io.BytesIO()
-    np.savez(
-        buf,
-        replica=np.frombuffer(replica.to_bytes(), dtype=np.uint8),
-        meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-    )
+    np.savez(buf, **arrays)
     atomic_write(run_dir / STATE, buf.getvalue())
 
 
@@ -105,6 +135,26 @@ def load(run_dir: Path, spec: OptimizerSpec) -> tuple[Replica, dict[str, Any], f
         replica = Replica.from_bytes(z["replica"].tobytes(), spec)
         meta = json.loads(z["meta"].tobytes())
     return replica, meta["strategy"], float(meta["elapsed_s"])
+
+
+def load_extra(run_dir: Path) -> dict[str, Any]:
+    """The protocol-v2 parts of ``state.npz`` that are there (a v1 checkpoint
+    has none: its history starts at its own version)."""
+    from fwdllm.core.history import History
+
+    path = run_dir / STATE
+    if not path.exists():
+        return {}
+    with np.load(path, allow_pickle=False) as z:
+        out: dict[str, Any] = {}
+        if "history" in z.files:
+            out["history"] = History.decode(z["history"].tobytes())
+        if "head_residual" in z.files:
+            out["head_residual"] = np.array(z["head_residual"], dtype=np.float32)
+        dp = json.loads(z["meta"].tobytes()).get("dp")
+        if dp:
+            out["dp"] = dp
+    return out
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

@@ -69,6 +69,23 @@ def _specs(kw: dict[str, Any], rounds: int) -> tuple[OptimizerSpec, StrategySpec
     return opt, strat
 
 
+def _privacy(kw: dict[str, Any], rounds: int):  # noqa: ANN202 - setup.PrivacySpec
+    """Protocol v2's options of a new run (--head-codec, --secagg, --dp-*)."""
+    from fwdllm.aggregator.privacy import DPSpec
+    from fwdllm.aggregator.secure import SecAggOptions
+    from fwdllm.aggregator.setup import PrivacySpec
+
+    dp = None
+    if kw["dp_epsilon"] is not None:
+        try:
+            dp = DPSpec(epsilon=kw["dp_epsilon"], delta=kw["dp_delta"], clip=kw["dp_clip"], rounds=rounds,
+                        on_spent=kw["dp_on_spent"]).to_dict()
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    secagg = SecAggOptions(bound=kw["secagg_bound"]).to_dict() if kw["secagg"] else None
+    return PrivacySpec(head_codec=kw["head_codec"], secagg=secagg, dp=dp)
+
+
 def _dev_file(task: str, dev: Path | None) -> Path | None:
     """--dev, else the task's default dev split, else no evaluation."""
     from fwdllm.runtime.tasks import default_data
@@ -156,7 +173,7 @@ def serve(ctx: click.Context, bind: str, model: str, rounds: int, out: Path | No
                                 kw["init_adapter"])
         eval_every = kw["eval_every"] or max(1, rounds // 5)
         cfg, replica = setup.new_run(out, model_path, model_sha256(model_path), kw["task"], dev, kw["dev_limit"],
-                                     rounds, eval_every, lora, opt, strat)
+                                     rounds, eval_every, lora, opt, strat, _privacy(kw, rounds))
         run_dir, state, elapsed = out, {}, 0.0
     opts = ServerOptions(bind=bind, heartbeat_s=heartbeat_s, liveness=liveness,
                          round_timeout_s=round_timeout_s, min_clients=min_clients, quorum=quorum,

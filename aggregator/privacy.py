@@ -4,9 +4,10 @@ central noise and the accountant.
 See :mod:`fwdllm.core.dp` for the unit of privacy (one example) and what a
 device does.  Here:
 
-* **Calibration.**  The noise multiplier ``sigma`` is chosen when the run is
-  created so that ``rounds`` rounds of the Poisson-subsampled Gaussian
-  mechanism at the planned sampling rate ``q`` spend exactly the budget
+* **Calibration.**  The noise multiplier ``sigma`` is chosen at the first
+  round (when the devices' example counts are known) so that ``rounds``
+  rounds of the Poisson-subsampled Gaussian mechanism at that round's
+  sampling rate ``q`` spend exactly the budget
   ``(epsilon, delta)`` (``dp_accounting.calibrate_dp_mechanism`` over an RDP
   accountant).
 * **Where the noise goes.**  Central by default: the aggregator adds
@@ -114,8 +115,17 @@ class Ledger:
         self.rates.append(float(rate))
         return self.epsilon()
 
+    def calibrate(self, rate: float) -> None:
+        """Fix ``sigma`` at the first round, from the sampling rate the devices
+        that came report (their example counts are unknown before they join)."""
+        if self.spec.sigma <= 0:
+            self.spec = DPSpec.from_dict({**self.spec.to_dict(), "sample_rate": rate}).calibrated()
+
     def state_dict(self) -> dict:
-        return {"rates": list(self.rates)}
+        return {"sigma": self.spec.sigma, "sample_rate": self.spec.sample_rate, "rates": list(self.rates)}
 
     def load_state_dict(self, d: dict) -> None:
         self.rates = [float(q) for q in d.get("rates", [])]
+        if d.get("sigma"):
+            self.spec = DPSpec.from_dict({**self.spec.to_dict(), "sigma": float(d["sigma"]),
+                                          "sample_rate": float(d["sample_rate"])})

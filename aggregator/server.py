@@ -37,16 +37,23 @@ import zmq
 
 from fwdllm.aggregator import checkpoint
 from fwdllm.aggregator.checkpoint import RunConfig
+from fwdllm.aggregator.privacy import Ledger
+from fwdllm.aggregator.secure import AggregateRound
 from fwdllm.aggregator.strategy import ClientView, RoundConfig, Scored, Strategy, Work
+from fwdllm.core import compress, contribution
+from fwdllm.core.history import History, catch_up_plan
 from fwdllm.core.protocol import (
     Bye,
+    CatchUp,
     Error,
     Heartbeat,
     Join,
     Message,
     ProtocolError,
     Refuse,
+    Replay,
     Result,
+    SecAgg,
     Snapshot,
     SnapshotRequest,
     Task,
@@ -90,6 +97,9 @@ def welcome(cfg: RunConfig, replica: Replica, heartbeat_s: float) -> Welcome:
             "version": replica.version,
             "adapter_sha256": replica.sha,
             "rounds": cfg.rounds,
+            # protocol v2: a new device builds version 0 from this seed (None: it
+            # needs a snapshot, e.g. a run that started from --init-adapter)
+            "init_seed": cfg.init_seed,
         },
     )
 
@@ -168,10 +178,19 @@ class Aggregator:
         self.eval_out: dict[str, Any] = {}
         self.pending: tuple[Update, dict[str, Any]] | None = None  # stepped, not yet committed
         self.snapshot_cache: tuple[int, bytes] | None = None
-        self.traffic = {"heartbeat": 0, "snapshot": 0, "control": 0}
+        self.traffic = {"heartbeat": 0, "snapshot": 0, "replay": 0, "secagg": 0, "control": 0}
         self.session_id = uuid.uuid4().hex[:8]
         self.sock: zmq.Socket | None = None
         self.stop = threading.Event()  # set from another thread to end serve() early
+        # protocol v2: what a late device replays, the head codec's carried
+        # error, the privacy ledger, and the summed round in progress
+        extra = checkpoint.load_extra(run_dir)
+        self.history = extra.get("history") or History(replica.version, replica.sha)
+        self.head_residual: np.ndarray | None = extra.get("head_residual")
+        self.ledger = Ledger(config.dp_spec) if config.dp_spec else None
+        if self.ledger is not None:
+            self.ledger.load_state_dict(extra.get("dp", {}))
+        self.agg: AggregateRound | None = None
 
     # ------------------------------------------------------------------ #
     # main loop
@@ -274,9 +293,13 @@ class Aggregator:
         peers = sorted(self.peers.values(), key=lambda p: p.client_id)
         views = [self._view(p, i) for i, p in enumerate(peers)]
         number = self.replica.version + 1
+        if self.ledger is not None and self._budget_spent(views):
+            return
         cfg = self.strategy.begin(number, views)
         self.round = RoundState(number=number, config=cfg, participants=views, started=now,
                                 by_id={v.client_id: v for v in views})
+        if self.config.secagg or self.config.dp_spec:
+            self.agg = self._aggregate_round(number, views)
         self.first_round = False
         log.info("round %d/%d: %d clients", number, self.config.rounds, len(views))
         self._dispatch()
@@ -314,8 +337,12 @@ class Aggregator:
             batch_seed=work.batch_seed,
             one_sided=rs.config.one_sided,
             stratify=self.strategy.spec.stratify,
+            head_codec=self.config.head_codec,
+            **(self.agg.task_fields(peer.client_id) if self.agg else {}),
         )
         peer.work, peer.task = work, task
+        if self.agg is not None:
+            self.agg.seeds = work.seeds  # a shared plan: every participant scores the same seeds
         n = self._send(peer, task, "task")
         rs.bytes_down[peer.client_id] = rs.bytes_down.get(peer.client_id, 0) + n
 
@@ -326,13 +353,16 @@ class Aggregator:
             return
         task = peer.task
         n = len(task.seeds)
+        if self.agg is not None:
+            self._on_contribution(peer, lambda: self.agg.on_sums(peer.client_id, msg.sums, {}), msg.n_tokens, nbytes)
+            return
         if not (np.array_equal(msg.seeds, task.seeds) and len(msg.loss_plus) == n and len(msg.loss_minus) == n):
             self._send(peer, Error(reason="result does not match the task's seeds", code="result"), "control")
             return
         head = None
         if self.replica.layout.head is not None:
             try:
-                head = (msg.head_rows, head_array(msg.head_grad, self.replica.layout))
+                head = (msg.head_rows, head_array(msg.head_grad, self.replica.layout, msg.head_codec))
             except ProtocolError as e:
                 self._send(peer, Error(reason=f"result: {e}", code="result"), "control")
                 return
@@ -367,9 +397,22 @@ class Aggregator:
         for peer in self.peers.values():  # anything still out is late from now on
             peer.work, peer.task = None, None
         self.round = None
-        if not rs.results:
+        agg, self.agg = self.agg, None
+        if agg is not None:
+            if not agg.done:
+                log.warning("round %d: the sum was not complete (stage %s); it will be retried", rs.number, agg.stage)
+                return
+            head_mean_bytes = self._add_aggregate(rs, agg)
+        elif not rs.results:
             log.warning("round %d got no results; it will be retried", rs.number)
             return
+        else:
+            head_mean_bytes = head_mean(rs.head)
+        head_raw = b""
+        if head_mean_bytes:
+            # every replica applies the decoded bytes; the server carries the rounding error
+            mean = np.frombuffer(head_mean_bytes, "<f4").reshape(self.replica.layout.head)
+            head_raw, self.head_residual = compress.encode(mean, self.config.head_codec, self.head_residual)
         step = self.strategy.step()
         lr = self.config.optimizer_spec.lr_at(rs.number - 1)
         update = Update(
@@ -381,10 +424,12 @@ class Aggregator:
             coeffs=step.coeffs,
             mask=rs.config.mask.to_dict(),
             dist=rs.config.dist,
-            head_grad=head_mean(rs.head),
+            head_grad=head_raw,
+            head_codec=self.config.head_codec if head_raw else "f32",
         )
         sha = self.replica.apply(update)
         update = replace(update, adapter_sha256=sha)
+        self.history.append(update)
         self.strategy.committed(rs.number, step)
         update_bytes = sum(len(f) for f in update.to_frames())
         clients = sorted(set(rs.bytes_down) | set(rs.bytes_up))
@@ -392,7 +437,7 @@ class Aggregator:
         up = [rs.bytes_up.get(c, 0) for c in clients]
         record: dict[str, Any] = {
             "round": rs.number,
-            "loss": float(np.mean(rs.losses)),
+            "loss": float(np.mean(rs.losses)) if rs.losses else None,  # DP rounds report none
             "dev_loss": None,
             "dev_accuracy": None,
             "clients": len(rs.bytes_up),
@@ -409,6 +454,10 @@ class Aggregator:
             "round_s": round(time.monotonic() - rs.started, 3),
             **step.info,
         }
+        if agg is not None:
+            record["secagg_bytes_per_client"] = agg.sa_bytes // max(1, len(rs.participants)) if agg.server else None
+        if self.ledger is not None and agg is not None:
+            record["dp_epsilon_spent"] = self.ledger.record(agg.result()[3])
         self.pending = (update, record)
         if self.evaluate and (rs.number % self.config.eval_every == 0 or rs.number == self.config.rounds):
             self._start_eval()
@@ -425,14 +474,14 @@ class Aggregator:
         record["wall_s"] = round(elapsed, 3)
         record.update({f"bytes_{k}_total": v for k, v in self.traffic.items()})
         checkpoint.append_metrics(self.run_dir, record)
-        checkpoint.save(self.run_dir, self.replica, self.strategy.state_dict(), elapsed)
+        checkpoint.save(self.run_dir, self.replica, self.strategy.state_dict(), elapsed, self._extra())
         self.pending = None
         self._broadcast(update, "update")
         log.info(
-            "round %d/%d loss %.4f%s clients %d fwd %d down %d B up %d B (%.1f s)",
+            "round %d/%d loss %s%s clients %d fwd %d down %d B up %d B (%.1f s)",
             record["round"],
             self.config.rounds,
-            record["loss"],
+            "-" if record["loss"] is None else f"{record['loss']:.4f}",
             "" if record["dev_accuracy"] is None else f" dev acc {record['dev_accuracy']:.4f}",
             record["clients"],
             record["forward_passes"],
@@ -516,6 +565,10 @@ class Aggregator:
             self._on_result(peer, msg, nbytes)
         elif isinstance(msg, SnapshotRequest):
             self._send_snapshot(peer)
+        elif isinstance(msg, CatchUp):
+            self._catch_up(peer, msg)
+        elif isinstance(msg, SecAgg):
+            self._on_secagg(peer, msg, nbytes)
         elif isinstance(msg, Bye):
             log.info("client %s left: %s", peer.client_id, msg.reason)
             self._remove(identity, "bye")
@@ -559,3 +612,110 @@ class Aggregator:
             self.round.dropped.append(peer.client_id)
             if peer.work is not None:
                 self.strategy.drop(self._participant(peer), peer.work)
+            if self.agg is not None and peer.client_id in self.agg.index:
+                self._route(self.agg.drop(peer.client_id))
+
+    # ------------------------------------------------------------------ #
+    # protocol v2: catch-up by replay, summed rounds (--secagg, --dp-epsilon)
+    # ------------------------------------------------------------------ #
+
+    def _extra(self) -> dict[str, Any]:
+        return {"history": self.history, "head_residual": self.head_residual,
+                "dp": self.ledger.state_dict() if self.ledger else None}
+
+    def _catch_up(self, peer: Peer, msg: CatchUp) -> None:
+        """Replay the history from the device's version, or snapshot when
+        that is cheaper or the device is not on our history."""
+        if self.snapshot_cache is None or self.snapshot_cache[0] != self.replica.version:
+            self.snapshot_cache = (self.replica.version, self.replica.to_bytes())
+        rate = peer.join.replay_entries_per_s
+        plan = catch_up_plan(self.history, self.replica.layout, msg.version, msg.adapter_sha256,
+                             len(self.snapshot_cache[1]), **({"replay_entries_per_s": rate} if rate > 0 else {}))
+        log.info("client %s at version %d: %s (replay %d B, ~%.2f s; snapshot %d B, ~%.2f s)", peer.client_id,
+                 msg.version, plan.how, plan.replay_bytes, plan.replay_s, plan.snapshot_bytes, plan.snapshot_s)
+        if plan.how == "snapshot":
+            self._send_snapshot(peer)
+            return
+        blob = self.history.encode(msg.version, all_shas=False)
+        self._send(peer, Replay(version=self.replica.version, adapter_sha256=self.replica.sha, history=blob), "replay")
+
+    def _budget_spent(self, views: list[ClientView]) -> bool:
+        """True when the run must stop because the next round would pass the
+        privacy budget (``--dp-on-spent stop``); warns otherwise."""
+        assert self.ledger is not None
+        rate = max(min(1.0, self.strategy.spec.batch_size / max(1, v.n_examples)) for v in views)
+        self.ledger.calibrate(rate)
+        if not self.ledger.would_exceed(rate):
+            return False
+        spec = self.ledger.spec
+        if spec.on_spent == "warn":
+            log.warning("round %d passes the privacy budget epsilon=%g (spent %.3f); continuing (--dp-on-spent warn)",
+                        self.replica.version + 1, spec.epsilon, self.ledger.epsilon())
+            return False
+        log.warning("privacy budget epsilon=%g spent (%.3f): stopping before round %d (--dp-on-spent stop)",
+                    spec.epsilon, self.ledger.epsilon(), self.replica.version + 1)
+        self.config = replace(self.config, rounds=self.replica.version)  # _finished() ends serve()
+        return True
+
+    def _aggregate_round(self, number: int, views: list[ClientView]) -> AggregateRound:
+        rs = self.round
+        assert rs is not None
+        shape = contribution.Shape(self.strategy.spec.k, self.replica.layout.head, self.config.dp_spec is not None)
+        bs = self.strategy.spec.batch_size
+        return AggregateRound(
+            number, [v.client_id for v in views], shape, self.config.secagg_options,
+            self.ledger.spec if self.ledger else None,
+            rates={v.client_id: min(1.0, bs / max(1, v.n_examples)) for v in views},
+            batch_sizes={v.client_id: bs for v in views})
+
+    def _route(self, out: list[tuple[str, SecAgg]]) -> None:
+        by_id = {p.client_id: p for p in self.peers.values()}
+        for cid, m in out:
+            if cid in by_id:
+                self._send(by_id[cid], m, "secagg")
+        if self.agg is not None and (self.agg.done or self.agg.failed) and self.round is not None:
+            self._end_round()
+
+    def _on_contribution(self, peer: Peer, feed: Callable[[], list], n_tokens: int, nbytes: int) -> None:
+        rs = self.round
+        assert rs is not None and self.agg is not None
+        try:
+            out = feed()
+        except Exception as e:  # SecAggError, ValueError: this peer's input, never the loop's
+            self._send(peer, Error(reason=f"result: {e}", code="result"), "control")
+            return
+        rs.results += 1
+        rs.forward_passes += (len(peer.task.seeds) + 1) if rs.config.one_sided else 2 * len(peer.task.seeds)
+        rs.n_tokens += max(0, int(n_tokens))
+        rs.bytes_up[peer.client_id] = rs.bytes_up.get(peer.client_id, 0) + nbytes
+        self._route(out)
+
+    def _on_secagg(self, peer: Peer, msg: SecAgg, nbytes: int) -> None:
+        rs, agg = self.round, self.agg
+        if rs is None or agg is None or msg.round != rs.number or peer.client_id not in agg.index:
+            log.info("late/unexpected secagg %s for round %d from %s ignored", msg.stage, msg.round, peer.client_id)
+            return
+        if msg.stage == "masked":
+            tokens = msg.meta.get("n_tokens", 0)
+            self._on_contribution(peer, lambda: agg.on_secagg(peer.client_id, msg),
+                                  tokens if isinstance(tokens, int) else 0, nbytes)
+            return
+        rs.bytes_up[peer.client_id] = rs.bytes_up.get(peer.client_id, 0) + nbytes
+        try:
+            out = agg.on_secagg(peer.client_id, msg)
+        except Exception as e:
+            self._send(peer, Error(reason=f"secagg: {e}", code="result"), "control")
+            return
+        self._route(out)
+
+    def _add_aggregate(self, rs: RoundState, agg: AggregateRound) -> bytes:
+        """Hand the round's sum to the strategy as one result; the mean head
+        gradient as float32 bytes (b"" without a head)."""
+        proj, loss, head, _ = agg.result()
+        seeds = np.array(agg.seeds, dtype=np.uint32)
+        if not math.isnan(loss):
+            rs.losses.append(loss)
+        view = ClientView("sum", -1, 0.0, 0, 0)
+        work = Work(seeds=tuple(int(s) for s in seeds), batch_size=0, batch_seed=0)
+        self.strategy.add(view, work, Scored(seeds, proj, loss, rs.n_tokens, 0.0, rs.forward_passes))
+        return b"" if head is None else np.ascontiguousarray(head, dtype="<f4").tobytes()

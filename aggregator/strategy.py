@@ -222,6 +222,10 @@ def projected_mean(results: dict[int, list[float]], order: list[int]) -> tuple[n
     return np.array(seeds, dtype=np.uint32), np.array(means, dtype=np.float64)
 
 
+#: ``spec.extra`` key the server sets for summed rounds (not a --strategy-opt)
+SHARED = "shared_seeds"
+
+
 class ZOSGD(Strategy):
     """Plain zeroth-order SGD (MeZO-style): a fixed K perturbations per round.
 
@@ -248,11 +252,16 @@ class ZOSGD(Strategy):
         seeds = [derive_seed(s.run_seed, "seed", round, k) for k in range(s.k)]
         # k = 0 (head-only, --k 0 --head): every participant still scores a batch, with no seeds
         n = max(1, min(len(participants), s.k)) if s.k else len(participants)
+        # a summed round (--secagg, --dp-epsilon): everyone scores every seed, so the
+        # per-seed sum over clients is all the server needs and all it learns
+        shared = bool(s.extra.get(SHARED))
+        if shared:
+            n = len(participants)
         self._order = seeds
         self._proj = {}
         self._plan = {
             c.client_id: Work(
-                seeds=tuple(seeds[c.slot :: n]),
+                seeds=tuple(seeds) if shared else tuple(seeds[c.slot :: n]),
                 batch_size=min(s.batch_size, c.max_batch) if c.max_batch > 0 else s.batch_size,
                 batch_seed=derive_seed(s.run_seed, "batch", round, c.client_id),
             )

@@ -230,6 +230,15 @@ class Task(Message):
     #: draw the batch stratified by label (``edge_client.tasks.sample_batch``);
     #: False is the uniform draw of clients that predate the field
     stratify: bool = False
+    #: how to encode the result's head gradient (:mod:`fwdllm.core.compress`)
+    head_codec: str = "f32"
+    #: ``--secagg``: this round's :class:`~fwdllm.core.secagg.SecAggParams` plus
+    #: ``index``, the client's 1-based place; the result goes through ``SecAgg``
+    secagg: dict = field(default_factory=dict)
+    #: ``--dp-epsilon``: ``clip`` (per-example L2 bound), ``noise_std`` (the
+    #: device's share of the Gaussian, 0 when the server adds it): the device
+    #: Poisson-samples its batch and sends clipped per-seed sums (:mod:`fwdllm.core.dp`)
+    dp: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -254,6 +263,9 @@ class Result(Message):
     #: seeds (a head-only round, ``--k 0``): there is no ``loss_minus`` to
     #: carry it, and it is the round's training loss
     base_loss: float = 0.0
+    #: a task with ``dp`` (and no ``secagg``): the client's contribution
+    #: vector (:func:`fwdllm.core.contribution.vector`) instead of losses
+    sums: np.ndarray = field(default_factory=lambda: np.zeros(0), metadata={"array": F64s})
 
 
 @dataclass(frozen=True)
@@ -330,6 +342,21 @@ class Replay(Message):
     version: int
     adapter_sha256: str
     history: bytes
+
+
+@dataclass(frozen=True)
+class SecAgg(Message):
+    """Either way, ``--secagg`` rounds: one stage's payload of the secure
+    aggregation state machines (:mod:`fwdllm.core.secagg`).  Stages: ``keys``,
+    ``shares``, ``masked``, ``reveal`` (client -> server); ``roster``, ``inbox``,
+    ``unmask`` (server -> client).  ``meta`` carries a masked result's clear
+    bookkeeping (``n_tokens``, ``seconds``)."""
+
+    TYPE: ClassVar[str] = "secagg"
+    round: int
+    stage: str
+    data: bytes
+    meta: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
