@@ -455,6 +455,7 @@ class Aggregator:
             **step.info,
         }
         if agg is not None:
+            record["clients"] = len(agg.contributors)  # in the sum (a dropout may have sent keys and shares)
             record["secagg_bytes_per_client"] = agg.sa_bytes // max(1, len(rs.participants)) if agg.server else None
         if self.ledger is not None and agg is not None:
             record["dp_epsilon_spent"] = self.ledger.record(agg.result()[3])
