@@ -148,7 +148,6 @@ def test_secagg_round_completes_with_the_survivors_sum_when_one_of_four_drops_af
     np.testing.assert_allclose(agg.history.updates[0].coeffs, mean / K, rtol=0, atol=1e-6)
 
 
-@pytest.mark.timeout(90)
 @pytest.mark.timeout(120)
 def test_dp_rounds_write_epsilon_spent_and_stop_at_the_budget(tmp_path: Path) -> None:
     """Central DP on model-free devices that hold per-example losses: the run
