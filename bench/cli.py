@@ -10,6 +10,7 @@ from fwdllm.bench.memory import memory
 from fwdllm.bench.noise import noise
 from fwdllm.bench.probe import probe
 from fwdllm.bench.round import round_cmd
+from fwdllm.bench.secagg import secagg
 from fwdllm.bench.throughput import throughput
 from fwdllm.options import Group
 
@@ -30,8 +31,9 @@ def bench() -> None:
       fwdllm bench load --sizes 10,100,1000
       fwdllm bench probe --task agnews
       fwdllm bench noise --task sst2
+      fwdllm bench secagg --sizes 4,16,100
     """
 
 
-for _cmd in (throughput, round_cmd, convergence, memory, comm, fidelity, load, probe, noise):
+for _cmd in (throughput, round_cmd, convergence, memory, comm, fidelity, load, probe, noise, secagg):
     bench.add_command(_cmd)
