@@ -31,7 +31,7 @@ def bench() -> None:
       fwdllm bench load --sizes 10,100,1000
       fwdllm bench probe --task agnews
       fwdllm bench noise --task sst2
-      fwdllm bench secagg --sizes 4,16,100
+      fwdllm bench secagg --counts 4,16,100
     """
 
 

@@ -68,19 +68,19 @@ def one_round(n: int, length: int, drop: int = 1) -> dict[str, float]:
 
 
 @click.command("secagg", cls=Command)
-@click.option("--sizes", default="4,16,100", show_default=True, callback=number_list(int, 3, 1001),
+@click.option("--counts", default="4,16,100", show_default=True, callback=number_list(int, 3, 1001),
               help="Clients per round (comma-separated).")
 @click.option("--lengths", default="17,1171", show_default=True, callback=number_list(int, 1, 1 << 20),
               help="Vector lengths: K=16 scalars + loss; plus an SST-2 head on SmolLM2 (2 x 576 + rows).")
 @option("out", default=RESULTS, help=out_help("secagg"))
-def secagg(sizes: list[int], lengths: list[int], out: Path) -> None:
+def secagg(counts: list[int], lengths: list[int], out: Path) -> None:
     """Secure aggregation's cost per round: client and server compute, bytes per client.
 
     \b
     Example:
-      fwdllm bench secagg --sizes 4,16,100
+      fwdllm bench secagg --counts 4,16,100
     """
-    rows = [one_round(n, length) for length in lengths for n in sizes]
+    rows = [one_round(n, length) for length in lengths for n in counts]
     write_result(out, "secagg", {"rounds": rows}, {
         "Secure aggregation per round, one client dropping after its shares": (
             ["clients", "degree", "threshold", "vector", "client ms (each)", "server ms", "bytes per client"],
