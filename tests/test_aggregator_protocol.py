@@ -77,7 +77,7 @@ def test_hostile_frames_get_errors_and_server_keeps_serving(tmp_path: Path) -> N
             [b"[1, 2, 3]"],
             [json.dumps({**join, "v": 99}).encode()],  # unknown version
             [json.dumps({**join, "type": "nope"}).encode()],
-            [json.dumps({"v": 1, "type": "join"}).encode()],  # missing fields
+            [json.dumps({"v": 2, "type": "join"}).encode()],  # missing fields
             [json.dumps({**join, "tokens_per_s": "fast"}).encode()],  # wrong type
             [b"{" + b" " * (100 * 1024) + b"}"],  # header over the 64 KiB limit
             [b"{}"] * 20,  # too many frames

@@ -143,3 +143,10 @@ def test_directions_of_a_history_are_the_contract_directions():
     lay = _layout()
     d = direction(int(up.seeds[0]), lay, PerturbMask.from_dict(up.mask), up.dist)
     assert set(d) == {"blk.1.attn_v.weight.lora_b"}
+
+
+def test_a_version_1_frame_is_refused_with_the_version_in_the_message():
+    from fwdllm.core.protocol import ProtocolError
+
+    with pytest.raises(ProtocolError, match=r"unsupported protocol version 1 \(want 2\)"):
+        Message.from_frames([b'{"v":1,"type":"hb"}'])
