@@ -137,3 +137,16 @@ def test_secagg_plus_graph_at_40_clients_survives_three_dropouts():
     assert all(u in hoods[v - 1] for u in range(1, 41) for v in hoods[u - 1])  # symmetric
     keep = [x for u, x in enumerate(xs, 1) if u not in {5, 17, 33}]
     np.testing.assert_allclose(total, np.sum(keep, axis=0), rtol=0, atol=40 * 2.0**-params.frac_bits)
+
+
+def test_secagg_bench_smoke(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from fwdllm.bench.secagg import secagg
+
+    res = CliRunner().invoke(secagg, ["--counts", "3,5", "--lengths", "4", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "secagg.json").read_text())["rounds"]
+    assert [r["clients"] for r in rows] == [3, 5] and all(r["bytes_per_client"] > 0 for r in rows)
