@@ -5,6 +5,7 @@ import click
 from fwdllm.bench.comm import comm
 from fwdllm.bench.convergence import convergence
 from fwdllm.bench.fidelity import fidelity
+from fwdllm.bench.field import field_link, field_memory, field_quota
 from fwdllm.bench.load import load
 from fwdllm.bench.memory import memory
 from fwdllm.bench.noise import noise
@@ -31,9 +32,13 @@ def bench() -> None:
       fwdllm bench load --sizes 10,100,1000
       fwdllm bench probe --task agnews
       fwdllm bench noise --task sst2
+      fwdllm bench field-link --rtt 0.3 --loss 0.02 --rate 1
+      fwdllm bench field-quota --mixes "1,0.5,0.25,0.25"
+      fwdllm bench field-memory --synth llama2-7b --mem-limit 4.5
       fwdllm bench secagg --counts 4,16,100
     """
 
 
-for _cmd in (throughput, round_cmd, convergence, memory, comm, fidelity, load, probe, noise, secagg):
+for _cmd in (throughput, round_cmd, convergence, memory, comm, fidelity, load, probe, noise,
+             field_link, field_quota, field_memory, secagg):
     bench.add_command(_cmd)

@@ -11,6 +11,8 @@ any GGUF file.
 
 from __future__ import annotations
 
+import hashlib
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -52,13 +54,16 @@ class QuadraticScorer:
     """Worker scorer for ``L(theta) = mean((theta - target)^2)`` over masked tensors.
 
     ``target`` is 1.0 everywhere, so training moves B away from zero and the
-    loss must fall.  ``delay_s`` simulates compute time; ``noise`` (seeded
-    by the task's batch seed) simulates data noise.
+    loss must fall.  ``delay_s`` simulates compute time as a wait;
+    ``cpu_work`` as real work (SHA-256 rounds per seed), which a CPU quota or
+    a slow core stretches the way it stretches a forward pass; ``noise``
+    (seeded by the task's batch seed) simulates data noise.
     """
 
     task_name: str = "synthetic"
     delay_s: float = 0.0
     noise: float = 0.0
+    cpu_work: int = 0
 
     def loss(self, tensors: dict[str, np.ndarray], names: list[str], batch_seed: int) -> float:
         sq = sum(float(np.sum((tensors[n].astype(np.float64) - 1.0) ** 2)) for n in names)
@@ -77,8 +82,42 @@ class QuadraticScorer:
             plus.append(self.loss({n: tensors[n] + task.eps * v[n] for n in names}, names, task.batch_seed))
             minus.append(base if task.one_sided else
                          self.loss({n: tensors[n] - task.eps * v[n] for n in names}, names, task.batch_seed))
+        burn(self.cpu_work * len(task.seeds))
         time.sleep(self.delay_s)
         return Result(round=task.round, seeds=np.asarray(task.seeds, dtype=np.uint32),
                       loss_plus=np.array(plus), loss_minus=np.array(minus),
                       n_tokens=len(task.seeds), seconds=time.perf_counter() - t0)
 
+
+
+def burn(rounds: int) -> None:
+    """``rounds`` chained SHA-256 hashes: CPU work that no cache or vector unit shortcuts."""
+    h = b""
+    for _ in range(rounds):
+        h = hashlib.sha256(h).digest()
+
+
+def tokens_per_s(scorer: QuadraticScorer, probe_seeds: int = 4) -> float:
+    """The fake's self-benchmark for its Join, as a device measures its decode speed:
+    one "token" per seed, so the aggregator's throughput estimate is in seeds/s."""
+    t0 = time.perf_counter()
+    burn(scorer.cpu_work * probe_seeds)
+    return probe_seeds / max(time.perf_counter() - t0 + scorer.delay_s * probe_seeds, 1e-6)
+
+
+def main(argv: list[str]) -> None:
+    """``python -m fwdllm.testing.fake URL CLIENT_ID CPU_WORK``: one model-free device as its own
+    process (a real Worker), e.g. inside a CPU-limited cgroup; exits on the run's Bye."""
+    from fwdllm.core.protocol import Join
+    from fwdllm.edge_client.worker import EventLog, Worker
+
+    url, cid, work = argv[0], argv[1], int(argv[2])
+    scorer = QuadraticScorer(cpu_work=work)
+    speed = tokens_per_s(scorer)
+    join = Join(client_id=cid, model_sha256=FAKE_MODEL_SHA, tokens_per_s=speed, mem_bytes=0, max_batch=8,
+                n_examples=100)
+    Worker(url, cid, lambda _: join, scorer, EventLog(None), give_up_s=60).run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
