@@ -24,7 +24,7 @@ from fwdllm.options import (
     threads_for,
     training_options,
 )
-from fwdllm.runtime.transport import server_keys
+from fwdllm.runtime.transport import check_bind, server_keys
 
 
 def _check_head_only(kw: dict[str, Any]) -> None:
@@ -105,14 +105,32 @@ def aggregator() -> None:
     """The federated-training server (ZeroMQ ROUTER)."""
 
 
+#: serve's own options (parameter names) that run.json keeps: ``--resume`` restores
+#: them, and any of them given again on the command line wins (and is kept)
+SERVE_OPTIONS = ("bind", "min_clients", "heartbeat_s", "liveness", "round_timeout_s", "quorum", "deadline_floor_s",
+                 "deadline_slack", "evict_after", "threads", "curve_secret", "allow")
+
+
+def _serve_options(ctx: click.Context, saved: dict[str, Any] | None) -> dict[str, Any]:
+    """This process's serve options: the command line's, or on ``--resume``
+    the run's saved ones for every flag not given again."""
+    mine = {k: ctx.params[k] for k in SERVE_OPTIONS}
+    mine.update({k: str(Path(v).resolve()) for k in ("curve_secret", "allow") if (v := mine[k]) is not None})
+    if saved is None:
+        return mine
+    given = {k for k in SERVE_OPTIONS if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+    return {k: mine[k] if k in given or k not in saved else saved[k] for k in SERVE_OPTIONS}
+
+
 @aggregator.command("serve")
 @click.option("--bind", default="tcp://*:5555", show_default=True, help="ZeroMQ address to listen on.")
 @option("model")
 @option("rounds", default=50)
 @option("out", help="Run directory for checkpoints, metrics and adapter.gguf.")
 @click.option("--resume", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-              help="Continue RUN_DIR from its last finished round (training options come from RUN_DIR/run.json; "
-                   "--model defaults to the run's).")
+              help="Continue RUN_DIR from its last finished round. Training options come from RUN_DIR/run.json, "
+                   "and so do this command's own options (--bind, --min-clients, timeouts, keys...) unless given "
+                   "again; --model defaults to the run's.")
 @click.option("--min-clients", type=click.IntRange(1), default=1, show_default=True,
               help="Clients to wait for before this process's first round.")
 @click.option("--heartbeat", "heartbeat_s", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
@@ -123,13 +141,23 @@ def aggregator() -> None:
               help="Finish a round with whatever came back after this many seconds.")
 @click.option("--quorum", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="End a round once this fraction of its clients reported (stragglers' results then count as late).")
+@click.option("--deadline-floor", "deadline_floor_s", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="A task's deadline is this many seconds plus --deadline-slack times the client's measured "
+                   "seconds per seed (a client not measured yet: the median client's; before anyone is: slack x "
+                   "floor). A task past its deadline goes to another client in the same round.")
+@click.option("--deadline-slack", type=click.FloatRange(min=1), default=4.0, show_default=True,
+              help="How many times its measured speed a client may take over a task (see --deadline-floor).")
+@click.option("--evict-after", type=click.IntRange(1), default=3, show_default=True,
+              help="Task deadlines a client may miss in a row before it is evicted from the run (under CURVE its "
+                   "key is then refused at every handshake).")
 @option("threads")
 @server_key_options
 @training_options(sorted(STRATEGIES))
 @click.pass_context
 def serve(ctx: click.Context, bind: str, model: str, rounds: int, out: Path | None, resume: Path | None,
           min_clients: int, heartbeat_s: float, liveness: int, round_timeout_s: float, quorum: float,
-          threads: int | None, curve_secret: Path | None, allow: Path | None, **kw: Any) -> None:
+          deadline_floor_s: float, deadline_slack: float, evict_after: int, threads: int | None,
+          curve_secret: Path | None, allow: Path | None, **kw: Any) -> None:
     """Run the aggregator: hand out seeds, turn scalars into LoRA updates.
 
     Each round every participating client gets seeds and a batch seed, returns
@@ -143,44 +171,52 @@ def serve(ctx: click.Context, bind: str, model: str, rounds: int, out: Path | No
       fwdllm aggregator serve --model smollm2-135m --task sst2 --rounds 100 --out runs/a
       fwdllm aggregator serve --resume runs/a
     """
-    from fwdllm.aggregator import setup
+    from fwdllm.aggregator import checkpoint, setup
     from fwdllm.aggregator.server import Aggregator, ServerOptions
-    from fwdllm.runtime.log import quiet_llama
+    from fwdllm.runtime.log import log_to_stderr_without_blocking, quiet_llama
     from fwdllm.runtime.models import model_sha256, resolve_model
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s aggregator %(message)s")
+    listener = log_to_stderr_without_blocking("%(asctime)s aggregator %(message)s")
     logging.getLogger("fwdllm").setLevel(logging.INFO)
     quiet_llama()
-    keys = server_keys(curve_secret, allow)  # bad key files fail before any run directory is touched
-    if resume is not None:
-        run_dir = resume
-        if out is not None and out.resolve() != resume.resolve():
-            raise UserError("--out and --resume name different directories")
-        if not (run_dir / "run.json").is_file():
-            raise UserError(f"{run_dir} is not a run directory (no run.json)")
-        from fwdllm.aggregator.checkpoint import read_config
-
-        given = ctx.get_parameter_source("model") is not click.core.ParameterSource.DEFAULT
-        model_path = resolve_model(model if given else read_config(run_dir).model)
-        cfg, replica, state, elapsed = setup.resume_run(run_dir, model_sha256(model_path))
-    else:
-        if out is None:
-            raise UserError("a new run needs --out RUN_DIR (or --resume RUN_DIR)")
-        model_path = resolve_model(model)
-        opt, strat = _specs(kw, rounds)
-        dev = _dev_file(kw["task"], kw["dev"])
-        lora = setup.LoraSpec(kw["rank"], kw["lora_alpha"], parse_targets(kw["targets"]), kw["seed"], kw["head"],
-                                kw["init_adapter"])
-        eval_every = kw["eval_every"] or max(1, rounds // 5)
-        cfg, replica = setup.new_run(out, model_path, model_sha256(model_path), kw["task"], dev, kw["dev_limit"],
-                                     rounds, eval_every, lora, opt, strat, _privacy(kw, rounds))
-        run_dir, state, elapsed = out, {}, 0.0
-    opts = ServerOptions(bind=bind, heartbeat_s=heartbeat_s, liveness=liveness,
-                         round_timeout_s=round_timeout_s, min_clients=min_clients, quorum=quorum,
-                         keys=keys)
-    server = Aggregator(run_dir, cfg, replica, setup.strategy_for(cfg, state), opts,
-                        setup.evaluator(cfg, model_path, threads_for(threads)), elapsed)
-    server.serve()
+    try:
+        if resume is not None:
+            run_dir = resume
+            if out is not None and out.resolve() != resume.resolve():
+                raise UserError("--out and --resume name different directories")
+            if not (run_dir / "run.json").is_file():
+                raise UserError(f"{run_dir} is not a run directory (no run.json)")
+            cfg = checkpoint.read_config(run_dir)
+            values = _serve_options(ctx, cfg.serve or {})
+            check_bind(values["bind"])
+            keys = server_keys(*(Path(v) if v else None for v in (values["curve_secret"], values["allow"])))
+            given = ctx.get_parameter_source("model") is not click.core.ParameterSource.DEFAULT
+            model_path = resolve_model(model if given else cfg.model)
+            cfg, replica, state, elapsed = setup.resume_run(run_dir, model_sha256(model_path))
+            cfg = checkpoint.save_serve_options(run_dir, cfg, values)
+            evicted = tuple(checkpoint.server_state(run_dir).get("evicted", ()))
+        else:
+            if out is None:
+                raise UserError("a new run needs --out RUN_DIR (or --resume RUN_DIR)")
+            values = _serve_options(ctx, None)
+            check_bind(values["bind"])
+            keys = server_keys(curve_secret, allow)  # bad key files fail before any run directory is touched
+            model_path = resolve_model(model)
+            opt, strat = _specs(kw, rounds)
+            dev = _dev_file(kw["task"], kw["dev"])
+            lora = setup.LoraSpec(kw["rank"], kw["lora_alpha"], parse_targets(kw["targets"]), kw["seed"], kw["head"],
+                                  kw["init_adapter"])
+            eval_every = kw["eval_every"] or max(1, rounds // 5)
+            cfg, replica = setup.new_run(out, model_path, model_sha256(model_path), kw["task"], dev, kw["dev_limit"],
+                                         rounds, eval_every, lora, opt, strat, _privacy(kw, rounds), serve=values)
+            run_dir, state, elapsed, evicted = out, {}, 0.0, ()
+        opts = ServerOptions(keys=keys, **{k: values[k] for k in SERVE_OPTIONS if k not in ("threads", "curve_secret",
+                                                                                          "allow")})
+        server = Aggregator(run_dir, cfg, replica, setup.strategy_for(cfg, state), opts,
+                            setup.evaluator(cfg, model_path, threads_for(values["threads"])), elapsed, evicted)
+        server.serve()
+    finally:
+        listener.stop()
     click.echo(f"done: {cfg.rounds} rounds; adapter at {run_dir / 'adapter.gguf'}")
 
 

@@ -56,6 +56,7 @@ class AggregateRound:
         self.stage = "sums"
         self.sa_bytes = 0
         self.seeds: tuple[int, ...] = ()  # the shared plan's seeds (the server sets them at the first task)
+        self.reveal_deadline: float | None = None  # the loop's clock: when silent revealers are dropped
         if secagg is not None:
             n = len(client_ids)
             self.params = SecAggParams(n=n, threshold=SecAggParams.default_threshold(n), length=shape.length,
@@ -98,8 +99,28 @@ class AggregateRound:
         return self._advance()
 
     def drop(self, client_id: str) -> list[tuple[str, SecAgg]]:
+        """``client_id`` left the round (gone, or its deadline passed): the
+        stages go on without it, its masks recovered from the others' shares."""
         self.live.discard(self.index[client_id])
         return self._advance()
+
+    def fail(self, why: str) -> list[tuple[str, SecAgg]]:
+        """Give the round up (nothing to send): the loop retries it."""
+        log.warning("round %d: the sum failed: %s", self.number, why)
+        self.stage = "failed"
+        return []
+
+    def awaiting(self) -> list[str]:
+        """The identities the last stage still waits on: survivors that have
+        not revealed (the only stage in which no participant holds a task, so
+        the loop times it with :attr:`reveal_deadline`)."""
+        if self.stage != "reveal" or self.server is None:
+            return []
+        return [self.ids[u] for u in sorted(self.live - set(self.server.reveals))]
+
+    def is_live(self, client_id: str) -> bool:
+        """Is ``client_id`` (an identity) in this round's sum and not dropped from it?"""
+        return self.index.get(client_id) in self.live
 
     @property
     def done(self) -> bool:
@@ -136,9 +157,12 @@ class AggregateRound:
                 self.stage = "reveal"
                 req = s.unmask_request()
                 return self._send("unmask", sorted(s.request[0]), lambda v: req)
-            if self.stage == "reveal" and (self.live <= set(s.reveals) or len(s.reveals) >= len(self.live)) \
-                    and s.ready():
-                self._finish(s.request[0], s.total())
+            if self.stage == "reveal":
+                heard_all = self.live <= set(s.reveals)
+                if s.ready() and (heard_all or len(s.reveals) >= len(self.live)):
+                    self._finish(s.request[0], s.total())
+                elif heard_all:
+                    raise SecAggError(f"{len(s.reveals)} reveals, below the threshold {self.params.threshold}")
         except SecAggError as e:
             log.warning("round %d: secure aggregation failed: %s", self.number, e)
             self.stage = "failed"
@@ -148,6 +172,10 @@ class AggregateRound:
         if self.params is not None and np.abs(total).max(initial=0) > len(contributors) * self.params.bound:
             # each honest entry is clipped to +-bound: a sum outside n x bound is a lie
             raise SecAggError(f"the sum leaves +-{len(contributors)} x bound: a client sent an out-of-range vector")
+        rows = contribution.split(self.shape, total).rows
+        if rows > sum(self.batch_sizes[self.ids[u]] for u in contributors) + 0.5:  # + fixed-point rounding
+            # an honest device weighs its head gradient by at most its task's batch
+            raise SecAggError(f"the sum claims {rows:g} head rows, more than the contributors' batches hold")
         if self.dp is not None and self.params is None:
             rng = np.random.default_rng()
             total = total + rng.normal(0.0, self.dp.sigma * self.dp.clip, total.shape)  # central noise
@@ -157,16 +185,20 @@ class AggregateRound:
 
     # -- the round's estimate ---------------------------------------------- #
 
-    def result(self) -> tuple[np.ndarray, float, np.ndarray | None, float]:
-        """(mean projection per seed, mean loss, mean head gradient or None, the
-        largest sampling rate among the contributors)."""
+    @property
+    def sampling_rate(self) -> float:
+        """The largest sampling rate among the participants: the DP ledger's
+        ``q`` (every participant touched its data, dropped or not)."""
+        return max(self.rates.values(), default=0.0)
+
+    def result(self) -> tuple[np.ndarray, float, np.ndarray | None]:
+        """(mean projection per seed, mean loss, mean head gradient or None)."""
         assert self.total is not None
         parts = contribution.split(self.shape, self.total)
         n = len(self.contributors)
         if self.dp is not None:
             # the sum of clipped per-example scalars over the expected batch: a mean over examples
             denom = sum(self.batch_sizes[c] for c in self.contributors)
-            rate = max(self.rates.values())  # every participant touched its data, dropped or not
-            return parts.projections / denom, float("nan"), None, rate
+            return parts.projections / denom, float("nan"), None
         head = parts.head / parts.rows if parts.head is not None and parts.rows > 0 else None
-        return parts.projections / n, parts.loss / n, head, 0.0
+        return parts.projections / n, parts.loss / n, head

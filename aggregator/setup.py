@@ -15,6 +15,7 @@ from fwdllm.aggregator.checkpoint import RunConfig
 from fwdllm.aggregator.registry import make_strategy
 from fwdllm.aggregator.strategy import SHARED, Strategy, StrategySpec
 from fwdllm.core.errors import UserError
+from fwdllm.core.files import output_dir
 from fwdllm.core.gguf_file import read_header
 from fwdllm.core.layout import HEAD, LoraLayout
 from fwdllm.core.optim import Optimizer, OptimizerSpec
@@ -58,13 +59,15 @@ def new_run(
     optimizer: OptimizerSpec,
     strategy: StrategySpec,
     privacy: PrivacySpec = PrivacySpec(),
+    serve: dict[str, Any] | None = None,
 ) -> tuple[RunConfig, Replica]:
-    """Write run.json and the round-0 checkpoint in a fresh ``out``."""
+    """Write run.json (with the ``serve`` options) and the round-0 checkpoint in a fresh ``out``."""
     from fwdllm.core.lora import init_lora
     from fwdllm.runtime.tasks import load_task
 
     if (out / checkpoint.STATE).exists() or (out / checkpoint.RUN_JSON).exists():
         raise UserError(f"{out} already holds a run; continue it with --resume {out} or pick another --out")
+    output_dir(out)
     if lora.init_adapter is not None:
         layout, tensors = adapter_start(lora, model)
     else:
@@ -101,8 +104,8 @@ def new_run(
         head_codec=privacy.head_codec,
         secagg=privacy.secagg,
         dp=privacy.dp,
+        serve=serve,
     )
-    out.mkdir(parents=True, exist_ok=True)
     replica = Replica(layout, tensors, Optimizer(optimizer), version=0)
     checkpoint.write_config(out, cfg)
     checkpoint.save(out, replica, {}, 0.0)
@@ -153,7 +156,11 @@ def resume_run(run_dir: Path, model_sha: str) -> tuple[RunConfig, Replica, dict[
     cfg = checkpoint.read_config(run_dir)
     if model_sha != cfg.model_sha256:
         raise UserError(f"model sha256 {model_sha[:16]}... is not the run's base model {cfg.model_sha256[:16]}...")
-    replica, strategy_state, elapsed = checkpoint.load(run_dir, cfg.optimizer_spec)
+    try:
+        spec = cfg.optimizer_spec
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{run_dir / checkpoint.RUN_JSON}: bad optimizer ({e})") from None
+    replica, strategy_state, elapsed = checkpoint.load(run_dir, spec)
     checkpoint.trim_metrics(run_dir, replica.version)
     return cfg, replica, strategy_state, elapsed
 
@@ -179,13 +186,19 @@ def check_summed(strategy: StrategySpec, privacy: PrivacySpec, head: bool) -> No
 def strategy_for(cfg: RunConfig, state: dict[str, Any]) -> Strategy:
     """The run's strategy at ``state``; ``spec.extra["layout"]`` is the run's
     LoRA layout (discriminative sampling and block schedules need it)."""
-    spec = StrategySpec.from_dict(cfg.strategy)
+    try:
+        spec = StrategySpec.from_dict(cfg.strategy)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"run.json: bad strategy {cfg.strategy!r:.80} ({e})") from None
     shared = {SHARED: True} if cfg.secagg is not None or cfg.dp is not None else {}
     try:
         strategy = make_strategy(replace(spec, extra={**spec.extra, "layout": cfg.layout, **shared}))
     except ValueError as e:  # a bad --strategy-opt is the user's to fix: one line, no traceback
         raise UserError(f"strategy {spec.name!r}: {e}") from None
-    strategy.load_state_dict(state)
+    try:
+        strategy.load_state_dict(state)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"the checkpoint's strategy state does not fit strategy {spec.name!r} ({e})") from None
     return strategy
 
 

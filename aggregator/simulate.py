@@ -22,6 +22,7 @@ import numpy as np
 
 from fwdllm.aggregator.checkpoint import read_metrics
 from fwdllm.core.errors import UserError
+from fwdllm.core.files import output_dir
 from fwdllm.options import BOOL_FLAGS, TRAINING_KEYS, threads_for
 
 #: --quick / --long presets; explicit options win.  50 rounds is a demo's budget;
@@ -152,6 +153,7 @@ def run_simulation(*, model: str, clients: int, rounds: int | None, out: Path, d
     kw["eval_every"] = min(kw["eval_every"], rounds)
     if (out / "run.json").exists():
         raise UserError(f"{out} already holds a run; pick another --out")
+    output_dir(out)
     model_path = resolve_model(model)
     threads = threads_for(threads, clients + 1)
     shards = write_shards(kw["task"], out / "shards", clients, shard_size, dirichlet, kw["seed"])

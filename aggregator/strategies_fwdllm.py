@@ -124,6 +124,7 @@ class FwdLLM(Strategy):
         self._issued: list[int] = []
         self._proj: dict[int, float] = {}
         self._queue: list[tuple[tuple[int, ...], int]] = []
+        self._spare = 0  # seeds of shares whose client left before taking them
         self._obs_seeds: list[int] = []
         self._obs_vals: list[float] = []
         self._raw: dict[str, list] | None = None
@@ -138,7 +139,7 @@ class FwdLLM(Strategy):
         self._mask = s.mask
         if o.blocks > 1:
             self._mask = algos.block_mask(round, self.layout.n_layers, o.blocks, s.mask)
-        self._issued, self._proj, self._queue = [], {}, []
+        self._issued, self._proj, self._queue, self._spare = [], {}, [], 0
         self._obs_seeds, self._obs_vals = [], []
         self._raw = None
         self._u = self._previous_direction() if o.oversample else None
@@ -212,7 +213,14 @@ class FwdLLM(Strategy):
     def next_work(self, client: ClientView) -> Work | None:
         if not self.opts.pacing:
             n = self._share.pop(client.client_id, 0)
-            return self._work(client, self._draw(n), 0) if n else None
+            if not n and self._spare:
+                n, self._spare = self._spare, 0
+            if n:
+                return self._work(client, self._draw(n), 0)
+            if self._queue:  # a share someone dropped, scored on this client's batch
+                seeds, replica = self._queue.pop(0)
+                return self._work(client, seeds, replica)
+            return None
         if self.ready():
             return None
         if self._queue:
@@ -232,8 +240,10 @@ class FwdLLM(Strategy):
         self._tp[client.client_id] = algos.ewma_throughput(prev, scored.n_tokens, scored.seconds)
 
     def drop(self, client: ClientView, work: Work | None) -> None:
-        if work is not None and self.opts.pacing:  # someone else scores it on another batch
+        if work is not None and work.seeds:  # someone else scores it on another batch
             self._queue.append((work.seeds, self.opts.replicas + len(self._obs_vals)))
+        if not self.opts.pacing:  # a share it never took goes to the next idle client
+            self._spare += self._share.pop(client.client_id, 0)
 
     def ready(self) -> bool:
         o = self.opts

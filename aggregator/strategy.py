@@ -10,11 +10,18 @@ enough perturbations to step.  The loop drives one round like this::
         work = strategy.next_work(c)            # Work (seeds + batch) or None = nothing for c now
         -> Task to c
     on a Result from c:  strategy.add(c, work, scored)
-    on c dying/leaving:  strategy.drop(c, work)  # work outstanding, never scored
+    on c dying/leaving, or missing its task's deadline:
+                         strategy.drop(c, work)  # never scored: hand it to someone else
     the round ends as soon as strategy.ready(), or when no work is outstanding
     and next_work() has nothing more for anyone, or at the round deadline;
-    then step = strategy.step()                 # seeds + coefficients of the gradient estimate
+    then head = strategy.head_step(heads)       # --head runs: the head's gradient
+         step = strategy.step()                 # seeds + coefficients of the gradient estimate
     -> Optimizer.step(combine(step.seeds, step.coeffs, ...)) -> Update to everyone
+
+Participants arrive in an order no client can choose: the loop sorts them by
+a hash of (run seed, round, identity), where the identity is the client's
+CURVE key (its allow-list name), never a name the client picked; ``slot`` is
+the position in that order and ``client_id`` is that identity.
 
 What this supports without touching the loop (``strategies_fwdllm.py`` uses
 all of it; :mod:`fwdllm.aggregator.registry` lists every strategy by name):
@@ -43,7 +50,7 @@ CLI's ``--strategy`` choice list is built from that dict.
 
 Rules a strategy must keep, because ``--resume`` promises a bit-identical
 trajectory: everything it decides is a pure function of the run seed, the
-round, the participants (sorted by client id, their ``slot``), the scalars it
+round, the participants (in the loop's order, their ``slot``), the scalars it
 was given and its own state; and ``state_dict()`` / ``load_state_dict()``
 round-trip that state exactly (JSON; Python floats survive JSON exactly).
 ``step()`` must not depend on the *arrival order* of results.
@@ -65,8 +72,8 @@ from fwdllm.core.seeds import derive_seed
 class ClientView:
     """What a strategy may know about a participant of the current round."""
 
-    client_id: str
-    slot: int  # position among the round's participants, sorted by client_id
+    client_id: str  # the client's identity: its CURVE key's allow-list name (plaintext: the id it sent)
+    slot: int  # position among the round's participants, in the loop's keyed-hash order
     tokens_per_s: float
     n_examples: int
     max_batch: int
@@ -171,7 +178,7 @@ class Strategy(ABC):
 
     @abstractmethod
     def begin(self, round: int, participants: list[ClientView]) -> RoundConfig:
-        """Start ``round`` (1-based) with these live clients, sorted by id."""
+        """Start ``round`` (1-based) with these live clients, in the loop's order."""
 
     @abstractmethod
     def next_work(self, client: ClientView) -> Work | None:
@@ -182,7 +189,10 @@ class Strategy(ABC):
         """Record a client's scalars for ``work``."""
 
     def drop(self, client: ClientView, work: Work | None) -> None:
-        """``client`` left the round; ``work`` (if any) will never be scored."""
+        """``client`` left the round or missed its deadline; ``work`` (if any)
+        will never be scored by it.  A strategy should offer that work to the
+        next idle client in this round (the loop never hands a client work
+        again in a round where its deadline passed)."""
 
     def ready(self) -> bool:
         """Stop the round now, even if work is outstanding (pacing rules)."""
@@ -199,6 +209,13 @@ class Strategy(ABC):
     def step(self) -> Step:
         """The round's gradient estimate; called once, with >= 1 result in."""
 
+    def head_step(self, heads: dict[tuple, tuple[int, np.ndarray]]) -> np.ndarray | None:
+        """The classifier head's gradient for the round (``--head`` runs), from
+        ``heads``: (client id, batch seed, seeds) -> (rows, gradient), every
+        result's exact head gradient over ``rows`` examples.  Called once per
+        stepped round, before :meth:`step`."""
+        return head_mean(heads)
+
     def committed(self, round: int, step: Step) -> None:
         """The loop applied ``step`` as round ``round`` (keep it if you need it)."""
 
@@ -208,6 +225,16 @@ class Strategy(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`."""
+
+
+def head_mean(grads: dict[tuple, tuple[int, np.ndarray]]) -> np.ndarray | None:
+    """The row-weighted mean of head gradients (float64 sums in sorted key
+    order: the arrival order never shows in the bits), or None when empty."""
+    if not grads:
+        return None
+    total = sum(rows for rows, _ in grads.values())
+    acc = sum((rows * g.astype(np.float64) for rows, g in (grads[k] for k in sorted(grads))), np.float64(0))
+    return acc / total
 
 
 def projected_mean(results: dict[int, list[float]], order: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -232,7 +259,9 @@ class ZOSGD(Strategy):
     The K seeds of round r are split evenly over the participants (slot i
     gets seeds i, i+n, ...), each scores its share on one local batch, and
     the estimate is ``g = 1/K' * sum_k proj_k * u_k`` over the K' seeds that
-    came back.  A dead client's seeds are simply missing from the sum.
+    came back.  The share of a client that dies or misses its deadline goes
+    to the next idle participant (scored on that client's batch); seeds
+    nobody scored by the end of the round are missing from the sum.
 
     K = 0 is the head-only mode (``--k 0 --head``): every participant scores
     one batch at the current adapter and sends only its exact head gradient,
@@ -244,21 +273,25 @@ class ZOSGD(Strategy):
     def __init__(self, spec: StrategySpec) -> None:
         super().__init__(spec)
         self._plan: dict[str, Work] = {}
+        self._reissue: list[Work] = []  # shares dropped this round, for the next idle client
+        self._round = 0
         self._order: list[int] = []
         self._proj: dict[int, list[float]] = {}
+        # a summed round (--secagg, --dp-epsilon): everyone scores every seed, so the
+        # per-seed sum over clients is all the server needs and all it learns
+        self._shared = bool(spec.extra.get(SHARED))
 
     def begin(self, round: int, participants: list[ClientView]) -> RoundConfig:
         s = self.spec
+        self._round = round
         seeds = [derive_seed(s.run_seed, "seed", round, k) for k in range(s.k)]
         # k = 0 (head-only, --k 0 --head): every participant still scores a batch, with no seeds
         n = max(1, min(len(participants), s.k)) if s.k else len(participants)
-        # a summed round (--secagg, --dp-epsilon): everyone scores every seed, so the
-        # per-seed sum over clients is all the server needs and all it learns
-        shared = bool(s.extra.get(SHARED))
+        shared = self._shared
         if shared:
             n = len(participants)
         self._order = seeds
-        self._proj = {}
+        self._proj, self._reissue = {}, []
         self._plan = {
             c.client_id: Work(
                 seeds=tuple(seeds) if shared else tuple(seeds[c.slot :: n]),
@@ -270,10 +303,21 @@ class ZOSGD(Strategy):
         return RoundConfig(mask=s.mask, eps=s.eps, dist=s.dist, one_sided=s.one_sided)
 
     def next_work(self, client: ClientView) -> Work | None:
-        return self._plan.pop(client.client_id, None)
+        work = self._plan.pop(client.client_id, None)
+        if work is None and self._reissue:
+            dropped = self._reissue.pop(0)
+            s = self.spec
+            work = Work(dropped.seeds, min(s.batch_size, client.max_batch) if client.max_batch > 0 else s.batch_size,
+                        derive_seed(s.run_seed, "batch", self._round, client.client_id))
+        return work
 
     def has_work(self) -> bool:
-        return bool(self._plan)
+        return bool(self._plan or self._reissue)
+
+    def drop(self, client: ClientView, work: Work | None) -> None:
+        for lost in (work, self._plan.pop(client.client_id, None)):  # what it held, and what it never took
+            if lost is not None and lost.seeds and not self._shared:  # a sum simply goes on without it
+                self._reissue.append(lost)
 
     def add(self, client: ClientView, work: Work, scored: Scored) -> None:
         for seed, p in zip(scored.seeds, scored.projected):

@@ -2,6 +2,7 @@
 
 import click
 
+from fwdllm.bench.attacks import attacks
 from fwdllm.bench.comm import comm
 from fwdllm.bench.convergence import convergence
 from fwdllm.bench.fidelity import fidelity
@@ -36,9 +37,10 @@ def bench() -> None:
       fwdllm bench field-quota --mixes "1,0.5,0.25,0.25"
       fwdllm bench field-memory --synth llama2-7b --mem-limit 4.5
       fwdllm bench secagg --counts 4,16,100
+      fwdllm bench attacks --baseline /path/to/older/.venv/bin/fwdllm
     """
 
 
 for _cmd in (throughput, round_cmd, convergence, memory, comm, fidelity, load, probe, noise,
-             field_link, field_quota, field_memory, secagg):
+             field_link, field_quota, field_memory, secagg, attacks):
     bench.add_command(_cmd)

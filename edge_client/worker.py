@@ -12,7 +12,15 @@ Liveness is Paranoid-Pirate style: both sides send ``Heartbeat`` every
 ``heartbeat_s``; scoring runs in a background thread so heartbeats keep
 flowing during a long forward pass.  When the aggregator is silent for
 ``liveness`` intervals the worker closes its socket, waits (exponential
-backoff) and reconnects with a fresh socket and a new ``Join``.
+backoff) and reconnects with a fresh socket and a new ``Join``.  The
+aggregator admits one connection per identity: while it still counts the
+old one alive it answers ``busy``, and the worker joins again a heartbeat
+later.
+
+The aggregator drops rather than queues what a slow reader does not take
+(and sends one snapshot per version): a worker that misses a snapshot asks
+again as soon as it sees a newer version, and one that misses an update
+notices the gap at the next one.
 """
 
 from __future__ import annotations
@@ -152,7 +160,10 @@ class EventLog:
     """Machine-readable JSONL trace of what the worker did (hashes per round)."""
 
     def __init__(self, path: Path | None) -> None:
-        self._f = open(path, "a", buffering=1) if path else None
+        try:
+            self._f = open(path, "a", buffering=1) if path else None
+        except OSError as e:
+            raise UserError(f"--events {path}: cannot write there ({e.strerror or e})") from None
 
     def __call__(self, event: str, **fields: Any) -> None:
         if self._f:
@@ -191,7 +202,8 @@ class Worker:
         self.busy: threading.Thread | None = None
         self.running: Task | None = None
         self.results: "queue.Queue[Result | BaseException]" = queue.Queue()
-        self.snap_asked = False
+        self.snap_asked: int | None = None  # the server's version when we last asked to catch up
+        self.rejoin_at: float | None = None  # told "busy": join again at this time
         self.done: str | None = None
         self.init_seed: int | None = None  # the run's, from Welcome (protocol v2)
         # --secagg: the round's state machine, its inbox, and the finished result waiting for it
@@ -211,7 +223,11 @@ class Worker:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, CLIENT_MAX_MSG)
             secure_client(sock, self.curve)
-            sock.connect(self.connect)
+            try:
+                sock.connect(self.connect)
+            except zmq.ZMQError as e:
+                sock.close(0)
+                raise UserError(f"--connect {self.connect}: {e}; expected tcp://HOST:PORT") from None
             try:
                 if self._session(sock):
                     backoff = 0.5
@@ -244,6 +260,8 @@ class Worker:
                 self._handle(sock, frames)
             self._collect(sock)
             now = time.monotonic()
+            if self.rejoin_at is not None and now >= self.rejoin_at:
+                self._join(sock)
             if now >= next_hb:
                 self._send(sock, Heartbeat())
                 next_hb = now + self.heartbeat_s
@@ -255,7 +273,7 @@ class Worker:
         """Start over with an aggregator that does not know us (a new socket,
         or a restarted aggregator): a SnapshotRequest sent before is void, so
         it may be asked again, or the worker heartbeats forever unscored."""
-        self.snap_asked = False
+        self.snap_asked, self.rejoin_at = None, None
         self._send(sock, self.make_join(self.scorer))
 
     def _send(self, sock: zmq.Socket, msg: Message) -> None:
@@ -283,8 +301,8 @@ class Worker:
         elif isinstance(msg, Task):
             if not _same_task(msg, self.running):  # a re-sent task we are already scoring
                 self.pending = msg
-                if msg.secagg:
-                    self._secagg_begin(sock, msg)
+                if msg.secagg and (self.secagg is None or self.secagg.params.round != msg.round):
+                    self._secagg_begin(sock, msg)  # once a round: a task re-sent after a reconnect keeps its keys
                 self._start(sock)
         elif isinstance(msg, Update):
             self._update(sock, msg)
@@ -292,6 +310,8 @@ class Worker:
             self.done = msg.reason or "bye"
         elif isinstance(msg, Error) and msg.code == "join":
             self._join(sock)  # a restarted aggregator that our socket silently reconnected to
+        elif isinstance(msg, Error) and msg.code == "busy":
+            self.rejoin_at = time.monotonic() + self.heartbeat_s  # our previous connection still counts as alive
         elif isinstance(msg, Error):
             log.warning("aggregator rejected our last message: %s", msg.reason)
             self.events("error", reason=msg.reason)
@@ -311,19 +331,22 @@ class Worker:
             self.replica = Replica(layout, initial_tensors(layout, self.init_seed), Optimizer(self.spec), 0)
         r = self.replica
         if r is None or r.version != cfg.get("version") or r.sha != cfg.get("adapter_sha256"):
-            self._ask_snapshot(sock)
+            self._catch_up(sock, int(cfg.get("version", 0)))
 
-    def _ask_snapshot(self, sock: zmq.Socket) -> None:
-        """Catch up: tell the server where the replica is (it replays the
-        history from there, or snapshots if cheaper); a device with nothing
-        asks for the snapshot."""
-        if not self.snap_asked:
-            self.snap_asked = True
+    def _catch_up(self, sock: zmq.Socket, version: int) -> None:
+        """Catch up with a server at ``version``: tell it where the replica is
+        (it replays the history from there, or snapshots if cheaper); a device
+        with nothing asks for the snapshot.  Asked once per version the server
+        is known to be at: a request whose answer never came (dropped, or
+        refused as a repeat) is asked again when a newer version shows up in
+        a Task or an Update."""
+        if self.snap_asked is None or version > self.snap_asked:
+            self.snap_asked = version
             r = self.replica
             self._send(sock, SnapshotRequest() if r is None else CatchUp(version=r.version, adapter_sha256=r.sha))
 
     def _replay(self, sock: zmq.Socket, msg: Replay) -> None:
-        self.snap_asked = False
+        self.snap_asked = None
         r = self.replica
         try:
             updates = History.decode(msg.history).since(r.version) if r is not None else None
@@ -335,12 +358,12 @@ class Worker:
         if not ok:
             log.warning("replay did not reach the announced hash; asking for a snapshot")
             self.replica = None
-            self._ask_snapshot(sock)
+            self._catch_up(sock, msg.version)
             return
         self._start(sock)
 
     def _snapshot(self, sock: zmq.Socket, msg: Snapshot) -> None:
-        self.snap_asked = False
+        self.snap_asked = None
         assert self.spec is not None
         try:
             replica = Replica.from_bytes(msg.state, self.spec)
@@ -356,10 +379,13 @@ class Worker:
 
     def _update(self, sock: zmq.Socket, msg: Update) -> None:
         r = self.replica
-        if r is None or msg.version <= r.version:
+        if r is None:
+            self._catch_up(sock, msg.version)
+            return
+        if msg.version <= r.version:
             return
         if msg.version != r.version + 1:
-            self._ask_snapshot(sock)
+            self._catch_up(sock, msg.version)
             return
         sha = r.apply(msg)
         match = sha == msg.adapter_sha256
@@ -367,7 +393,7 @@ class Worker:
         if not match:
             log.warning("adapter hash mismatch after round %d; pulling a snapshot", msg.round)
             self.replica = None
-            self._ask_snapshot(sock)
+            self._catch_up(sock, msg.version)
 
     # -- scoring in the background -------------------------------------- #
 
@@ -378,7 +404,7 @@ class Worker:
             return
         if r is None or r.version != task.version or r.sha != task.adapter_sha256:
             if r is None or r.version <= task.version:
-                self._ask_snapshot(sock)
+                self._catch_up(sock, task.version)
             else:
                 self.pending = None  # a stale task; the server has moved on
             return

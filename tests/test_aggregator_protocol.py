@@ -138,7 +138,7 @@ def test_silent_client_is_dropped_and_round_completes(tmp_path: Path) -> None:
     recs = checkpoint.read_metrics(tmp_path)
     assert [r["round"] for r in recs] == [1, 2, 3]
     assert "silent" in recs[0]["dropped"] and recs[0]["clients"] == 2
-    assert recs[0]["perturbations"] < 16  # the silent client's seeds are missing
+    assert recs[0]["perturbations"] == 16  # the silent client's seeds went to the others in the same round
 
 
 @pytest.mark.parametrize("stratify", [False, True])

@@ -37,18 +37,18 @@ class Counting(Aggregator):
         super().__init__(*a, **kw)
         self.bytes_in = self.bytes_out = 0
 
-    def _on_frames(self, identity: bytes, frames: list[bytes]) -> None:
-        self.bytes_in += sum(len(f) for f in frames)
-        super()._on_frames(identity, frames)
+    def _on_frames(self, raw) -> None:
+        self.bytes_in += sum(len(f) for f in raw[1:])
+        super()._on_frames(raw)
 
-    def _send_raw(self, identity, msg) -> None:
-        self.bytes_out += sum(len(f) for f in msg.to_frames())
-        super()._send_raw(identity, msg)
-
-    def _send(self, peer, msg, kind):
-        n = super()._send(peer, msg, kind)
+    def _send_raw(self, routing, msg, kind="control") -> int:  # every reply to one peer goes through here
+        n = super()._send_raw(routing, msg, kind)
         self.bytes_out += n
         return n
+
+    def _send_tracked(self, peer, st, msg, kind) -> None:  # catch-ups (none expected)
+        self.bytes_out += sum(len(f) for f in msg.to_frames())
+        super()._send_tracked(peer, st, msg, kind)
 
     def _broadcast(self, msg, kind="control") -> None:
         self.bytes_out += len(self.peers) * sum(len(f) for f in msg.to_frames())

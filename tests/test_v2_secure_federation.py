@@ -40,9 +40,9 @@ class Recording(Aggregator):
         super().__init__(*a, **kw)
         self.received: list[list[bytes]] = []
 
-    def _on_frames(self, identity: bytes, frames: list[bytes]) -> None:
-        self.received.append(list(frames))
-        super()._on_frames(identity, frames)
+    def _on_frames(self, raw) -> None:
+        self.received.append([f.bytes for f in raw[1:]])
+        super()._on_frames(raw)
 
 
 @dataclasses.dataclass

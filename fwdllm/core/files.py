@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from fwdllm.core.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_output(dst: str | os.PathLike) -> Iterator[Path]:
@@ -41,3 +43,16 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def output_dir(path: Path, flag: str = "--out") -> Path:
+    """Create ``path`` (and its parents) as a writable directory, or raise a
+    one-line :class:`UserError` naming ``flag``: called before any work, so a
+    bad ``--out`` (under a regular file, in /proc, read-only) costs nothing."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    return path

@@ -93,8 +93,10 @@ def _unpack(f: BinaryIO, fmt: str) -> Any:
     return struct.unpack("<" + fmt, raw)[0]
 
 
-def _string(f: BinaryIO) -> str:
+def _string(f: BinaryIO, size: int) -> str:
     n = _unpack(f, "Q")
+    if n > size - f.tell():  # a corrupt length would otherwise ask for exabytes
+        raise ValueError(f"a string of {n} bytes in a {size}-byte file")
     raw = f.read(n)
     if len(raw) != n:
         raise EOFError("header ends early")
@@ -122,31 +124,41 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
     saying what is wrong (missing, foreign, damaged or truncated file)."""
     path = Path(path)
     _require_gguf(path)
+    size = path.stat().st_size
     try:
         with open(path, "rb", buffering=1 << 16) as f:
             f.seek(4)  # the magic
             version, n_tensors, n_kv = _unpack(f, "I"), _unpack(f, "Q"), _unpack(f, "Q")
             if version < 2:
                 raise ValueError(f"GGUF version {version} is not supported")
+            # every entry takes at least 8 bytes: larger counts are corruption, not a big model
+            if n_tensors > size // 8 or n_kv > size // 8:
+                raise ValueError(f"{n_tensors} tensors and {n_kv} metadata keys cannot fit in {size} bytes")
             fields: dict[str, Any] = {}
             for _ in range(n_kv):
-                key, vtype = _string(f), _unpack(f, "I")
+                key, vtype = _string(f, size), _unpack(f, "I")
                 if vtype in _SCALARS:
                     fields[key] = _unpack(f, _SCALARS[vtype])
                 elif vtype == _STRING:
-                    fields[key] = _string(f)
+                    fields[key] = _string(f, size)
                 else:
                     _skip_value(f, vtype)
             tensors = []
             for _ in range(n_tensors):
-                name, n_dims = _string(f), _unpack(f, "I")
+                name, n_dims = _string(f, size), _unpack(f, "I")
+                if n_dims > 8:
+                    raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
                 shape = tuple(_unpack(f, "Q") for _ in range(n_dims))
                 tensors.append(TensorInfo(name, shape, _unpack(f, "I"), _unpack(f, "Q")))
             align = int(fields.get("general.alignment", 32))
             data_start = -(-f.tell() // align) * align
-    except (EOFError, ValueError, struct.error) as e:
-        raise UserError(f"{path}: damaged or truncated GGUF ({e})") from None
-    _check_extent(path, max((data_start + t.offset + _n_bytes(t) for t in tensors), default=0))
+    except (EOFError, ValueError, struct.error, MemoryError, OverflowError) as e:
+        raise UserError(f"{path}: damaged or truncated GGUF ({type(e).__name__}: {e})") from None
+    try:
+        end = max((data_start + t.offset + _n_bytes(t) for t in tensors), default=0)
+    except (KeyError, ValueError) as e:  # an unknown ggml type id
+        raise UserError(f"{path}: damaged GGUF (tensor type: {e})") from None
+    _check_extent(path, end)
     return GGUFHeader(fields, tensors)
 
 

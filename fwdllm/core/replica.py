@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 
 import numpy as np
 
@@ -53,6 +54,24 @@ class Replica:
             self.apply(u)
         return self.sha == sha
 
+    def apply_if_finite(self, update: Update) -> str | None:
+        """:meth:`apply`, unless the step would leave a non-finite value in the
+        adapter or the optimizer state: then the replica stays as it was and
+        None is returned.  The aggregator steps through this (the Update it
+        broadcasts is then always one every device can replay); devices use
+        :meth:`apply` and compare hashes."""
+        tensors = {n: a.copy() for n, a in self.tensors.items()}
+        state = {k: np.array(a, copy=True) for k, a in self.optimizer.state_arrays().items()}
+        version, sha = self.version, self.sha
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is the case being handled
+            new_sha = self.apply(update)
+        arrays = [*self.tensors.values(), *self.optimizer.state_arrays().values()]
+        if all(np.all(np.isfinite(a)) for a in arrays if a.dtype.kind == "f"):
+            return new_sha
+        self.tensors, self.version, self.sha = tensors, version, sha
+        self.optimizer.load_state_arrays(state)
+        return None
+
     def to_bytes(self) -> bytes:
         """``npz`` of tensors, optimizer state, version and layout (no pickle)."""
         arrays: dict[str, np.ndarray] = {f"t/{n}": a for n, a in self.tensors.items()}
@@ -74,5 +93,5 @@ class Replica:
             opt = Optimizer(spec)
             opt.load_state_arrays({k[2:]: a for k, a in arrays.items() if k.startswith("o/")})
             return cls(layout, tensors, opt, int(arrays["version"]))
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        except (OSError, EOFError, KeyError, TypeError, json.JSONDecodeError, zipfile.BadZipFile) as e:
             raise ValueError(f"bad snapshot: {e}") from None

@@ -14,8 +14,18 @@ copy; ``NAME.key_secret`` = public + secret, mode 0600).  The allow-list is
 re-read on every handshake, so a device is added or revoked by copying or
 deleting its ``.key`` file, without restarting the aggregator.
 
+Identity is the key: the ZAP handler names every connection it admits after
+the allow-list file that holds its key (``device-1.key`` -> ``device-1``),
+and libzmq attaches that name to every message of the connection as its
+``User-Id`` property.  The aggregator uses that name, never the
+``client_id`` a device sends, for everything that must not be forgeable:
+one connection per key, strikes, quarantine, eviction, the order of work.
+
 Plaintext stays available for local simulation, but both sides log a loud
-warning when no keys are configured.
+warning when no keys are configured.  Without keys there is nothing to bind
+an identity to: the aggregator then takes the ``client_id`` a device sends
+as its identity (one connection per id), which is only as good as the trust
+in every process that can reach the port.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from fwdllm.core.errors import UserError
 
@@ -84,21 +95,64 @@ class ClientKeys:
 class AllowList:
     """ZAP credentials provider: a client key is allowed iff some ``*.key``
     file in ``directory`` holds it (re-read per handshake: revocation is
-    deleting the file)."""
+    deleting the file) and its name is not in ``barred`` (keys the
+    aggregator evicted: they cannot even complete a handshake again)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self.names: dict[bytes, str] = {}  # z85 public key -> allow-list name, as of the last handshake
+        self.barred: set[str] = set()  # set from the server loop, read by the ZAP thread (one GIL-atomic lookup)
+
+    def _read(self) -> dict[bytes, str]:
+        names: dict[bytes, str] = {}
+        for path in sorted(self.directory.glob("*.key")):
+            public, _ = zmq.auth.load_certificate(str(path))
+            names.setdefault(public, path.stem)  # the same key in two files: the first name, sorted
+        return names
 
     def callback(self, domain: str, key: bytes) -> bool:
         try:
-            allowed = zmq.auth.load_certificates(str(self.directory))
+            names = self._read()
         except (OSError, ValueError) as e:
             log.error("allow-list %s unreadable (%s): refusing every client", self.directory, e)
             return False
-        if key not in allowed:
+        name = names.get(key)
+        if name is None:
             log.warning("CURVE handshake refused: key %s is not in %s", key.decode()[:12] + "...", self.directory)
             return False
+        if name in self.barred:
+            log.warning("CURVE handshake refused: %s was evicted from this run", name)
+            return False
+        self.names = names
         return True
+
+    def name(self, z85_key: bytes) -> str:
+        return self.names.get(z85_key) or z85_key.decode()
+
+
+class KeyedAuthenticator(ThreadAuthenticator):
+    """pyzmq's ZAP handler thread, with the allow-list name as each
+    connection's ``User-Id`` (pyzmq's default is the z85 key itself)."""
+
+    def __init__(self, ctx: zmq.Context, allow: AllowList) -> None:
+        super().__init__(ctx, log=logging.getLogger("fwdllm.security.zap"))
+        self.allow = allow
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.allow.name(z85.encode(client_public_key))
+
+
+def check_bind(where: str) -> None:
+    """A ``--bind`` that libzmq cannot bind (malformed, an address this host
+    does not have, a port in use) as one line, before anything is written."""
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(where)
+    except zmq.ZMQError as e:
+        raise UserError(f"--bind {where}: {e}; expected e.g. tcp://*:5555") from None
+    finally:
+        sock.close(0)
 
 
 def server_keys(secret_file: Path | None, allow_dir: Path | None) -> ServerKeys | None:
@@ -123,18 +177,20 @@ def client_keys(secret_file: Path | None, server_key: Path | None) -> ClientKeys
     return ClientKeys(public, secret, load_public(server_key))
 
 
-def secure_server(ctx: zmq.Context, sock: zmq.Socket, keys: ServerKeys | None, where: str) -> ThreadAuthenticator | None:
+def secure_server(ctx: zmq.Context, sock: zmq.Socket, keys: ServerKeys | None, where: str) -> KeyedAuthenticator | None:
     """Make ``sock`` (not yet bound) a CURVE server guarded by the allow-list.
 
-    Returns the authenticator to ``stop()`` after closing the socket, or
-    None in plaintext mode (after the loud warning).
+    Returns the authenticator to ``stop()`` after closing the socket (its
+    ``allow.barred`` shuts evicted keys out), or None in plaintext mode
+    (after the loud warning).
     """
     if keys is None:
         log.warning(PLAINTEXT_WARNING, where)
         return None
-    auth = ThreadAuthenticator(ctx, log=logging.getLogger("fwdllm.security.zap"))
+    allow = AllowList(keys.allow_dir)
+    auth = KeyedAuthenticator(ctx, allow)
     auth.start()
-    auth.configure_curve_callback(domain="*", credentials_provider=AllowList(keys.allow_dir))
+    auth.configure_curve_callback(domain="*", credentials_provider=allow)
     sock.curve_secretkey = keys.secret
     sock.curve_publickey = keys.public
     sock.curve_server = True
@@ -161,14 +217,17 @@ def generate_keypair(name: str, out: Path, allow: Path | None) -> tuple[Path, Pa
     and copy the public key into ``allow`` when given; never overwrites."""
     if not name or "/" in name or name.startswith("."):
         raise UserError(f"bad key name {name!r}: use a plain file name such as server or device-1")
-    out.mkdir(parents=True, exist_ok=True)
-    targets = [out / f"{name}.key", out / f"{name}.key_secret"] + ([allow / f"{name}.key"] if allow else [])
-    existing = [str(p) for p in targets if p.exists()]
-    if existing:
-        raise UserError(f"refusing to overwrite {', '.join(existing)}")
-    public_file, secret_file = zmq.auth.create_certificates(str(out), name)
-    os.chmod(secret_file, 0o600)
-    if allow is not None:
-        allow.mkdir(parents=True, exist_ok=True)
-        (allow / f"{name}.key").write_bytes(Path(public_file).read_bytes())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        targets = [out / f"{name}.key", out / f"{name}.key_secret"] + ([allow / f"{name}.key"] if allow else [])
+        existing = [str(p) for p in targets if p.exists()]
+        if existing:
+            raise UserError(f"refusing to overwrite {', '.join(existing)}")
+        public_file, secret_file = zmq.auth.create_certificates(str(out), name)
+        os.chmod(secret_file, 0o600)
+        if allow is not None:
+            allow.mkdir(parents=True, exist_ok=True)
+            (allow / f"{name}.key").write_bytes(Path(public_file).read_bytes())
+    except OSError as e:
+        raise UserError(f"cannot write the keys ({e.strerror or e}: {e.filename})") from None
     return Path(public_file), Path(secret_file)

@@ -22,7 +22,7 @@ import numpy as np
 from fwdllm.aggregator.checkpoint import RunConfig
 from fwdllm.aggregator.strategy import StrategySpec
 from fwdllm.core.directions import direction
-from fwdllm.core.layout import LoraLayout, PerturbMask
+from fwdllm.core.layout import HEAD, LoraLayout, PerturbMask
 from fwdllm.core.lora import initial_tensors
 from fwdllm.core.optim import Optimizer, OptimizerSpec
 from fwdllm.core.protocol import Result, Task
@@ -57,7 +57,9 @@ class QuadraticScorer:
     loss must fall.  ``delay_s`` simulates compute time as a wait;
     ``cpu_work`` as real work (SHA-256 rounds per seed), which a CPU quota or
     a slow core stretches the way it stretches a forward pass; ``noise``
-    (seeded by the task's batch seed) simulates data noise.
+    (seeded by the task's batch seed) simulates data noise.  A layout with a
+    classifier head also gets the exact gradient of ``mean((head - 1)^2)``,
+    over ``batch_size`` rows, as a device's ``--head`` result carries.
     """
 
     task_name: str = "synthetic"
@@ -84,9 +86,15 @@ class QuadraticScorer:
                          self.loss({n: tensors[n] - task.eps * v[n] for n in names}, names, task.batch_seed))
         burn(self.cpu_work * len(task.seeds))
         time.sleep(self.delay_s)
+        head = b""
+        if layout.head is not None:
+            h = tensors[HEAD].astype(np.float64)
+            head = np.ascontiguousarray(2.0 * (h - 1.0) / h.size, dtype="<f4").tobytes()
         return Result(round=task.round, seeds=np.asarray(task.seeds, dtype=np.uint32),
                       loss_plus=np.array(plus), loss_minus=np.array(minus),
-                      n_tokens=len(task.seeds), seconds=time.perf_counter() - t0)
+                      n_tokens=len(task.seeds), seconds=time.perf_counter() - t0,
+                      head_grad=head, head_rows=task.batch_size if head else 0,
+                      base_loss=base if not len(task.seeds) else 0.0)
 
 
 
