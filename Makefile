@@ -24,7 +24,7 @@ endif
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -e '.[torch,bench,test]'
+	$(BIN)/python -m pip install -e '.[torch,bench,eval,test]'
 ifneq ($(NO_AMX),)
 	@# pip reuses a wheel it built before, whatever CMAKE_ARGS said then: rebuild an AMX one.
 	$(BIN)/python -c 'import sys, llama_cpp; sys.exit(b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info())' \
@@ -44,7 +44,8 @@ demo: install
 demo-long: install
 	$(BIN)/fwdllm simulate --model smollm2-135m --task sst2 --clients 4 --long --out runs/demo-long
 
-## The whole suite (<= 5 minutes on 2 cores), and its inner-loop tier (<= 2 minutes).
+## The whole suite (<= 5 minutes on 2 cores), and its inner-loop tier (<= 2 minutes):
+## every tier but tests/system (tests/README.md).
 test: install
 	$(BIN)/python -m pytest -q --durations=10
 

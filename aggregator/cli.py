@@ -242,13 +242,15 @@ def simulate(**kw: Any) -> None:
 
     Every client gets a disjoint shard of the task's training data (written
     to RUN_DIR/shards), all talk ZeroMQ over 127.0.0.1 exactly as on a real
-    network, and the dev accuracy is printed before and after training.
+    network, and the dev accuracy (sft: perplexity, and ROUGE-L of greedy
+    generations) is printed before and after training.
 
     \b
     Examples:
       fwdllm simulate --out runs/demo                      # a few minutes
       fwdllm simulate --long --out runs/long               # 300 rounds
       fwdllm simulate --clients 8 --dirichlet 0.3 --out runs/noniid
+      fwdllm simulate --task agnews-headline --out runs/headline   # federated SFT: headlines
     """
     from fwdllm.aggregator.simulate import run_simulation
 

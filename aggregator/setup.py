@@ -223,9 +223,26 @@ def evaluator(cfg: RunConfig, model: Path, threads: int | None):  # noqa: ANN201
         out: dict[str, float] = {}
         for suffix, tensors in views.items():
             session.set_lora(replica.layout, tensors)
+            if task.kind == "sft":
+                out.update(_sft_eval(session, examples, suffix, replica.version in (0, cfg.rounds)))
+                continue
             r = session.evaluate(examples)
             out.update({f"dev_loss{suffix}": r.loss, f"dev_accuracy{suffix}": r.accuracy,
                         "dev_n": r.n, f"eval_s{suffix}": round(r.seconds, 3)})
         return out
 
     return evaluate
+
+
+def _sft_eval(session, examples: list, suffix: str, generations: bool) -> dict[str, float]:  # noqa: ANN001
+    """``dev_loss``/``dev_perplexity`` of an sft task; ROUGE-L and exact match of
+    greedy generations only when ``generations`` (the run's first and last
+    evaluations, of the shipped adapter): generating costs about as much as
+    scoring, and the perplexity tracks training in between."""
+    from fwdllm.runtime.generation import sft_scores
+
+    s = sft_scores(session, examples, generations=generations and not suffix)
+    out = {f"dev_loss{suffix}": s["loss"], f"dev_perplexity{suffix}": s["perplexity"], "dev_n": s["n"],
+           f"eval_s{suffix}": round(s["score_s"] + s.get("generate_s", 0.0), 3)}
+    out.update({f"dev_{k}": s[k] for k in ("rouge_l", "exact_match") if k in s})
+    return out

@@ -133,6 +133,8 @@ def _label(rec: dict[str, Any]) -> dict[str, Any]:
     out = {"loss": f"{rec['loss']:.3f}" if rec.get("loss") is not None else "-"}
     if rec.get("dev_accuracy") is not None:
         out["dev_acc"] = f"{rec['dev_accuracy']:.3f}"
+    if rec.get("dev_perplexity") is not None:
+        out["dev_ppl"] = f"{rec['dev_perplexity']:.2f}"
     if rec.get("clients") is not None:
         out["clients"] = rec["clients"]
     return out
@@ -208,6 +210,8 @@ def _watch(out: Path, procs: list[subprocess.Popen], rounds: int, tqdm: Any) -> 
             for rec in recs[seen:]:
                 if rec["round"] == 0 and rec.get("dev_accuracy") is not None:
                     bar.write(f"before training: dev accuracy {rec['dev_accuracy']:.4f} (n={rec.get('dev_n')})")
+                elif rec["round"] == 0 and rec.get("dev_perplexity") is not None:
+                    bar.write(f"before training: dev perplexity {rec['dev_perplexity']:.3f} (n={rec.get('dev_n')})")
                 elif rec["round"] > 0:
                     bar.update(rec["round"] - bar.n)
                     bar.set_postfix(_label(rec))
@@ -242,10 +246,31 @@ def _summary(out: Path) -> None:
         a, b = evals[0], evals[-1]
         click.echo(f"dev accuracy: before {a['dev_accuracy']:.4f} -> after {b['dev_accuracy']:.4f} "
                    f"(round {b['round']}); dev loss {a['dev_loss']:.4f} -> {b['dev_loss']:.4f}")
+    sft = sft_summary(recs)
+    if sft:
+        click.echo(sft)
     paced = pacing_summary(steps)
     if paced:
         click.echo(paced)
     click.echo(f"adapter: {out / 'adapter.gguf'}   metrics: {out / 'metrics.jsonl'}")
+
+
+def sft_summary(recs: list[dict[str, Any]]) -> str | None:
+    """Dev perplexity (and ROUGE-L, exact match) before and after, for an sft run."""
+    ppl = [r for r in recs if r.get("dev_perplexity") is not None]
+    if len(ppl) < 2:
+        return None
+    a, b = ppl[0], ppl[-1]
+    lines = [f"dev perplexity: before {a['dev_perplexity']:.3f} -> after {b['dev_perplexity']:.3f} "
+             f"({100 * (b['dev_perplexity'] / a['dev_perplexity'] - 1):+.1f} %, round {b['round']}); "
+             f"dev loss {a['dev_loss']:.4f} -> {b['dev_loss']:.4f}"]
+    gen = [r for r in recs if r.get("dev_rouge_l") is not None]
+    if len(gen) >= 2:
+        a, b = gen[0], gen[-1]
+        lines.append(f"dev ROUGE-L: before {a['dev_rouge_l']:.4f} -> after {b['dev_rouge_l']:.4f} "
+                     f"({100 * (b['dev_rouge_l'] - a['dev_rouge_l']):+.2f} points); exact match "
+                     f"{a['dev_exact_match']:.4f} -> {b['dev_exact_match']:.4f}")
+    return "\n".join(lines)
 
 
 def pacing_summary(steps: list[dict[str, Any]]) -> str | None:

@@ -2,9 +2,10 @@
 
 Both train a PEFT LoRA on the GGUF that fwdllm runs, dequantized to float32 by
 transformers, with fwdllm's own task definition: the prompt template and
-verbalizer of :mod:`edge_client.tasks`, tokenized by llama.cpp's tokenizer of
-the same file, and the loss of :mod:`edge_client.session` (cross-entropy over
-the label words' first-token logits at the last prompt position).  Clients
+verbalizer of :mod:`fwdllm.runtime.tasks`, tokenized by llama.cpp's tokenizer of
+the same file, and the loss of :mod:`fwdllm.runtime.session` (cross-entropy over
+the label words' first-token logits at the last prompt position; for an sft
+task the mean token cross-entropy over the completion tokens).  Clients
 read the same shard files as ``fwdllm simulate`` and draw their batches with
 the same ``(run seed, round, client id)`` batch seeds, so the baselines and the
 zeroth-order runs see the same data.
@@ -70,36 +71,61 @@ class TorchLora:
     def tokenize(self, text: str, *, bos: bool) -> list[int]:
         return self._vocab.tokenize(text.encode("utf-8"), add_bos=bos, special=False)
 
-    def loss(self, examples: Sequence) -> tuple[Any, Any]:  # noqa: ANN401 - torch tensors
-        """(mean loss, per-example correct) of a batch; right-padded, read at
-        each sequence's last real position (causal: padding after it is unseen)."""
+    def loss(self, examples: Sequence) -> tuple[Any, Any, int]:  # noqa: ANN401 - torch tensors
+        """(mean loss, per-example correct or None, number of loss terms) of a
+        batch; right-padded (causal: padding after a sequence's end is unseen).
+
+        classify: read at each prompt's last position, restricted to the label
+        words' first tokens.  sft: the mean token cross-entropy over all
+        completion tokens of the batch, as :class:`EdgeSession` scores it."""
         import torch
 
-        seqs = [self.tokenize(ex.prompt, bos=True) for ex in examples]
+        sft = self.task.kind == "sft"
+        prompts = [self.tokenize(ex.prompt, bos=True) for ex in examples]
+        comps = [self.tokenize(ex.completion or "", bos=False) if sft else [] for ex in examples]
+        seqs = [p + c for p, c in zip(prompts, comps)]
         width = max(len(s) for s in seqs)
         ids = torch.zeros((len(seqs), width), dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
-        last = torch.tensor([len(s) - 1 for s in seqs])
         logits = self.model(input_ids=ids, attention_mask=mask).logits
+        if sft:  # position t predicts token t+1: completion tokens from the last prompt position on
+            rows = torch.tensor([i for i, c in enumerate(comps) for _ in c])
+            cols = torch.tensor([len(p) - 1 + j for p, c in zip(prompts, comps) for j in range(len(c))])
+            y = torch.tensor([t for c in comps for t in c])
+            z = logits[rows, cols].double()
+            return torch.nn.functional.cross_entropy(z, y), None, len(y)
+        last = torch.tensor([len(s) - 1 for s in seqs])
         z = logits[torch.arange(len(seqs)), last][:, self.label_ids].double()
         y = torch.tensor([ex.label for ex in examples])
-        return torch.nn.functional.cross_entropy(z, y), (z.argmax(1) == y)
+        return torch.nn.functional.cross_entropy(z, y), (z.argmax(1) == y), len(examples)
 
-    def evaluate(self, examples: Sequence, batch: int = 16) -> tuple[float, float]:
-        """(accuracy, mean loss) on ``examples``."""
+    def evaluate(self, examples: Sequence, batch: int = 16) -> tuple[float | None, float]:
+        """(accuracy, mean loss) on ``examples``; accuracy is None for sft,
+        whose loss is the mean over all completion tokens."""
         import torch
 
-        correct = total = 0.0
+        correct = total = terms = 0.0
         with torch.no_grad():
             for i in range(0, len(examples), batch):
-                part = examples[i : i + batch]
-                loss, ok = self.loss(part)
-                total += float(loss) * len(part)
-                correct += float(ok.sum())
-        return correct / len(examples), total / len(examples)
+                loss, ok, n = self.loss(examples[i : i + batch])
+                total += float(loss) * n
+                terms += n
+                correct += 0.0 if ok is None else float(ok.sum())
+        return (None if self.task.kind == "sft" else correct / len(examples)), total / terms
+
+    def save_gguf(self, base: str | Path, out: str | Path) -> Path:
+        """The trained LoRA as a llama.cpp adapter GGUF (via PEFT's format), so
+        that llama.cpp scores and generates with it on the INT4 base."""
+        import tempfile
+
+        from fwdllm.convert.peft_bridge import peft_to_gguf
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model.save_pretrained(tmp)
+            return peft_to_gguf(tmp, base, out)
 
     def state(self, names: Sequence[str] | None = None) -> dict[str, Any]:
         return {n: self.params[n].detach().clone() for n in (names or self.params)}
@@ -123,7 +149,7 @@ class TorchLora:
         total = 0.0
         for b in batches:
             opt.zero_grad()
-            loss, _ = self.loss(b)
+            loss = self.loss(b)[0]
             loss.backward()
             opt.step()
             total += loss.item()
@@ -152,11 +178,18 @@ class BackpropConfig:
     seed: int = 0
 
 
+def _dev_scores(tl: TorchLora, dev: list) -> dict[str, float | None]:
+    """``dev_accuracy`` and ``dev_loss`` (sft: ``dev_perplexity`` instead of an accuracy)."""
+    acc, loss = tl.evaluate(dev)
+    return {"dev_accuracy": acc, "dev_loss": loss} if acc is not None else {
+        "dev_accuracy": None, "dev_loss": loss, "dev_perplexity": float(np.exp(loss))}
+
+
 def run_backprop(algo: str, tl: TorchLora, shards: list[list], dev: list, cfg: BackpropConfig,
                  on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train ``algo`` (fedavg-lora | fedcybgd) and return one record per round
     (round, forward_passes, bytes per client down/up, wall seconds, dev accuracy
-    every ``eval_every`` rounds and at round 0)."""
+    or perplexity every ``eval_every`` rounds and at round 0)."""
     import torch
 
     from fwdllm.core.batches import sample_batch
@@ -169,9 +202,8 @@ def run_backprop(algo: str, tl: TorchLora, shards: list[list], dev: list, cfg: B
     blocks = tl.blocks(n) if algo == "fedcybgd" else []
     changed = [0] * len(blocks)  # round in which each block last changed
     seen = [-1] * n  # round in which each client last downloaded
-    acc, loss = tl.evaluate(dev)
     records = [{"round": 0, "forward_passes": 0, "bytes_down_per_client": 0, "bytes_up_per_client": 0,
-                "wall_s": 0.0, "dev_accuracy": acc, "dev_loss": loss}]
+                "wall_s": 0.0, **_dev_scores(tl, dev)}]
     if on_record:
         on_record(records[0])
     wall = 0.0
@@ -207,7 +239,7 @@ def run_backprop(algo: str, tl: TorchLora, shards: list[list], dev: list, cfg: B
         rec = {"round": r, "forward_passes": passes, "bytes_down_per_client": down, "bytes_up_per_client": up,
                "wall_s": wall, "loss": float(np.mean(losses)), "dev_accuracy": None}
         if r % cfg.eval_every == 0 or r == cfg.rounds:
-            rec["dev_accuracy"], rec["dev_loss"] = tl.evaluate(dev)
+            rec.update(_dev_scores(tl, dev))
         records.append(rec)
         if on_record:
             on_record(rec)

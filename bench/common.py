@@ -74,6 +74,14 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("VmHWM not in /proc/self/status")  # pragma: no cover - Linux only
 
 
+def current_rss_bytes() -> int:
+    """This process's resident set now (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmRSS not in /proc/self/status")  # pragma: no cover - Linux only
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

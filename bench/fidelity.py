@@ -76,7 +76,7 @@ def fidelity(model, task, label_words, k_max, k_llama, batch_size, eps_list, ran
     eps = eps_list[0]
     k_llama = min(k_llama or k_max, k_max)
     lora_targets = parse_targets(targets)
-    spec = bench_task(task, label_words)
+    spec = bench_task(task, label_words, kinds=None)
     examples = read_examples(spec, default_data(task, "train"), limit=batch_size)
     mask = PerturbMask(parts=parts)
     seeds = list(range(1, k_max + 1))

@@ -34,23 +34,34 @@ def data_options(f: Callable) -> Callable:
     f = click.option("--prompt-column", help="Override the sft prompt column.")(f)
     f = click.option("--label-column", help="Override the label column.")(f)
     f = click.option("--text-column", help="Override the text column(s), comma separated.")(f)
-    return shared("model", "task", "data", "limit")(f)
+    return shared("model", "task", "data", "split", "limit")(f)
 
 
 def _load(kw: dict[str, Any]) -> tuple[TaskSpec, list, Any]:
     """Task, examples and an open EdgeSession from the shared options."""
-    from fwdllm.runtime.session import EdgeSession
+    task = _task(kw)
+    return task, _examples(kw, task), _session(kw, task)
 
-    task = load_task(
+
+def _task(kw: dict[str, Any]) -> TaskSpec:
+    return load_task(
         kw["task"],
         text_columns=parse_columns(kw["text_column"]),
         label_column=kw["label_column"],
         prompt_column=kw["prompt_column"],
         completion_column=kw["completion_column"],
     )
-    data = kw["data"] or default_data(kw["task"], "dev")
-    examples = read_examples(task, data, limit=kw["limit"], strict=kw["strict"])
-    session = EdgeSession(
+
+
+def _examples(kw: dict[str, Any], task: TaskSpec) -> list:
+    data = kw["data"] or default_data(kw["task"], kw["split"])
+    return read_examples(task, data, limit=kw["limit"], strict=kw["strict"])
+
+
+def _session(kw: dict[str, Any], task: TaskSpec) -> Any:
+    from fwdllm.runtime.session import EdgeSession
+
+    return EdgeSession(
         kw["model"],
         task,
         n_threads=threads_for(kw["threads"]),
@@ -60,7 +71,6 @@ def _load(kw: dict[str, Any]) -> tuple[TaskSpec, list, Any]:
         repack=not kw["no_repack"],
         strict=kw["strict"],
     )
-    return task, examples, session
 
 
 def _load_lora(session: Any, lora: Path | None, head: Path | None = None) -> None:
@@ -95,7 +105,8 @@ def _load_lora(session: Any, lora: Path | None, head: Path | None = None) -> Non
 @click.option("--head-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Classifier head of a --head run (RUN_DIR/head.npy), with that run's --lora.")
 def eval_cmd(lora: Path | None, head_file: Path | None, **kw: Any) -> None:
-    """Accuracy and mean loss of a model (+ LoRA) on a task's data.
+    """Accuracy and mean loss of a model (+ LoRA) on a task's data; on an sft
+    task, completion perplexity, ROUGE-L and exact match of greedy generations.
 
     \b
     Examples:
@@ -103,12 +114,23 @@ def eval_cmd(lora: Path | None, head_file: Path | None, **kw: Any) -> None:
       fwdllm eval --model smollm2-135m --task agnews --limit 200 --json
       fwdllm eval --model m.gguf --lora run/adapter.gguf --task spec.toml --data test.csv
       fwdllm eval --model smollm2-135m --task agnews --lora run/adapter.gguf --head-file run/head.npy
+      fwdllm eval --task agnews-headline --split test --lora run/adapter.gguf --json
     """
     if head_file is not None and lora is None:
         raise UserError("--head-file needs the run's --lora (the head was trained with it)")
     task, examples, session = _load(kw)
     with session:
         _load_lora(session, lora, head_file)
+        if task.kind == "sft":
+            from fwdllm.runtime.generation import sft_scores
+
+            out = {"task": task.name, **sft_scores(session, examples, progress=True)}
+            click.echo(f"{task.name}: perplexity {out['perplexity']:.3f}  ROUGE-L {out['rouge_l']:.4f}  exact match "
+                       f"{out['exact_match']:.4f}  loss {out['loss']:.4f}  n {out['n']}  ({out['n_tokens']} tokens "
+                       f"scored, {out['generated_tokens']} generated)")
+            if kw["as_json"]:
+                click.echo(json.dumps(out))
+            return
         r = session.evaluate(examples, progress=True)
         tps = r.n_tokens / r.seconds
     acc = "" if r.accuracy is None else f"accuracy {r.accuracy:.4f}  "
@@ -117,6 +139,75 @@ def eval_cmd(lora: Path | None, head_file: Path | None, **kw: Any) -> None:
         out = {"task": task.name, "accuracy": r.accuracy, "loss": r.loss, "n": r.n,
                "n_tokens": r.n_tokens, "seconds": r.seconds, "tokens_per_s": tps}
         click.echo(json.dumps(out))
+
+
+@click.command("generate", cls=Command)
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="A prompt to continue, used verbatim (repeatable). Without it, the prompts come from --data "
+                   "or the task's --split, built by the task's template.")
+@data_options
+@option("lora")
+@click.option("--max-tokens", type=click.IntRange(1), default=None,
+              help="New tokens per prompt at most (default: the task's: 64; agnews-headline 32).")
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="0 decodes greedily (the argmax); above 0 samples from softmax(logits / T), seeded by --seed.")
+@option("seed")
+def generate_cmd(prompts: tuple[str, ...], lora: Path | None, max_tokens: int | None, temperature: float,
+                 seed: int, **kw: Any) -> None:
+    """Continue prompts with a model (+ LoRA) through llama.cpp.
+
+    Generation stops at the end-of-sequence token, at the task's stop string
+    (a newline for agnews-headline) or after --max-tokens. With a task's data,
+    each reference (the completion, or the label word) is shown beside the
+    text. Greedy text is the same as llama-cpp-python's
+    Llama(model_path=M, lora_path=L, flash_attn=True) at temperature 0.
+
+    \b
+    Examples:
+      fwdllm generate --task agnews-headline --split test --limit 5
+      fwdllm generate --task agnews-headline --split test --limit 5 --lora runs/headline/adapter.gguf
+      fwdllm generate --prompt $'Article: Stocks rose on Monday.\\nHeadline:' --max-tokens 16
+      fwdllm generate --task sft --data my.jsonl --temperature 0.7 --seed 1 --json
+    """
+    import dataclasses
+
+    from fwdllm.runtime.generation import generate
+
+    if prompts and kw["data"] is not None:
+        raise UserError("give prompts with --prompt or --data, not both")
+    task = _task(kw)
+    examples = None if prompts else _examples(kw, task)
+    prompts = prompts or tuple(ex.prompt for ex in examples)
+    # Generation reads no label words: a classify task's verbalizer need not
+    # fit this model's vocabulary, and the context is sized as for sft.
+    session = _session(kw, dataclasses.replace(task, kind="sft", label_words=(), labels=()))
+    with session:
+        _load_lora(session, lora)
+        gens = generate(session, prompts, max_new_tokens=max_tokens or task.max_new_tokens, stop=task.stop,
+                        temperature=temperature, seed=seed, progress=True)
+    refs = [None] * len(prompts) if examples is None else [
+        ex.completion if ex.completion is not None else task.label_words[ex.label] for ex in examples]
+    for i, (prompt, g, ref) in enumerate(zip(prompts, gens, refs), start=1):
+        click.echo(f"[{i}] {_tail(prompt)}")
+        click.echo(f"  generated: {_flat(g.text)}")
+        if ref is not None:
+            click.echo(f"  reference: {_flat(ref)}")
+    if kw["as_json"]:
+        click.echo(json.dumps({"model": str(session.model_path), "lora": None if lora is None else str(lora),
+                               "temperature": temperature, "seed": seed, "generations": [
+                                   {"prompt": p, "text": g.text, "reference": r, "n_tokens": g.n_tokens,
+                                    "ended": g.ended} for p, g, r in zip(prompts, gens, refs)]}))
+
+
+def _tail(prompt: str, width: int = 160) -> str:
+    """A prompt on one line, its start cut to ``width`` characters (the end is what the model continues)."""
+    flat = prompt.replace("\n", " | ")
+    return flat if len(flat) <= width else "..." + flat[-width + 3:]
+
+
+def _flat(text: str) -> str:
+    """A generation on one line for the terminal (--json keeps the text as it is)."""
+    return text.strip().replace("\n", "\\n")
 
 
 def _seeds(value: str) -> list[int]:

@@ -11,7 +11,7 @@ from fwdllm import __version__
 from fwdllm.aggregator.cli import aggregator, simulate
 from fwdllm.bench.cli import bench
 from fwdllm.convert.cli import convert
-from fwdllm.edge_client.cli import client, eval_cmd
+from fwdllm.edge_client.cli import client, eval_cmd, generate_cmd
 from fwdllm.options import Group
 from fwdllm.reference.profile import profile
 from fwdllm.runtime import models as store
@@ -102,7 +102,7 @@ def generate(name: str, out: Path, allow: Path | None) -> None:
         click.echo(f"allowed {allow / f'{name}.key'}")
 
 
-for _cmd in (convert, eval_cmd, client, aggregator, simulate, profile, bench):
+for _cmd in (convert, eval_cmd, generate_cmd, client, aggregator, simulate, profile, bench):
     main.add_command(_cmd)
 
 

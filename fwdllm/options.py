@@ -29,6 +29,7 @@ from fwdllm.core.errors import UserError
 from fwdllm.core.layout import PARTS, TARGETS, split_targets
 from fwdllm.core.optim import OPTIMIZERS, SCHEDULES
 from fwdllm.runtime.models import DEFAULT_MODEL
+from fwdllm.runtime.tasks import SPLITS
 
 
 class Failure(click.ClickException):
@@ -158,10 +159,14 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "model": (("--model",), dict(default=DEFAULT_MODEL, show_default=True,
                                  help="Base model: a GGUF path or a model-store name (pulled on first use).")),
     "task": (("--task",), dict(default="sst2", show_default=True,
-                               help="Task: a preset (sst2, sst2-2shot, agnews, sft) or a .toml/.json task spec.")),
+                               help="Task: a preset (sst2, sst2-2shot, agnews, agnews-headline, sft) or a "
+                                    ".toml/.json task spec.")),
     "data": (("--data",), dict(type=click.Path(dir_okay=False, path_type=Path), default=None,
-                               help="Data file (csv, tsv or jsonl); commands that can do without one read the task's "
-                                    "dev split.")),
+                               help="Data file (csv, tsv or jsonl); commands that can do without one read a split of "
+                                    "the task's own data.")),
+    "split": (("--split",), dict(type=click.Choice(SPLITS), default="dev", show_default=True,
+                                 help="The task's data split to read when --data is not given (test: the held-out "
+                                      "split that results are reported on; tune on dev).")),
     "label_words": (("--label-words",), dict(default=None, metavar="W1,W2,...",
                                              help="Override the task's label words (its verbalizer).")),
     "lora": (("--lora",), dict(type=_FILE_IN, default=None, help="LoRA adapter GGUF, e.g. a run's adapter.gguf.")),
@@ -176,7 +181,8 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
                                      help="llama.cpp threads per process (default: the cores, shared evenly "
                                           "among the processes this command starts).")),
     "max_batch": (("--max-batch",), dict(type=click.IntRange(1, 256), default=16, show_default=True,
-                                         help="Sequences per llama_decode.")),
+                                         help="Sequences per llama_decode (an sft task decodes one at a time), and "
+                                              "the most rows a device scores per batch.")),
     "n_ctx": (("--n-ctx",), dict(type=click.IntRange(min=8), default=None,
                                  help="Max tokens per example (default: 256, sft 512).")),
     "no_mmap": (("--no-mmap",), dict(is_flag=True, help="Read the model into memory instead of mmap "

@@ -63,6 +63,13 @@ from fwdllm.runtime.engine import Engine, Seq
 from fwdllm.runtime.tasks import Example, TaskSpec, report_bad
 
 DEFAULT_CTX = {"classify": 256, "sft": 512}
+#: Sequences per ``llama_decode`` (None: up to ``max_batch``).  The KV cache
+#: holds ``n_ctx`` cells per sequence, so 16 sft sequences of 512 tokens took
+#: 189 MB on SmolLM2 (twice its GGUF).  An sft row is already a long decode
+#: (prompt + completion, ~65 tokens on AG News headlines) and scoring one per
+#: decode ran at the same tokens per CPU-second as eight, so sft decodes one
+#: (a batch still holds ``max_batch`` rows: they take turns).
+SEQS_PER_DECODE = {"classify": None, "sft": 1}
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,7 @@ class EdgeSession:
         self.engine = Engine(
             self.model_path,
             n_threads=n_threads,
-            n_seq_max=max_batch,
+            n_seq_max=SEQS_PER_DECODE[task.kind] or max_batch,
             n_ctx_seq=n_ctx or DEFAULT_CTX[task.kind],
             mmap=mmap,
             repack=repack,

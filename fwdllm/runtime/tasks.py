@@ -31,11 +31,24 @@ Built-in presets
           Topic (World, Sports, Business or Technology):" got 0.29 on 200,
           "News: ... Category:" 0.48, a question-style prompt 0.42).
 ``sft``   JSONL with ``prompt`` and ``completion`` (no default data).
+``agnews-headline`` headline generation (an ``sft`` task) from AG News:
+          prompt ``Article: {description}\nHeadline:``, completion
+          `` {title}``.  ``train`` is every row of ``ag_news/train.csv``;
+          ``ag_news/dev.csv`` is cut in two by a FIXED hash rule: the 400 data
+          rows whose ``sha256("agnews-headline-test:<row index>")`` are
+          smallest (row index counted from 0 after the header) are ``test``,
+          the other 400 ``dev``.  Tune on dev, report on test.  Runs of
+          whitespace become one space; rows with an empty title or
+          description are left out.  The splits are
+          materialised once as JSONL (``prompt``/``completion``, file order)
+          under ``$FWDLLM_CACHE/data``: the very format a user's own ``sft``
+          data takes.  Generation stops at a newline (a headline is one line).
 
 A custom task is a ``.toml`` or ``.json`` file with the same field names as
 :class:`TaskSpec` (``kind``, ``template``, ``label_words``, ``labels``,
-``text_columns``, ``label_column``, ``format``, ``train``/``dev`` data paths
-relative to the spec file).
+``text_columns``, ``label_column``, ``format``, ``train``/``dev``/``test`` data paths
+relative to the spec file, and for ``sft`` the generation limits ``stop`` and
+``max_new_tokens``).
 """
 
 from __future__ import annotations
@@ -55,6 +68,8 @@ from fwdllm.core.errors import UserError
 KINDS = ("classify", "sft")
 FORMATS = ("tsv", "csv", "jsonl")
 SST2_DEV_ROWS = 872
+HEADLINE_TEST_ROWS = 400
+SPLITS = ("train", "dev", "test")
 AGNEWS_TEMPLATE = "{title}. {description}\nThis news article is about"
 #: Two hand-written demonstrations (not from the data) in front of SST-2's
 #: prompt.  Zero-shot falls, but ``--head`` reads the last hidden state, and
@@ -87,6 +102,11 @@ class TaskSpec:
     max_chars: int = 4000
     train: str | None = None
     dev: str | None = None
+    #: the held-out split results are reported on (never tuned on)
+    test: str | None = None
+    #: generation (sft): strings that end a completion, and its token budget
+    stop: tuple[str, ...] = ()
+    max_new_tokens: int = 64
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -140,13 +160,24 @@ PRESETS: dict[str, TaskSpec] = {
         dev="ag_news/dev.csv",
     ),
     "sft": TaskSpec(name="sft", kind="sft", template="{prompt}", format="jsonl"),
+    "agnews-headline": TaskSpec(
+        name="agnews-headline",
+        kind="sft",
+        template="{prompt}",
+        format="jsonl",
+        train="ag_news/train.csv",  # built into JSONL splits by default_data(), see module docstring
+        dev="ag_news/dev.csv",
+        test="ag_news/dev.csv",
+        stop=("\n",),
+        max_new_tokens=32,
+    ),
 }
 
 PRESETS["sst2-2shot"] = dataclasses.replace(  # the same data and carved split, another prompt
     PRESETS["sst2"], name="sst2-2shot", template=SST2_TWO_SHOT + PRESETS["sst2"].template
 )
 
-_TUPLE_FIELDS = {"label_words", "labels", "text_columns"}
+_TUPLE_FIELDS = {"label_words", "labels", "text_columns", "stop"}
 
 
 def load_task(name_or_spec: str, **overrides: Any) -> TaskSpec:
@@ -191,7 +222,7 @@ def _read_spec_file(path: Path) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise UserError(f"task spec {path}: expected a table/object at top level")
     spec.setdefault("name", path.stem)
-    for split in ("train", "dev"):  # data paths are relative to the spec file
+    for split in SPLITS:  # data paths are relative to the spec file
         if isinstance(spec.get(split), str):
             spec[split] = str((path.parent / spec[split]).resolve())
     return spec
@@ -214,12 +245,14 @@ def _cache_dir() -> Path:
 
 
 def default_data(task_name: str, split: str) -> Path:
-    """The default file of a preset's ``train`` or ``dev`` split."""
-    if split not in ("train", "dev"):
-        raise UserError(f"split must be train or dev, got {split!r}")
+    """The default file of a preset's ``train``, ``dev`` or ``test`` split."""
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     spec = load_task(task_name)
-    if spec.train == PRESETS["sst2"].train:  # sst2 and sst2-2shot share the carved split
+    if spec.train == PRESETS["sst2"].train and split != "test":  # sst2 and sst2-2shot share the carved split
         return _sst2_split(split)
+    if spec.kind == "sft" and spec.train == PRESETS["agnews-headline"].train:
+        return _headline_split(split)
     rel = getattr(spec, split)
     if rel is None:
         raise UserError(f"task {spec.name} has no default {split} data; pass --data FILE")
@@ -246,6 +279,33 @@ def _sst2_split(split: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.part")
     tmp.write_text(header + "".join(keep), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def _headline_split(split: str) -> Path:
+    """Materialise the fixed AG News headline splits as JSONL (see module docstring)."""
+    src = data_root() / ("ag_news/train.csv" if split == "train" else "ag_news/dev.csv")
+    if not src.is_file():
+        raise UserError(f"{src} not found (set FWDLLM_DATA to the shared data directory)")
+    out = _cache_dir() / f"agnews-headline-{split}-{src.stat().st_size}.jsonl"
+    if out.is_file():
+        return out
+    with src.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep = range(len(rows))
+    if split != "train":
+        ranked = sorted(keep, key=lambda i: hashlib.sha256(f"agnews-headline-test:{i}".encode()).digest())
+        test = set(ranked[:HEADLINE_TEST_ROWS])
+        keep = [i for i in keep if (i in test) == (split == "test")]
+    lines = []
+    for i in keep:
+        title, desc = (" ".join((rows[i].get(c) or "").split()) for c in ("title", "description"))
+        if title and desc:
+            lines.append(json.dumps({"prompt": f"Article: {desc}\nHeadline:", "completion": f" {title}"}) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.part")
+    tmp.write_text("".join(lines), encoding="utf-8")
     os.replace(tmp, out)
     return out
 

@@ -434,6 +434,15 @@ def _pump_answering(peers: Sequence[Peer], wait_s: float, lie: Callable[[Task], 
         time.sleep(0.01)
 
 
+def _first_of_rounds(tasks: list[tuple[int, tuple[int, ...]]], rounds: range) -> list[int]:
+    """The seeds of the first task of each of ``rounds`` in ``tasks`` ((round, seeds) in arrival order)."""
+    firsts: dict[int, tuple[int, ...]] = {}
+    for r, seeds in tasks:
+        if r in rounds:
+            firsts.setdefault(r, seeds)
+    return [s for seeds in firsts.values() for s in seeds]
+
+
 def sybil_seeds(lab: Lab) -> Outcome:
     """One key opens 8 connections with ids that sort first; who gets the seeds?"""
     curve = lab.make_keys("device-1", "sybil")
@@ -447,8 +456,10 @@ def sybil_seeds(lab: Lab) -> Outcome:
     while len(agg.metrics()) < first + 3 and time.monotonic() < end:
         _pump_answering(sybils, 0.2, lambda t: answer(t))
     rounds = range(first, first + 3)
-    to_sybils = sum(len(t.seeds) for p in sybils for t in p.tasks if t.round in rounds)
-    to_device = sum(len(s) for r, s in rec.tasks if r in rounds)
+    # each connection's first task of a round: its share of the fresh seeds (the seeds of
+    # a slow device's expired task go to whoever is free, which is fair and not the attack)
+    to_sybils = sum(len(_first_of_rounds([(t.round, tuple(t.seeds)) for t in p.tasks], rounds)) for p in sybils)
+    to_device = len(_first_of_rounds(rec.tasks, rounds))
     share = to_sybils / max(1, to_sybils + to_device)
     joined = sum(p.welcomed > 0 for p in sybils)
     numbers = {"seeds_to_attacker": to_sybils, "seeds_to_device": to_device, "attacker_share": round(share, 3),

@@ -20,9 +20,8 @@ from fwdllm.core.replica import Replica
 
 
 @contextmanager
-def aggregator_thread(run_dir: Path, cfg: RunConfig, replica: Replica, options: ServerOptions) -> Iterator[Aggregator]:
-    """Serve ``cfg`` from round ``replica.version`` in a daemon thread; always stopped and joined."""
-    agg = Aggregator(run_dir, cfg, replica, setup.strategy_for(cfg, {}), options)
+def serving_thread(agg: Aggregator) -> Iterator[Aggregator]:
+    """``agg.serve()`` in a daemon thread; always stopped and joined."""
     thread = threading.Thread(target=agg.serve, name="aggregator", daemon=True)
     thread.start()
     try:
@@ -30,6 +29,13 @@ def aggregator_thread(run_dir: Path, cfg: RunConfig, replica: Replica, options: 
     finally:
         agg.stop.set()
         thread.join(15)
+
+
+@contextmanager
+def aggregator_thread(run_dir: Path, cfg: RunConfig, replica: Replica, options: ServerOptions) -> Iterator[Aggregator]:
+    """Serve ``cfg`` from round ``replica.version`` in a daemon thread; always stopped and joined."""
+    with serving_thread(Aggregator(run_dir, cfg, replica, setup.strategy_for(cfg, {}), options)) as agg:
+        yield agg
 
 
 def port_of(agg: Aggregator) -> int:
