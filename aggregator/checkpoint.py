@@ -10,7 +10,9 @@ Layout of ``RUN_DIR``::
     state.npz       the authoritative checkpoint: adapter tensors, optimizer
                     state, version (= rounds finished), strategy state,
                     elapsed seconds, and the server's own record (identities
-                    evicted from the run).  Replaced atomically after every round.
+                    evicted from the run, the privacy ledger, the update
+                    history and the head codec's carried error).  Replaced
+                    atomically after every round.
     adapter.gguf    the run's product as a llama.cpp LoRA: the adapter, or
                     its moving average under ``--ema`` (written just before
                     state.npz, so it is never older than the checkpoint); a
@@ -39,6 +41,7 @@ import numpy as np
 from fwdllm.core.adapter_io import write_adapter
 from fwdllm.core.errors import UserError
 from fwdllm.core.files import atomic_write
+from fwdllm.core.history import History
 from fwdllm.core.layout import LoraLayout
 from fwdllm.core.optim import OptimizerSpec
 from fwdllm.core.replica import Replica
@@ -69,9 +72,29 @@ class RunConfig:
     init_adapter: dict[str, str] | None = None
     #: the recipe that filled the options the user did not pass (``--recipe``), if any
     recipe: str | None = None
+    #: protocol v2 (runs written before it resume with the v1 behaviour: no
+    #: init seed, so devices older than the checkpoint get a snapshot, raw
+    #: float32 head gradients, no secure aggregation, no DP)
+    #: the seed round 0's adapter was drawn from (:func:`fwdllm.core.lora.initial_tensors`)
+    init_seed: int | None = None
+    head_codec: str = "f32"
+    secagg: dict[str, Any] | None = None  # SecAggOptions
+    dp: dict[str, Any] | None = None  # DPSpec, calibrated
     #: the serve options (``aggregator serve``'s flags, by parameter name) of
     #: the last process that served this run; None in runs that predate it
     serve: dict[str, Any] | None = None
+
+    @property
+    def secagg_options(self):  # noqa: ANN201 - aggregator.secure.SecAggOptions | None
+        from fwdllm.aggregator.secure import SecAggOptions
+
+        return SecAggOptions(**self.secagg) if self.secagg is not None else None
+
+    @property
+    def dp_spec(self):  # noqa: ANN201 - aggregator.privacy.DPSpec | None
+        from fwdllm.aggregator.privacy import DPSpec
+
+        return DPSpec.from_dict(self.dp) if self.dp is not None else None
 
     @property
     def lora_layout(self) -> LoraLayout:
@@ -108,16 +131,26 @@ def save_serve_options(run_dir: Path, cfg: RunConfig, serve: dict[str, Any]) -> 
 
 
 def save(run_dir: Path, replica: Replica, strategy_state: dict[str, Any], elapsed_s: float,
-         server_state: dict[str, Any] | None = None) -> None:
-    """Checkpoint after a finished round: adapter.gguf, then state.npz."""
+         server_state: dict[str, Any] | None = None, history: History | None = None,
+         head_residual: np.ndarray | None = None) -> None:
+    """Checkpoint after a finished round: adapter.gguf, then state.npz.
+
+    ``server_state`` is the server's own record (JSON: identities evicted,
+    the privacy ledger); protocol v2 adds the update ``history`` and
+    ``head_residual`` (the head codec's carried error), saved with the round
+    they belong to."""
     write_adapter(run_dir / ADAPTER, replica.layout, replica.optimizer.averaged(replica.tensors))
     meta = {"strategy": strategy_state, "elapsed_s": elapsed_s, "server": server_state or {}}
+    arrays = {
+        "replica": np.frombuffer(replica.to_bytes(), dtype=np.uint8),
+        "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+    }
+    if history is not None:
+        arrays["history"] = np.frombuffer(history.encode(), dtype=np.uint8)
+    if head_residual is not None:
+        arrays["head_residual"] = np.asarray(head_residual, dtype=np.float32)
     buf = io.BytesIO()
-    np.savez(
-        buf,
-        replica=np.frombuffer(replica.to_bytes(), dtype=np.uint8),
-        meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-    )
+    np.savez(buf, **arrays)
     atomic_write(run_dir / STATE, buf.getvalue())
 
 
@@ -151,6 +184,30 @@ def _read_state(run_dir: Path) -> tuple[dict[str, Any], bytes]:
     if not isinstance(meta, dict):
         raise UserError(f"{path} is not a fwdllm checkpoint (its meta is not an object)")
     return meta, blob
+
+
+def load_extra(run_dir: Path) -> dict[str, Any]:
+    """The protocol-v2 parts of ``state.npz`` that are there: ``history``
+    (a :class:`~fwdllm.core.history.History`; a v1 checkpoint has none, so
+    the history starts at its own version), ``head_residual`` and ``dp`` (the
+    privacy ledger's state).  {} without a checkpoint; a damaged one is a
+    one-line :class:`UserError`."""
+    path = run_dir / STATE
+    if not path.exists():
+        return {}
+    out: dict[str, Any] = {}
+    dp = server_state(run_dir).get("dp")
+    if dp:
+        out["dp"] = dp
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "history" in z.files:
+                out["history"] = History.decode(z["history"].tobytes())
+            if "head_residual" in z.files:
+                out["head_residual"] = np.array(z["head_residual"], dtype=np.float32)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is not a fwdllm checkpoint, or it is damaged ({type(e).__name__}: {e})") from None
+    return out
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

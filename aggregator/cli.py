@@ -84,6 +84,23 @@ def explicit_options(ctx: click.Context, names: Any) -> set[str]:
     return {n for n in names if ctx.get_parameter_source(n) not in default}
 
 
+def _privacy(kw: dict[str, Any], rounds: int):  # noqa: ANN202 - setup.PrivacySpec
+    """Protocol v2's options of a new run (--head-codec, --secagg, --dp-*)."""
+    from fwdllm.aggregator.privacy import DPSpec
+    from fwdllm.aggregator.secure import SecAggOptions
+    from fwdllm.aggregator.setup import PrivacySpec
+
+    dp = None
+    if kw["dp_epsilon"] is not None:
+        try:
+            dp = DPSpec(epsilon=kw["dp_epsilon"], delta=kw["dp_delta"], clip=kw["dp_clip"], rounds=rounds,
+                        on_spent=kw["dp_on_spent"]).to_dict()
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    secagg = SecAggOptions(bound=kw["secagg_bound"]).to_dict() if kw["secagg"] else None
+    return PrivacySpec(head_codec=kw["head_codec"], secagg=secagg, dp=dp)
+
+
 def _dev_file(task: str, dev: Path | None) -> Path | None:
     """--dev, else the task's default dev split, else no evaluation."""
     from fwdllm.runtime.tasks import default_data
@@ -209,8 +226,8 @@ def serve(ctx: click.Context, bind: str, model: str, rounds: int | None, out: Pa
                                   kw["init_adapter"])
             eval_every = kw["eval_every"] or max(1, rounds // 5)
             cfg, replica = setup.new_run(out, model_path, model_sha256(model_path), kw["task"], dev, kw["dev_limit"],
-                                         rounds, eval_every, lora, opt, strat, recipe.name if recipe else None,
-                                         serve=values)
+                                         rounds, eval_every, lora, opt, strat, recipe=recipe.name if recipe else None,
+                                         privacy=_privacy(kw, rounds), serve=values)
             run_dir, state, elapsed, evicted = out, {}, 0.0, ()
         opts = ServerOptions(keys=keys, **{k: values[k] for k in SERVE_OPTIONS if k not in ("threads", "curve_secret",
                                                                                           "allow")})

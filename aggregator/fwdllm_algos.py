@@ -7,7 +7,7 @@ client reports ``p = g_b . v_k``, the directional derivative of the loss on its
 batch ``b``.  The aggregated estimate is ``G = (1/N) sum_obs p v_k``.
 
 Two facts drive every design choice below (both are checked by brute force in
-``tests/test_fwdllm_algos.py``).  With ``rho = sigma^2 / |g|^2`` the
+``tests/core/test_fwdllm_algos.py``).  With ``rho = sigma^2 / |g|^2`` the
 noise-to-signal ratio of the scalars (``sigma^2 = E[((g_b - g) . v)^2]``, the
 data noise a batch adds to one scalar):
 

@@ -13,7 +13,12 @@ Round life cycle::
     RUN    Tasks out, Results in; dead peers dropped, late tasks taken back
            and handed to others; ends when the strategy is ready, when a
            quorum of participants reported, when nothing is outstanding, or
-           at the round deadline
+           at the round deadline.  A summed round (``--secagg``,
+           ``--dp-epsilon``; :mod:`fwdllm.aggregator.secure`) ends when its
+           sum is complete or has failed: every participant scores the same
+           seeds, the secure-aggregation stages travel as ``SecAgg``
+           messages, and a participant that drops or misses a deadline
+           leaves the sum, which goes on without it
     STEP   coefficients -> Update -> applied to the server's replica
            (refused, and the round retried, if it would not be finite)
     EVAL   (every ``eval_every`` rounds, in a thread) dev loss / accuracy
@@ -25,11 +30,16 @@ name the ZAP handler gave it, read from each message's ``User-Id`` - and the
 identity; strikes, quarantine and eviction attach to the identity.  In
 plaintext (local simulation) the identity is the ``client_id``.
 
+A device that is behind catches up by replaying the update history
+(protocol v2, :mod:`fwdllm.core.history`) or by snapshot, whichever the
+cost model finds cheaper.
+
 Every peer costs bounded memory: a low send high-water mark that drops
 rather than queues, large frames shared (not copied) between peers, at most
-one snapshot per identity per version and one in flight at a time, a limit
-on a whole inbound message, and connections that stop reading are cut by
-TCP (``TCP_MAXRT``).  Nothing a peer sends can raise out of the loop, and
+one replay and one snapshot per identity per version and one catch-up in
+flight at a time, a limit on a whole inbound message (``SecAgg`` stages
+included; each stage is accepted once per participant and round), and
+connections that stop reading are cut by TCP (``TCP_MAXRT``).  Nothing a peer sends can raise out of the loop, and
 the warnings it can provoke are rate-limited.
 """
 
@@ -50,18 +60,25 @@ import zmq
 
 from fwdllm.aggregator import checkpoint
 from fwdllm.aggregator.checkpoint import RunConfig
+from fwdllm.aggregator.privacy import Ledger
+from fwdllm.aggregator.secure import AggregateRound
 from fwdllm.aggregator.strategy import ClientView, RoundConfig, Scored, Strategy, Work
+from fwdllm.core import compress, contribution
 from fwdllm.core.errors import UserError
+from fwdllm.core.history import History, catch_up_plan
 from fwdllm.core.protocol import (
     MAX_HEADER_BYTES,
     Bye,
+    CatchUp,
     Error,
     Heartbeat,
     Join,
     Message,
     ProtocolError,
     Refuse,
+    Replay,
     Result,
+    SecAgg,
     Snapshot,
     SnapshotRequest,
     Task,
@@ -118,6 +135,21 @@ class ServerOptions:
     keys: security.ServerKeys | None = None  # CURVE + allow-list; None = plaintext (warned)
 
 
+def _passes(task: Task) -> int:
+    """Forward passes a task costs its device."""
+    return len(task.seeds) + 1 if task.one_sided else 2 * len(task.seeds)
+
+
+def _check_counters(task: Task, n_tokens: Any, seconds: Any) -> str | None:
+    """Why an answer's counters cannot be what ``task`` cost, or None."""
+    passes = _passes(task)
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or not 0 <= n_tokens <= passes * task.batch_size * MAX_TOKENS_PER_ROW:
+        return f"n_tokens {n_tokens} is not what {passes} passes of {task.batch_size} rows can cost"
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_SECONDS:
+        return f"seconds {seconds} out of range"
+    return None
+
+
 def welcome(cfg: RunConfig, replica: Replica, heartbeat_s: float) -> Welcome:
     """What a joining client must mirror: task, layout, optimizer, and the
     version and hash its replica must match (else it asks for a snapshot)."""
@@ -131,6 +163,9 @@ def welcome(cfg: RunConfig, replica: Replica, heartbeat_s: float) -> Welcome:
             "version": replica.version,
             "adapter_sha256": replica.sha,
             "rounds": cfg.rounds,
+            # protocol v2: a new device builds version 0 from this seed (None: it
+            # needs a snapshot, e.g. a run that started from --init-adapter)
+            "init_seed": cfg.init_seed,
         },
     )
 
@@ -171,7 +206,9 @@ class Standing:
     strikes: int = 0  # deadlines missed in a row
     seconds_per_seed: float | None = None  # measured by the server: task sent -> result in
     snapshot_version: int = -1  # the last version it was sent a snapshot of
-    snapshot: zmq.MessageTracker | None = None  # that snapshot, until libzmq lets go of it
+    replay_version: int = -1  # the last version it was sent a replay to
+    #: the last catch-up reply (snapshot or replay), until libzmq lets go of it
+    snapshot: zmq.MessageTracker | None = None
 
 
 @dataclass
@@ -232,12 +269,21 @@ class Aggregator:
         self.eval_out: dict[str, Any] = {}
         self.pending: tuple[Update, dict[str, Any]] | None = None  # stepped, not yet committed
         self.snapshot_cache: tuple[int, bytes] | None = None
-        self.traffic = {"heartbeat": 0, "snapshot": 0, "control": 0}
+        self.traffic = {"heartbeat": 0, "snapshot": 0, "replay": 0, "secagg": 0, "control": 0}
         self.session_id = uuid.uuid4().hex[:8]
         self.sock: zmq.Socket | None = None
         self.auth: security.KeyedAuthenticator | None = None
         self.noise = Throttle(log)  # warnings a peer can provoke at will
         self.stop = threading.Event()  # set from another thread to end serve() early
+        # protocol v2: what a late device replays, the head codec's carried
+        # error, the privacy ledger, and the summed round in progress
+        extra = checkpoint.load_extra(run_dir)
+        self.history = extra.get("history") or History(replica.version, replica.sha)
+        self.head_residual: np.ndarray | None = extra.get("head_residual")
+        self.ledger = Ledger(config.dp_spec) if config.dp_spec else None
+        if self.ledger is not None:
+            self.ledger.load_state_dict(extra.get("dp", {}))
+        self.agg: AggregateRound | None = None
 
     # ------------------------------------------------------------------ #
     # main loop
@@ -363,9 +409,16 @@ class Aggregator:
             peer.rank = self._rank(number, peer.who)
         peers = sorted(self.peers.values(), key=lambda p: (p.rank, p.who))
         views = [self._view(p, i) for i, p in enumerate(peers)]
+        if self.ledger is not None and self._budget_spent(views):
+            return
         cfg = self.strategy.begin(number, views)
         self.round = RoundState(number=number, config=cfg, participants=views, started=now,
                                 by_id={v.client_id: v for v in views})
+        if self.config.secagg or self.config.dp_spec:
+            # summed: only identities that can take work now are in the sum's
+            # roster (one still silent on an expired task would stall its stages)
+            self.agg = self._aggregate_round(number, [self._view(p, i) for i, p in enumerate(peers)
+                                                       if p.expired is None])
         self.first_round = False
         log.info("round %d/%d: %d clients", number, self.config.rounds, len(views))
         self._dispatch()
@@ -374,10 +427,13 @@ class Aggregator:
         """Give work to idle peers; end the round when nothing is left."""
         rs = self.round
         assert rs is not None
+        if self.agg is not None and (self.agg.done or self.agg.failed):
+            self._end_round()
+            return
         # quorum < 1 cuts stragglers off; at 1 the strategy alone decides (it
         # may hand a client more work after its first result)
         quorum = self.opts.quorum < 1 and len(rs.bytes_up) >= math.ceil(self.opts.quorum * len(rs.participants))
-        if rs.results and (self.strategy.ready() or quorum):
+        if rs.results and (self.strategy.ready() or quorum) and self.agg is None:  # a sum ends when it is complete
             self._end_round()
             return
         if self.strategy.has_work():
@@ -387,13 +443,18 @@ class Aggregator:
                 if peer.expired is not None or peer.benched == rs.number:  # no work for it now: its share goes
                     if peer.who in rs.by_id and peer.who not in rs.released:
                         rs.released.add(peer.who)
-                        self.strategy.drop(self._participant(peer), None)
+                        self._drop_participant(peer, None)
                     continue
+                if self.agg is not None and not self.agg.is_live(peer.who):
+                    continue  # not in this round's sum (joined after it began, or dropped out of it)
                 work = self.strategy.next_work(self._participant(peer))
                 if work is not None:
                     self._assign(peer, work)
-        if not any(p.work is not None for p in self.peers.values()):
-            self._end_round()
+        if self.round is not None and not any(p.work is not None for p in self.peers.values()):
+            if self.agg is None:
+                self._end_round()
+            elif not self.agg.live:  # nobody is left to finish the sum's stages
+                self._route(self.agg.fail("no participant left"))
 
     def _assign(self, peer: Peer, work: Work) -> None:
         rs = self.round
@@ -410,7 +471,11 @@ class Aggregator:
             batch_seed=work.batch_seed,
             one_sided=rs.config.one_sided,
             stratify=self.strategy.spec.stratify,
+            head_codec=self.config.head_codec,
+            **(self.agg.task_fields(peer.who) if self.agg else {}),
         )
+        if self.agg is not None:
+            self.agg.seeds = work.seeds  # a shared plan: every participant scores the same seeds
         now = time.monotonic()
         peer.work, peer.task, peer.task_sent = work, task, now
         peer.deadline = now + self._budget(peer.who, len(work.seeds), self._typical_speed())
@@ -441,6 +506,7 @@ class Aggregator:
         evict identities that keep letting tasks expire.  Tasks handed out
         before anyone was measured are re-budgeted once someone is."""
         typical = self._typical_speed()
+        self._reveal_deadline(now)
         for peer in list(self.peers.values()):
             if peer.work is None:
                 if peer.expired is not None and now > peer.silent_until:
@@ -459,6 +525,24 @@ class Aggregator:
                     peer.expired, peer.expired_sent = unanswered, peer.task_sent
                     peer.expired_budget, peer.silent_until = budget, now + budget
 
+    def _reveal_deadline(self, now: float) -> None:
+        """A secure sum's last stage (reveal) has no task to time: survivors
+        that have not revealed ``deadline_floor_s x deadline_slack`` after the
+        request leave the sum (which goes on with the others) with a strike."""
+        agg = self.agg
+        waiting = agg.awaiting() if agg is not None else []
+        if not waiting:
+            return
+        assert agg is not None
+        if agg.reveal_deadline is None:
+            agg.reveal_deadline = now + self.opts.deadline_floor_s * self.opts.deadline_slack
+        elif now > agg.reveal_deadline:
+            for who in waiting:
+                peer = self.by_who.get(who)
+                if peer is not None:
+                    self._drop_participant(peer, None)
+                    self._strike(peer, "did not reveal its shares of the secure sum in time")
+
     def _take_back(self, peer: Peer, why: str) -> None:
         """The peer's task goes to others in this round, and its identity gets
         a strike (a deadline missed, or a result refused)."""
@@ -467,8 +551,14 @@ class Aggregator:
         work, peer.benched = peer.work, rs.number
         peer.work, peer.task = None, None
         rs.expired.append(peer.who)
-        self.strategy.drop(self._participant(peer), work)
+        self._drop_participant(peer, work)
         self._strike(peer, f"{why}; its seeds go to others")
+
+    def _drop_participant(self, peer: Peer, work: Work | None) -> None:
+        """``peer`` will not score ``work`` (nor, in a summed round, be in the sum)."""
+        self.strategy.drop(self._participant(peer), work)
+        if self.agg is not None and self.agg.is_live(peer.who):
+            self._route(self.agg.drop(peer.who))
 
     def _strike(self, peer: Peer, why: str) -> None:
         """One more strike; ``evict_after`` in a row evict the identity.  An
@@ -516,12 +606,16 @@ class Aggregator:
         if not self._is_answer(msg, task):
             self._send(peer, Error(reason="result does not match the task's seeds", code="result"), "control")
             return
+        if self.agg is not None:  # --dp-epsilon without --secagg: the device's clipped, noised sums
+            agg, sums = self.agg, np.asarray(msg.sums, dtype=np.float64)
+            if not (np.all(np.isfinite(sums)) and np.all(np.abs(sums) <= MAX_LOSS)):
+                self._refuse(peer, f"sums must be finite and within +-{MAX_LOSS:g}")
+            else:
+                self._on_contribution(peer, task, lambda: agg.on_sums(peer.who, sums, {}), 0, nbytes)
+            return
         checked = self._check_result(msg, task)
         if isinstance(checked, str):
-            self._send(peer, Error(reason=f"result: {checked}", code="result"), "control")
-            self._take_back(peer, f"sent a result that was refused: {checked}")
-            if self.round is not None:
-                self._dispatch()
+            self._refuse(peer, checked)
             return
         scored, head = checked
         self._measure(peer, now, len(msg.seeds), peer.task_sent)
@@ -535,6 +629,14 @@ class Aggregator:
         rs.bytes_up[peer.who] = rs.bytes_up.get(peer.who, 0) + nbytes
         self.strategy.add(self._participant(peer), work, scored)
         self._dispatch()
+
+    def _refuse(self, peer: Peer, why: str) -> None:
+        """Refuse the peer's answer to its task: it is told, its work goes to
+        others (a summed round goes on without it) and it gets a strike."""
+        self._send(peer, Error(reason=f"result: {why}", code="result"), "control")
+        self._take_back(peer, f"sent a result that was refused: {why}")
+        if self.round is not None:
+            self._dispatch()
 
     @staticmethod
     def _is_answer(msg: Result, task: Task) -> bool:
@@ -562,14 +664,13 @@ class Aggregator:
             passes = 2 * n
         if not np.all(np.isfinite(projected)):
             return "the projections are not finite at this eps"
-        if not 0 <= msg.n_tokens <= passes * task.batch_size * MAX_TOKENS_PER_ROW:
-            return f"n_tokens {msg.n_tokens} is not what {passes} passes of {task.batch_size} rows can cost"
-        if not 0 <= msg.seconds <= MAX_SECONDS:
-            return f"seconds {msg.seconds:g} out of range"
+        bad = _check_counters(task, msg.n_tokens, msg.seconds)
+        if bad:
+            return bad
         head = None
         if self.replica.layout.head is not None:
             try:
-                grad = head_array(msg.head_grad, self.replica.layout)
+                grad = head_array(msg.head_grad, self.replica.layout, msg.head_codec)
             except ProtocolError as e:
                 return str(e)
             if not 1 <= msg.head_rows <= task.batch_size:
@@ -596,10 +697,21 @@ class Aggregator:
         for peer in self.peers.values():  # anything still out is late from now on
             peer.work, peer.task = None, None
         self.round = None
-        if not rs.results:
+        agg, self.agg = self.agg, None
+        if agg is not None:
+            if not agg.done:
+                log.warning("round %d: the sum was not complete (stage %s); it will be retried", rs.number, agg.stage)
+                return
+            head = self._add_aggregate(rs, agg)
+        elif not rs.results:
             log.warning("round %d got no results; it will be retried", rs.number)
             return
-        head = self.strategy.head_step(rs.head)
+        else:
+            head = self.strategy.head_step(rs.head)
+        head_raw, residual = b"", self.head_residual
+        if head is not None:
+            # every replica applies the decoded bytes; the server carries the rounding error
+            head_raw, residual = compress.encode(head, self.config.head_codec, self.head_residual)
         step = self.strategy.step()
         lr = self.config.optimizer_spec.lr_at(rs.number - 1)
         update = Update(
@@ -611,7 +723,8 @@ class Aggregator:
             coeffs=step.coeffs,
             mask=rs.config.mask.to_dict(),
             dist=rs.config.dist,
-            head_grad=b"" if head is None else np.ascontiguousarray(head, dtype="<f4").tobytes(),
+            head_grad=head_raw,
+            head_codec=self.config.head_codec if head_raw else "f32",
         )
         sha = self.replica.apply_if_finite(update) if np.all(np.isfinite(step.coeffs)) else None
         if sha is None:
@@ -619,7 +732,9 @@ class Aggregator:
             log.error("round %d: the step would make the adapter or the optimizer state non-finite; refused, "
                       "the round will be retried", rs.number)
             return
+        self.head_residual = residual
         update = replace(update, adapter_sha256=sha)
+        self.history.append(update)
         self.strategy.committed(rs.number, step)
         update_bytes = sum(len(f) for f in update.to_frames())
         clients = sorted(set(rs.bytes_down) | set(rs.bytes_up))
@@ -627,7 +742,7 @@ class Aggregator:
         up = [rs.bytes_up.get(c, 0) for c in clients]
         record: dict[str, Any] = {
             "round": rs.number,
-            "loss": float(np.mean(rs.losses)),
+            "loss": float(np.mean(rs.losses)) if rs.losses else None,  # DP rounds report none
             "dev_loss": None,
             "dev_accuracy": None,
             "clients": len(rs.bytes_up),
@@ -647,6 +762,11 @@ class Aggregator:
             "round_s": round(time.monotonic() - rs.started, 3),
             **step.info,
         }
+        if agg is not None:
+            record["clients"] = len(agg.contributors)  # in the sum (a dropout may have sent keys and shares)
+            record["secagg_bytes_per_client"] = agg.sa_bytes // max(1, len(agg.index)) if agg.server else None
+            if self.ledger is not None:
+                record["dp_epsilon_spent"] = self.ledger.record(agg.sampling_rate)
         self.refused_steps = 0
         self.pending = (update, record)
         if self.evaluate and (rs.number % self.config.eval_every == 0 or rs.number == self.config.rounds):
@@ -665,14 +785,15 @@ class Aggregator:
         record.update({f"bytes_{k}_total": v for k, v in self.traffic.items()})
         checkpoint.append_metrics(self.run_dir, record)
         checkpoint.save(self.run_dir, self.replica, self.strategy.state_dict(), elapsed,
-                        {"evicted": sorted(self.evicted)})
+                        {"evicted": sorted(self.evicted), "dp": self.ledger.state_dict() if self.ledger else None},
+                        self.history, self.head_residual)
         self.pending = None
         self._broadcast(update, "update")
         log.info(
-            "round %d/%d loss %.4f%s clients %d fwd %d down %d B up %d B (%.1f s)",
+            "round %d/%d loss %s%s clients %d fwd %d down %d B up %d B (%.1f s)",
             record["round"],
             self.config.rounds,
-            record["loss"],
+            "-" if record["loss"] is None else f"{record['loss']:.4f}",
             "" if record["dev_accuracy"] is None else f" dev acc {record['dev_accuracy']:.4f}",
             record["clients"],
             record["forward_passes"],
@@ -761,6 +882,10 @@ class Aggregator:
             self._on_result(peer, msg, nbytes)
         elif isinstance(msg, SnapshotRequest):
             self._send_snapshot(peer)
+        elif isinstance(msg, CatchUp):
+            self._catch_up(peer, msg)
+        elif isinstance(msg, SecAgg):
+            self._on_secagg(peer, msg, nbytes)
         elif isinstance(msg, Bye):
             log.info("client %s left: %s", peer.label, msg.reason)
             self._remove(peer, "bye")
@@ -816,26 +941,68 @@ class Aggregator:
             self._send(peer, peer.task, "control")
 
     def _send_snapshot(self, peer: Peer) -> None:
-        """At most one snapshot per identity and version, and none while the
-        previous one is still queued in libzmq (a peer that does not read
-        cannot pile them up).  A device that misses one asks again once it
+        """At most one snapshot per identity and version (see
+        :meth:`_in_flight`).  A device that misses one asks again once it
         sees a newer version."""
         st = self._standing(peer.who)
         version = self.replica.version
-        if st.snapshot is not None and st.snapshot.done:
-            st.snapshot = None
-        if st.snapshot_version == version or st.snapshot is not None:
-            self.noise.warning(("snapshot", peer.who), "snapshot request from %s ignored (version %d already sent or in flight)",
+        if st.snapshot_version == version:
+            self.noise.warning(("snapshot", peer.who), "snapshot request from %s ignored (version %d already sent)",
                                peer.label, version)
             return
-        if self.snapshot_cache is None or self.snapshot_cache[0] != version:
-            self.snapshot_cache = (version, self.replica.to_bytes())
-        snap = Snapshot(version=version, adapter_sha256=self.replica.sha, state=self.snapshot_cache[1])
-        assert self.sock is not None
-        frames = snap.to_frames()
-        st.snapshot = self.sock.send_multipart([peer.routing, *frames], copy=False, track=True)
+        if self._in_flight(st, peer, "snapshot"):
+            return
+        snap = Snapshot(version=version, adapter_sha256=self.replica.sha, state=self._snapshot_bytes())
+        self._send_tracked(peer, st, snap, "snapshot")
         st.snapshot_version = version
-        self.traffic["snapshot"] += sum(len(f) for f in frames)
+
+    def _catch_up(self, peer: Peer, msg: CatchUp) -> None:
+        """Replay the history from the device's version, or snapshot when that
+        is cheaper or the device is not on our history.  One replay per
+        identity and version: a device that asks again at the same version
+        failed its replay and gets the snapshot (once)."""
+        st = self._standing(peer.who)
+        version = self.replica.version
+        if st.replay_version == version:
+            self._send_snapshot(peer)
+            return
+        if self._in_flight(st, peer, "catch-up"):
+            return
+        st.replay_version = version  # decided once per version, whatever the plan: a flood costs one plan
+        rate = peer.join.replay_entries_per_s
+        plan = catch_up_plan(self.history, self.replica.layout, msg.version, msg.adapter_sha256,
+                             len(self._snapshot_bytes()), **({"replay_entries_per_s": rate} if rate > 0 else {}))
+        log.info("client %s at version %d: %s (replay %d B, ~%.2f s; snapshot %d B, ~%.2f s)", peer.label,
+                 msg.version, plan.how, plan.replay_bytes, plan.replay_s, plan.snapshot_bytes, plan.snapshot_s)
+        if plan.how == "snapshot":
+            self._send_snapshot(peer)
+            return
+        blob = self.history.encode(msg.version, all_shas=False)
+        self._send_tracked(peer, st, Replay(version=version, adapter_sha256=self.replica.sha, history=blob), "replay")
+
+    def _in_flight(self, st: Standing, peer: Peer, what: str) -> bool:
+        """Whether the identity's last catch-up (snapshot or replay) is still
+        queued in libzmq: then nothing more is sent, so a peer that does not
+        read cannot pile catch-ups up (warned, rate-limited)."""
+        if st.snapshot is not None and st.snapshot.done:
+            st.snapshot = None
+        if st.snapshot is None:
+            return False
+        self.noise.warning((what, peer.who), "%s request from %s ignored (one still in flight)", what, peer.label)
+        return True
+
+    def _snapshot_bytes(self) -> bytes:
+        """The current version's snapshot, serialised once per version."""
+        if self.snapshot_cache is None or self.snapshot_cache[0] != self.replica.version:
+            self.snapshot_cache = (self.replica.version, self.replica.to_bytes())
+        return self.snapshot_cache[1]
+
+    def _send_tracked(self, peer: Peer, st: Standing, msg: Message, kind: str) -> None:
+        """Send a catch-up zero-copy and keep its tracker until libzmq lets go."""
+        assert self.sock is not None
+        frames = msg.to_frames()
+        st.snapshot = self.sock.send_multipart([peer.routing, *frames], copy=False, track=True)
+        self.traffic[kind] += sum(len(f) for f in frames)
 
     def _remove(self, peer: Peer, why: str) -> None:
         """Forget a connection.  Under CURVE the identity's record (speed,
@@ -852,5 +1019,121 @@ class Aggregator:
         if self.round is not None and why != "replaced by a new connection":
             self.round.dropped.append(peer.who)
             if peer.who in self.round.by_id:
-                self.strategy.drop(self._participant(peer), peer.work)
+                self._drop_participant(peer, peer.work)
         peer.work = peer.task = None
+
+    # ------------------------------------------------------------------ #
+    # summed rounds (--secagg, --dp-epsilon)
+    # ------------------------------------------------------------------ #
+
+    def _budget_spent(self, views: list[ClientView]) -> bool:
+        """True when the run must stop because the next round would pass the
+        privacy budget (``--dp-on-spent stop``); warns otherwise."""
+        assert self.ledger is not None
+        rate = max(min(1.0, self.strategy.spec.batch_size / max(1, v.n_examples)) for v in views)
+        self.ledger.calibrate(rate)
+        if not self.ledger.would_exceed(rate):
+            return False
+        spec = self.ledger.spec
+        if spec.on_spent == "warn":
+            log.warning("round %d passes the privacy budget epsilon=%g (spent %.3f); continuing (--dp-on-spent warn)",
+                        self.replica.version + 1, spec.epsilon, self.ledger.epsilon())
+            return False
+        log.warning("privacy budget epsilon=%g spent (%.3f): stopping before round %d (--dp-on-spent stop)",
+                    spec.epsilon, self.ledger.epsilon(), self.replica.version + 1)
+        self.config = replace(self.config, rounds=self.replica.version)  # _finished() ends serve()
+        return True
+
+    def _aggregate_round(self, number: int, views: list[ClientView]) -> AggregateRound:
+        """The sum of round ``number`` over ``views`` (identities: a key is one
+        participant however it connects)."""
+        shape = contribution.Shape(self.strategy.spec.k, self.replica.layout.head, self.config.dp_spec is not None)
+        bs = self.strategy.spec.batch_size
+        batch = {v.client_id: min(bs, v.max_batch) if v.max_batch > 0 else bs for v in views}
+        return AggregateRound(
+            number, [v.client_id for v in views], shape, self.config.secagg_options,
+            self.ledger.spec if self.ledger else None,
+            rates={v.client_id: min(1.0, batch[v.client_id] / max(1, v.n_examples)) for v in views},
+            batch_sizes=batch)
+
+    def _route(self, out: list[tuple[str, SecAgg]]) -> None:
+        """Send the sum's stage messages to the identities they are for (the
+        round ends at the next :meth:`_dispatch` once the sum is done or failed)."""
+        for who, m in out:
+            peer = self.by_who.get(who)
+            if peer is not None:
+                self._send(peer, m, "secagg")
+
+    def _on_contribution(self, peer: Peer, task: Task, feed: Callable[[], list], n_tokens: int,
+                         nbytes: int) -> None:
+        """A participant's share of a summed round is in: its clipped DP sums,
+        or its masked vector (``feed`` hands it to the sum).  Refused like a
+        bad result when the sum's state machine rejects it."""
+        rs = self.round
+        assert rs is not None
+        try:
+            out = feed()
+        except ValueError as e:  # SecAggError is one: this peer's input, never the loop's
+            self._refuse(peer, str(e))
+            return
+        self._measure(peer, time.monotonic(), len(task.seeds), peer.task_sent)
+        peer.work, peer.task = None, None
+        rs.results += 1
+        rs.forward_passes += _passes(task)
+        rs.n_tokens += n_tokens
+        rs.bytes_up[peer.who] = rs.bytes_up.get(peer.who, 0) + nbytes
+        self._route(out)
+
+    def _on_secagg(self, peer: Peer, msg: SecAgg, nbytes: int) -> None:
+        """A stage of the secure sum from ``peer``.  Only identities in the
+        round's sum, and not dropped from it, are heard; a masked vector must
+        answer the task the peer holds, and its clear counters are checked
+        like a result's."""
+        rs, agg = self.round, self.agg
+        if msg.stage == "masked" and peer.expired is not None and msg.round == peer.expired.round:
+            self._measure(peer, time.monotonic(), len(peer.expired.seeds), peer.expired_sent)  # late, not silent
+            peer.expired = None
+            self.noise.warning(("late", peer.who), "late masked vector for round %d from %s ignored (the sum went "
+                               "on without it)", msg.round, peer.label)
+            return
+        if rs is None or agg is None or msg.round != rs.number or not agg.is_live(peer.who):
+            self.noise.warning(("late", peer.who), "late/unexpected secagg %s for round %d from %s ignored",
+                               msg.stage, msg.round, peer.label)
+            return
+        if msg.stage == "masked":
+            task = peer.task
+            if task is None or peer.work is None or task.round != msg.round:
+                self.noise.warning(("late", peer.who), "masked vector from %s without its task ignored", peer.label)
+                return
+            tokens, seconds = msg.meta.get("n_tokens", 0), msg.meta.get("seconds", 0.0)
+            bad = _check_counters(task, tokens, seconds)
+            if bad:
+                self._refuse(peer, bad)
+                return
+            self._on_contribution(peer, task, lambda: agg.on_secagg(peer.who, msg), tokens, nbytes)
+            return
+        rs.bytes_up[peer.who] = rs.bytes_up.get(peer.who, 0) + nbytes
+        try:
+            out = agg.on_secagg(peer.who, msg)
+        except ValueError as e:  # a stage out of turn or malformed: the sum goes on without this peer
+            self._send(peer, Error(reason=f"secagg: {e}", code="result"), "control")
+            if peer.work is not None:
+                self._take_back(peer, f"broke the secure sum: {e}")
+            else:
+                self._drop_participant(peer, None)
+                self._strike(peer, f"broke the secure sum: {e}")
+            return
+        self._route(out)
+
+    def _add_aggregate(self, rs: RoundState, agg: AggregateRound) -> np.ndarray | None:
+        """Hand the round's sum to the strategy as one result; the mean head
+        gradient (None without a head)."""
+        proj, loss, head = agg.result()
+        seeds = np.array(agg.seeds, dtype=np.uint32)
+        if not math.isnan(loss):
+            rs.losses.append(loss)
+        view = ClientView("sum", -1, 0.0, 0, 0)
+        work = Work(seeds=tuple(int(s) for s in seeds), batch_size=0, batch_seed=0)
+        self.strategy.add(view, work, Scored(seeds, proj, loss, rs.n_tokens, 0.0, rs.forward_passes))
+        return head
+

@@ -13,7 +13,7 @@ import numpy as np
 from fwdllm.aggregator import checkpoint
 from fwdllm.aggregator.checkpoint import RunConfig
 from fwdllm.aggregator.registry import make_strategy
-from fwdllm.aggregator.strategy import Strategy, StrategySpec
+from fwdllm.aggregator.strategy import SHARED, Strategy, StrategySpec
 from fwdllm.core.errors import UserError
 from fwdllm.core.files import output_dir
 from fwdllm.core.layout import HEAD, LoraLayout
@@ -36,6 +36,15 @@ class LoraSpec:
     init_adapter: Path | None = None
 
 
+@dataclass(frozen=True)
+class PrivacySpec:
+    """Protocol v2 options of a new run: head codec, secure aggregation, DP."""
+
+    head_codec: str = "int8"
+    secagg: dict[str, Any] | None = None
+    dp: dict[str, Any] | None = None
+
+
 def new_run(
     out: Path,
     model: Path,
@@ -49,6 +58,7 @@ def new_run(
     optimizer: OptimizerSpec,
     strategy: StrategySpec,
     recipe: str | None = None,
+    privacy: PrivacySpec = PrivacySpec(),
     serve: dict[str, Any] | None = None,
 ) -> tuple[RunConfig, Replica]:
     """Write run.json (with the ``serve`` options) and the round-0 checkpoint in a fresh ``out``."""
@@ -74,6 +84,7 @@ def new_run(
                         f"the model has {layout.n_layers} layers")
     if not strategy.mask.names(layout):
         raise UserError(f"perturbation mask {strategy.mask.to_dict()} selects no tensor of the LoRA")
+    check_summed(strategy, privacy, lora.head)
     cfg = RunConfig(
         run_id=uuid.uuid4().hex[:12],
         model=str(model),
@@ -92,6 +103,10 @@ def new_run(
             "path": str(lora.init_adapter),
             "sha256": hashlib.sha256(lora.init_adapter.read_bytes()).hexdigest(),
         },
+        init_seed=lora.init_seed if lora.init_adapter is None else None,
+        head_codec=privacy.head_codec,
+        secagg=privacy.secagg,
+        dp=privacy.dp,
         serve=serve,
     )
     replica = Replica(layout, tensors, Optimizer(optimizer), version=0)
@@ -161,6 +176,24 @@ def resume_run(run_dir: Path, model_sha: str) -> tuple[RunConfig, Replica, dict[
     return cfg, replica, strategy_state, elapsed
 
 
+def check_summed(strategy: StrategySpec, privacy: PrivacySpec, head: bool) -> None:
+    """What a run whose server sees only sums cannot do, said before anything is written."""
+    if privacy.secagg is None and privacy.dp is None:
+        return
+    flags = " and ".join(f for f, on in (("--secagg", privacy.secagg), ("--dp-epsilon", privacy.dp)) if on)
+    if strategy.name != "zo-sgd":
+        raise UserError(f"{flags} run with --strategy zo-sgd: {strategy.name} decides from each client's scalars, "
+                        "which the server no longer sees")
+    if "robust" in strategy.extra:
+        raise UserError(f"{flags}: robust=clip/mom needs per-client scalars; under --secagg every entry is clipped "
+                        "on the device to --secagg-bound before masking instead (docs/security.md)")
+    if strategy.k < 1:
+        raise UserError(f"{flags} needs seeds (--k >= 1)")
+    if privacy.dp is not None and head:
+        raise UserError("--dp-epsilon covers the scalars only; train without --head (the head gradient is not "
+                        "privatised)")
+
+
 def strategy_for(cfg: RunConfig, state: dict[str, Any]) -> Strategy:
     """The run's strategy at ``state``; ``spec.extra["layout"]`` is the run's
     LoRA layout (discriminative sampling and block schedules need it)."""
@@ -168,8 +201,9 @@ def strategy_for(cfg: RunConfig, state: dict[str, Any]) -> Strategy:
         spec = StrategySpec.from_dict(cfg.strategy)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"run.json: bad strategy {cfg.strategy!r:.80} ({e})") from None
+    shared = {SHARED: True} if cfg.secagg is not None or cfg.dp is not None else {}
     try:
-        strategy = make_strategy(replace(spec, extra={**spec.extra, "layout": cfg.layout}))
+        strategy = make_strategy(replace(spec, extra={**spec.extra, "layout": cfg.layout, **shared}))
     except ValueError as e:  # a bad --strategy-opt is the user's to fix: one line, no traceback
         raise UserError(f"strategy {spec.name!r}: {e}") from None
     try:

@@ -258,6 +258,10 @@ def projected_mean(results: dict[int, list[float]], order: list[int]) -> tuple[n
     return np.array(seeds, dtype=np.uint32), np.array(means, dtype=np.float64)
 
 
+#: ``spec.extra`` key the server sets for summed rounds (not a --strategy-opt)
+SHARED = "shared_seeds"
+
+
 class ZOSGD(Strategy):
     """Plain zeroth-order SGD (MeZO-style): a fixed K perturbations per round.
 
@@ -282,6 +286,9 @@ class ZOSGD(Strategy):
         self._round = 0
         self._order: list[int] = []
         self._proj: dict[int, list[float]] = {}
+        # a summed round (--secagg, --dp-epsilon): everyone scores every seed, so the
+        # per-seed sum over clients is all the server needs and all it learns
+        self._shared = bool(spec.extra.get(SHARED))
 
     def begin(self, round: int, participants: list[ClientView]) -> RoundConfig:
         s = self.spec
@@ -290,11 +297,14 @@ class ZOSGD(Strategy):
         seeds = [derive_seed(s.run_seed, "seed", round, i) for i in range(k)]
         # k = 0 (head-only, --k 0 --head): every participant still scores a batch, with no seeds
         n = max(1, min(len(participants), k)) if k else len(participants)
+        shared = self._shared
+        if shared:
+            n = len(participants)
         self._order = seeds
         self._proj, self._reissue = {}, []
         self._plan = {
             c.client_id: Work(
-                seeds=tuple(seeds[c.slot :: n]),
+                seeds=tuple(seeds) if shared else tuple(seeds[c.slot :: n]),
                 batch_size=min(s.batch_size, c.max_batch) if c.max_batch > 0 else s.batch_size,
                 batch_seed=derive_seed(s.run_seed, "batch", round, c.client_id),
             )
@@ -316,7 +326,7 @@ class ZOSGD(Strategy):
 
     def drop(self, client: ClientView, work: Work | None) -> None:
         for lost in (work, self._plan.pop(client.client_id, None)):  # what it held, and what it never took
-            if lost is not None and lost.seeds:
+            if lost is not None and lost.seeds and not self._shared:  # a sum simply goes on without it
                 self._reissue.append(lost)
 
     def add(self, client: ClientView, work: Work, scored: Scored) -> None:

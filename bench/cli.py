@@ -13,6 +13,7 @@ from fwdllm.bench.noise import noise
 from fwdllm.bench.probe import probe
 from fwdllm.bench.quality import quality
 from fwdllm.bench.round import round_cmd
+from fwdllm.bench.secagg import secagg
 from fwdllm.bench.throughput import throughput
 from fwdllm.options import Group
 
@@ -37,10 +38,11 @@ def bench() -> None:
       fwdllm bench field-link --rtt 0.3 --loss 0.02 --rate 1
       fwdllm bench field-quota --mixes "1,0.5,0.25,0.25"
       fwdllm bench field-memory --synth llama2-7b --mem-limit 4.5
+      fwdllm bench secagg --counts 4,16,100
       fwdllm bench attacks --baseline /path/to/older/.venv/bin/fwdllm
     """
 
 
 for _cmd in (throughput, round_cmd, convergence, quality, memory, comm, fidelity, load, probe, noise,
-             field_link, field_quota, field_memory, attacks):
+             field_link, field_quota, field_memory, secagg, attacks):
     bench.add_command(_cmd)

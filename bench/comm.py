@@ -29,10 +29,13 @@ def message_bytes(msg) -> int:  # noqa: ANN001 - fwdllm.core.protocol.Message
     return sum(len(f) for f in msg.to_frames())
 
 
-def fwdllm_bytes(n_seeds: int, k_total: int, batch_size: int = 8, head_floats: int = 0) -> dict[str, int]:
+def fwdllm_bytes(n_seeds: int, k_total: int, batch_size: int = 8, head_shape: tuple[int, int] | None = None,
+                 head_codec: str = "int8") -> dict[str, int]:
     """Encoded Task + Update (down) and Result (up) of one client scoring
     ``n_seeds`` of a ``k_total``-seed central-difference round; with
-    ``--head``, Result and Update also carry ``head_floats`` float32s."""
+    ``--head``, Result and Update also carry a ``head_shape`` gradient in
+    ``head_codec`` (the default, int8)."""
+    from fwdllm.core import compress
     from fwdllm.core.layout import PerturbMask
     from fwdllm.core.protocol import Result, Task, Update
 
@@ -43,12 +46,13 @@ def fwdllm_bytes(n_seeds: int, k_total: int, batch_size: int = 8, head_floats: i
     task = Task(round=1234, version=1234, adapter_sha256=sha, seeds=seeds, mask=mask, eps=1e-2,
                 batch_size=batch_size, batch_seed=int(rng.integers(0, 2**32)))
     losses = rng.uniform(0.1, 2.0, (2, n_seeds))
-    head = rng.normal(size=head_floats).astype("<f4").tobytes()
+    head = compress.encode(rng.normal(size=head_shape), head_codec)[0] if head_shape else b""
+    codec = head_codec if head_shape else "f32"
     result = Result(round=1234, seeds=seeds, loss_plus=losses[0], loss_minus=losses[1], n_tokens=4321, seconds=12.5,
-                    head_grad=head, head_rows=batch_size if head_floats else 0)
+                    head_grad=head, head_rows=batch_size if head_shape else 0, head_codec=codec)
     update = Update(round=1234, version=1235, lr=1e-3, adapter_sha256=sha,
                     seeds=rng.integers(0, 2**32, k_total, dtype=np.uint32), coeffs=rng.normal(size=k_total), mask=mask,
-                    head_grad=head)
+                    head_grad=head, head_codec=codec)
     return {"task": message_bytes(task), "update": message_bytes(update), "result": message_bytes(result)}
 
 
@@ -99,8 +103,8 @@ def comm(model: str, rank: int, targets: str, k: int, clients: int, head_labels:
         from fwdllm.runtime.models import resolve_model
 
         n_embd = int(read_header(resolve_model(model)).field("llama.embedding_length"))
-        headed = fwdllm_bytes(per_client, k, head_floats=head_labels * n_embd)
-        rows.append([f"fwdllm --head ({head_labels} labels), {clients} clients x {per_client} seeds",
+        headed = fwdllm_bytes(per_client, k, head_shape=(head_labels, n_embd))
+        rows.append([f"fwdllm --head ({head_labels} labels, int8), {clients} clients x {per_client} seeds",
                      headed["task"] + headed["update"], headed["result"]])
     table = [[name, down, up, up / rows[0][2], down / rows[0][1]] for name, down, up in rows]
     write_result(

@@ -39,18 +39,24 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
+from fwdllm.core import compress, contribution, dp
 from fwdllm.core.errors import UserError
+from fwdllm.core.history import History
 from fwdllm.core.layout import LoraLayout, PerturbMask
-from fwdllm.core.optim import OptimizerSpec
+from fwdllm.core.lora import initial_tensors
+from fwdllm.core.optim import Optimizer, OptimizerSpec
 from fwdllm.core.protocol import (
     Bye,
+    CatchUp,
     Error,
     Heartbeat,
     Join,
     Message,
     ProtocolError,
     Refuse,
+    Replay,
     Result,
+    SecAgg,
     Snapshot,
     SnapshotRequest,
     Task,
@@ -58,6 +64,7 @@ from fwdllm.core.protocol import (
     Welcome,
 )
 from fwdllm.core.replica import Replica
+from fwdllm.core.secagg import SecAggClient, SecAggError, SecAggParams
 from fwdllm.runtime.transport import ClientKeys, client_keys, secure_client, warn_if_plaintext
 
 log = logging.getLogger("fwdllm.client")
@@ -84,10 +91,14 @@ class Scorer:
     session: Any  # fwdllm.runtime.session.EdgeSession
     examples: list
     task_name: str
+    #: the head codec's carried rounding error (error feedback, per device)
+    head_residual: np.ndarray | None = None
 
     def score(self, layout: LoraLayout, tensors: dict[str, np.ndarray], task: Task) -> Result:
         from fwdllm.core.batches import sample_batch
 
+        if task.dp:
+            return self._score_private(layout, tensors, task)
         batch = sample_batch(self.examples, task.batch_size, task.batch_seed, stratify=task.stratify)
         self.session.set_lora(layout, tensors)
         r = self.session.perturbed(
@@ -105,10 +116,44 @@ class Scorer:
             loss_minus=np.asarray(r.loss_minus, dtype=np.float64),
             n_tokens=int(r.n_tokens),
             seconds=float(r.seconds),
-            head_grad=b"" if r.head_grad is None else np.ascontiguousarray(r.head_grad, dtype="<f4").tobytes(),
+            head_grad=self._head_bytes(r.head_grad, task),
             head_rows=r.head_rows,
+            head_codec=task.head_codec if r.head_grad is not None and not task.secagg else "f32",
             base_loss=float(r.base_loss) if not len(r.seeds) else 0.0,
         )
+
+    def _head_bytes(self, grad: np.ndarray | None, task: Task) -> bytes:
+        """The head gradient in the task's codec (raw float32 under --secagg,
+        where it travels inside the masked vector)."""
+        if grad is None:
+            return b""
+        if task.secagg:
+            return np.ascontiguousarray(grad, dtype="<f4").tobytes()
+        raw, self.head_residual = compress.encode(grad, task.head_codec, self.head_residual)
+        return raw
+
+    def _score_private(self, layout: LoraLayout, tensors: dict[str, np.ndarray], task: Task) -> Result:
+        """DP (:mod:`fwdllm.core.dp`): a Poisson batch from this device's own
+        randomness, each example's per-seed differences clipped, summed, plus
+        this device's share of the noise; no loss leaves the device."""
+        rng = np.random.default_rng()  # OS entropy: the server must not know the batch
+        rate = min(1.0, task.batch_size / max(1, len(self.examples)))
+        picked = [self.examples[i] for i in dp.poisson_sample(len(self.examples), rate, rng)]
+        k = len(task.seeds)
+        sums, n_tokens, seconds = np.zeros(k), 0, 0.0
+        if picked:
+            self.session.set_lora(layout, tensors)
+            r = self.session.perturbed(picked, [int(s) for s in task.seeds], task.eps,
+                                       PerturbMask.from_dict(task.mask), task.dist, task.one_sided, per_example=True)
+            scale = task.eps if task.one_sided else 2 * task.eps
+            sums = dp.clipped_sum(((r.example_plus - r.example_minus) / scale).T, float(task.dp["clip"]))
+            n_tokens, seconds = int(r.n_tokens), float(r.seconds)
+        sums = sums + dp.gaussian_noise(k, float(task.dp.get("noise_std", 0.0)), rng)
+        log.info("round %d: %d examples sampled, %d tokens, %.1f s (kept on the device)", task.round, len(picked),
+                 n_tokens, seconds)
+        # token count and time would tell the server how big the secret batch was: they stay home
+        return Result(round=task.round, seeds=np.asarray(task.seeds, dtype=np.uint32), loss_plus=np.zeros(k),
+                      loss_minus=np.zeros(k), sums=sums)
 
 
 class EventLog:
@@ -157,9 +202,15 @@ class Worker:
         self.busy: threading.Thread | None = None
         self.running: Task | None = None
         self.results: "queue.Queue[Result | BaseException]" = queue.Queue()
-        self.snap_asked: int | None = None  # the server's version when we asked for a snapshot
+        self.snap_asked: int | None = None  # the server's version when we last asked to catch up
         self.rejoin_at: float | None = None  # told "busy": join again at this time
         self.done: str | None = None
+        self.init_seed: int | None = None  # the run's, from Welcome (protocol v2)
+        # --secagg: the round's state machine, its inbox, and the finished result waiting for it
+        self.secagg: SecAggClient | None = None
+        self.sa_inbox: bytes | None = None
+        self.sa_result: Result | None = None
+        self.sa_task: Task | None = None
 
     # -- connection management ------------------------------------------- #
 
@@ -243,9 +294,15 @@ class Worker:
             raise UserError(f"aggregator refused this client: {msg.reason}")
         elif isinstance(msg, Snapshot):
             self._snapshot(sock, msg)
+        elif isinstance(msg, Replay):
+            self._replay(sock, msg)
+        elif isinstance(msg, SecAgg):
+            self._secagg(sock, msg)
         elif isinstance(msg, Task):
             if not _same_task(msg, self.running):  # a re-sent task we are already scoring
                 self.pending = msg
+                if msg.secagg and (self.secagg is None or self.secagg.params.round != msg.round):
+                    self._secagg_begin(sock, msg)  # once a round: a task re-sent after a reconnect keeps its keys
                 self._start(sock)
         elif isinstance(msg, Update):
             self._update(sock, msg)
@@ -266,17 +323,44 @@ class Worker:
         if self.scorer.task_name != cfg["task"]:
             raise UserError(f"this client trains task {self.scorer.task_name!r} but the aggregator runs {cfg['task']!r}")
         self.events("welcome", run_id=msg.run_id, version=cfg.get("version"))
+        seed = cfg.get("init_seed")
+        self.init_seed = seed if isinstance(seed, int) else None
+        if self.replica is None and self.init_seed is not None:
+            # protocol v2: version 0 is a function of the init seed; no download
+            layout = LoraLayout.from_dict(cfg["layout"])
+            self.replica = Replica(layout, initial_tensors(layout, self.init_seed), Optimizer(self.spec), 0)
         r = self.replica
         if r is None or r.version != cfg.get("version") or r.sha != cfg.get("adapter_sha256"):
-            self._ask_snapshot(sock, int(cfg.get("version", 0)))
+            self._catch_up(sock, int(cfg.get("version", 0)))
 
-    def _ask_snapshot(self, sock: zmq.Socket, version: int) -> None:
-        """Ask once per version the server is known to be at: a request whose
-        snapshot never came (dropped, or refused as a repeat) is asked again
-        when a newer version shows up in a Task or an Update."""
+    def _catch_up(self, sock: zmq.Socket, version: int) -> None:
+        """Catch up with a server at ``version``: tell it where the replica is
+        (it replays the history from there, or snapshots if cheaper); a device
+        with nothing asks for the snapshot.  Asked once per version the server
+        is known to be at: a request whose answer never came (dropped, or
+        refused as a repeat) is asked again when a newer version shows up in
+        a Task or an Update."""
         if self.snap_asked is None or version > self.snap_asked:
             self.snap_asked = version
-            self._send(sock, SnapshotRequest())
+            r = self.replica
+            self._send(sock, SnapshotRequest() if r is None else CatchUp(version=r.version, adapter_sha256=r.sha))
+
+    def _replay(self, sock: zmq.Socket, msg: Replay) -> None:
+        self.snap_asked = None
+        r = self.replica
+        try:
+            updates = History.decode(msg.history).since(r.version) if r is not None else None
+            ok = updates is not None and r.replay(updates, msg.adapter_sha256)
+        except ValueError as e:
+            log.warning("replay failed: %s", e)
+            ok = False
+        self.events("replay", version=None if r is None else r.version, ok=ok, bytes=len(msg.history))
+        if not ok:
+            log.warning("replay did not reach the announced hash; asking for a snapshot")
+            self.replica = None
+            self._catch_up(sock, msg.version)
+            return
+        self._start(sock)
 
     def _snapshot(self, sock: zmq.Socket, msg: Snapshot) -> None:
         self.snap_asked = None
@@ -296,12 +380,12 @@ class Worker:
     def _update(self, sock: zmq.Socket, msg: Update) -> None:
         r = self.replica
         if r is None:
-            self._ask_snapshot(sock, msg.version)
+            self._catch_up(sock, msg.version)
             return
         if msg.version <= r.version:
             return
         if msg.version != r.version + 1:
-            self._ask_snapshot(sock, msg.version)
+            self._catch_up(sock, msg.version)
             return
         sha = r.apply(msg)
         match = sha == msg.adapter_sha256
@@ -309,7 +393,7 @@ class Worker:
         if not match:
             log.warning("adapter hash mismatch after round %d; pulling a snapshot", msg.round)
             self.replica = None
-            self._ask_snapshot(sock, msg.version)
+            self._catch_up(sock, msg.version)
 
     # -- scoring in the background -------------------------------------- #
 
@@ -320,7 +404,7 @@ class Worker:
             return
         if r is None or r.version != task.version or r.sha != task.adapter_sha256:
             if r is None or r.version <= task.version:
-                self._ask_snapshot(sock, task.version)
+                self._catch_up(sock, task.version)
             else:
                 self.pending = None  # a stale task; the server has moved on
             return
@@ -345,9 +429,66 @@ class Worker:
         self.busy, self.running = None, None
         if isinstance(out, BaseException):
             raise out
-        self._send(sock, out)
+        if self.secagg is not None and self.secagg.params.round == out.round:
+            self.sa_result = out
+            self._secagg_mask(sock)
+        else:
+            self._send(sock, out)
         self.events("result", round=out.round, seeds=len(out.seeds), seconds=round(out.seconds, 3))
         self._start(sock)
+
+    # -- secure aggregation (--secagg) ----------------------------------- #
+
+    def _secagg_begin(self, sock: zmq.Socket, task: Task) -> None:
+        """Stage 1 as the task arrives: keys go out while the batch is scored."""
+        try:
+            params = SecAggParams.from_dict(task.secagg)
+            self.secagg = SecAggClient(params, int(task.secagg["index"]))
+        except (SecAggError, KeyError, TypeError, ValueError) as e:
+            log.warning("bad secure-aggregation task: %s", e)
+            return
+        self.sa_inbox, self.sa_result, self.sa_task = None, None, task
+        self._send(sock, SecAgg(round=task.round, stage="keys", data=self.secagg.keys()))
+
+    def _secagg(self, sock: zmq.Socket, msg: SecAgg) -> None:
+        c = self.secagg
+        if c is None or msg.round != c.params.round:
+            return
+        try:
+            if msg.stage == "roster":
+                self._send(sock, SecAgg(round=msg.round, stage="shares", data=c.shares(msg.data)))
+            elif msg.stage == "inbox":
+                self.sa_inbox = msg.data
+                self._secagg_mask(sock)
+            elif msg.stage == "unmask":
+                self._send(sock, SecAgg(round=msg.round, stage="reveal", data=c.reveal(msg.data)))
+        except SecAggError as e:
+            log.warning("secure aggregation round %d: %s", msg.round, e)
+            self.events("error", reason=str(e))
+
+    def _secagg_mask(self, sock: zmq.Socket) -> None:
+        """Stage 3 once both the result and the inbox are here: the
+        contribution vector, clipped to the round's bound, masked."""
+        c, res, task = self.secagg, self.sa_result, self.sa_task
+        if c is None or res is None or task is None or self.sa_inbox is None or c.masked:
+            return
+        head = self.replica.layout.head if self.replica is not None and not task.dp else None
+        shape = contribution.Shape(len(res.seeds), head, bool(task.dp))
+        if task.dp:
+            vec = contribution.vector(shape, res.sums)
+        else:
+            proj = (res.loss_plus - res.loss_minus) / (task.eps if task.one_sided else 2 * task.eps)
+            loss = float(res.loss_minus[0]) if task.one_sided else float(np.mean((res.loss_plus + res.loss_minus) / 2))
+            grad = np.frombuffer(res.head_grad, "<f4").reshape(head) if head and res.head_grad else None
+            vec = contribution.vector(shape, proj, loss, grad, res.head_rows)
+        vec = np.clip(vec, -c.params.bound, c.params.bound)  # the bound robust= means under --secagg
+        try:
+            data = c.mask(vec, self.sa_inbox)
+        except SecAggError as e:
+            log.warning("secure aggregation round %d: %s", c.params.round, e)
+            return
+        self._send(sock, SecAgg(round=c.params.round, stage="masked", data=data,
+                                meta={"n_tokens": res.n_tokens, "seconds": round(res.seconds, 3)}))
 
 
 # --------------------------------------------------------------------------- #
@@ -360,6 +501,16 @@ def _mem_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
         return 0
+
+
+def _replay_rate() -> float:
+    """Direction entries per second this device generates (~50 ms to
+    measure): the compute side of the server's replay-or-snapshot choice."""
+    from fwdllm.core.directions import tensor_direction
+
+    n, t0 = 1 << 18, time.perf_counter()
+    tensor_direction(0, "replay-rate-probe", (n,))
+    return n / max(time.perf_counter() - t0, 1e-6)
 
 
 def run_device(
@@ -399,6 +550,8 @@ def run_device(
                     read_examples(spec, data), spec.name)
     scorer = wrap(scorer) if wrap else scorer
 
+    replay_rate = _replay_rate()
+
     def make_join(s: Scorer) -> Join:
         return Join(
             client_id=cid,
@@ -407,6 +560,7 @@ def run_device(
             mem_bytes=_mem_bytes(),
             max_batch=max_batch,
             n_examples=len(s.examples),
+            replay_entries_per_s=replay_rate,
         )
 
     worker = Worker(connect, cid, make_join, scorer, EventLog(events), give_up_s, curve)

@@ -308,18 +308,39 @@ def training_options(strategies: Sequence[str]) -> Callable[[Callable], Callable
         option("one_sided"),
         option("seed"),
         click.option("--strategy-opt", "strategy_opt", multiple=True, metavar="KEY=VALUE",
-                     help="Strategy-specific option (repeatable; VALUE is parsed as JSON when it can be).")
+                     help="Strategy-specific option (repeatable; VALUE is parsed as JSON when it can be)."),
+        # protocol v2: compression and privacy (docs/security.md)
+        click.option("--head-codec", type=click.Choice(("f32", "f16", "int8")), default="int8", show_default=True,
+                     help="Encoding of head gradients both ways (--head): int8 is a scale per row and a byte an "
+                          "entry, with the rounding error carried into the next round."),
+        click.option("--secagg/--no-secagg", default=False, show_default=True,
+                     help="Secure aggregation: the aggregator learns only the sum of the clients' scalars (and "
+                          "head gradients), never one client's. Every client scores every seed; zo-sgd only."),
+        click.option("--secagg-bound", type=_POSITIVE, default=1e4, show_default=True,
+                     help="With --secagg, each client clips every entry it contributes to +-this before masking "
+                          "(a sum outside clients x bound is rejected)."),
+        click.option("--dp-epsilon", type=_POSITIVE, default=None,
+                     help="Example-level differential privacy of the scalars at this epsilon over the whole run "
+                          "(Poisson batches, per-example clipping, Gaussian noise; no --head). Default: off."),
+        click.option("--dp-delta", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-5,
+                     show_default=True, help="The delta of --dp-epsilon."),
+        click.option("--dp-clip", type=_POSITIVE, default=1.0, show_default=True,
+                     help="L2 bound of one example's per-seed scalars under --dp-epsilon."),
+        click.option("--dp-on-spent", type=click.Choice(("stop", "warn")), default="stop", show_default=True,
+                     help="When the next round would pass the privacy budget: stop the run, or warn and go on."),
     ]
     return lambda f: functools.reduce(lambda g, o: o(g), reversed(own), f)
 
 
 #: How simulate passes each boolean training option on to ``serve``.
-BOOL_FLAGS = {"one_sided": ("--one-sided", "--central"), "head": ("--head", "--no-head")}
+BOOL_FLAGS = {"one_sided": ("--one-sided", "--central"), "head": ("--head", "--no-head"),
+              "secagg": ("--secagg", "--no-secagg")}
 
 #: The training options' parameter names, in the order simulate passes them on.
 TRAINING_KEYS = (
     "task recipe stages dev dev_limit eval_every strategy k eps batch_size batch_draw lr optimizer momentum ema head "
-    "head_lr schedule warmup rank lora_alpha targets init_adapter parts layers dist one_sided seed strategy_opt"
+    "head_lr schedule warmup rank lora_alpha targets init_adapter parts layers dist one_sided seed strategy_opt "
+    "head_codec secagg secagg_bound dp_epsilon dp_delta dp_clip dp_on_spent"
 ).split()
 
 

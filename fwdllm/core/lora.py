@@ -8,6 +8,7 @@ output.  Stored as F32 (by :func:`fwdllm.core.adapter_io.write_adapter`) so that
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from fwdllm.core.adapter_io import header_shapes, read_adapter, write_adapter
 from fwdllm.core.errors import UserError
 from fwdllm.core.gguf_file import read_header
 from fwdllm.core.layout import OUTPUT, LoraLayout
+from fwdllm.core.seeds import stream
 
 
 @dataclass(frozen=True)
@@ -105,20 +107,31 @@ def init_lora(
     seed: int,
     layers: Iterable[int] | None = None,
 ) -> tuple[LoraLayout, dict[str, np.ndarray]]:
-    """A fresh adapter for ``base_path``: A ~ U(-1/sqrt(n_in), 1/sqrt(n_in))
-    (PEFT's kaiming-uniform default), B = 0, float32.
-
-    Deterministic for a seed (each tensor has its own numpy stream keyed by
-    its position in the layout).
-    """
+    """A fresh adapter for ``base_path`` (:func:`initial_tensors` of its layout)."""
     layout = layout_for_base(base_path, rank, alpha, targets, layers)
-    tensors: dict[str, np.ndarray] = {}
-    for i, t in enumerate(layout.targets):
-        bound = 1.0 / np.sqrt(t.n_in)
-        rng = np.random.default_rng([seed, i])
-        tensors[t.a_name] = rng.uniform(-bound, bound, (layout.rank, t.n_in)).astype(np.float32)
-        tensors[t.b_name] = np.zeros((t.n_out, layout.rank), np.float32)
-    return layout, tensors
+    return layout, initial_tensors(layout, seed)
+
+
+def initial_tensors(layout: LoraLayout, seed: int) -> dict[str, np.ndarray]:
+    """The round-0 adapter of ``layout`` for ``seed``, bit-identical everywhere:
+    A ~ U(-1/sqrt(n_in), 1/sqrt(n_in)) (PEFT's kaiming-uniform default), B = 0,
+    the head (if any) 0; float32.
+
+    Protocol v2 sends a joining device this seed instead of the tensors, so
+    the draw uses only the contract's raw streams (:func:`~fwdllm.core.seeds.stream`
+    keyed ``"init:<tensor name>"``) and correctly rounded IEEE operations: the
+    top 24 bits ``u`` of each raw word give ``(2u + 1) / 2^24 - 1`` exactly in
+    float64 (the midpoints of 2^24 equal cells of (-1, 1)), times the float64
+    ``1 / sqrt(n_in)`` (sqrt and division are correctly rounded), rounded once
+    to float32.  Golden vectors in tests/runtime/test_v2_init.py pin it.
+    """
+    tensors = layout.zeros()
+    for t in layout.targets:
+        words = stream(seed, f"init:{t.a_name}").random_raw(layout.rank * t.n_in)
+        unit = ((words >> np.uint64(40)).astype(np.float64) * 2.0 + 1.0) * 2.0**-24 - 1.0
+        bound = 1.0 / math.sqrt(t.n_in)
+        tensors[t.a_name] = (unit * bound).astype(np.float32).reshape(layout.rank, t.n_in)
+    return tensors
 
 
 def write_lora(out: str | os.PathLike, layout: LoraLayout, tensors: Mapping[str, np.ndarray], base: str | os.PathLike) -> Path:

@@ -17,9 +17,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fwdllm.core import compress
 from fwdllm.core.layout import LoraLayout
 
-PROTOCOL_VERSION = 1
+#: 2: seeds-only joins (init seed + update history), compressed head
+#: gradients, secure aggregation and differential privacy of the scalars
+PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BLOB_BYTES = 256 * 1024 * 1024
 MAX_ARRAY_LEN = 65536
@@ -179,6 +182,9 @@ class Join(Message):
     mem_bytes: int
     max_batch: int
     n_examples: int
+    #: direction entries per second this device generates (the catch-up cost
+    #: model's compute term, :func:`fwdllm.core.history.catch_up_plan`); 0 = unknown
+    replay_entries_per_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,15 @@ class Task(Message):
     #: draw the batch stratified by label (``edge_client.tasks.sample_batch``);
     #: False is the uniform draw of clients that predate the field
     stratify: bool = False
+    #: how to encode the result's head gradient (:mod:`fwdllm.core.compress`)
+    head_codec: str = "f32"
+    #: ``--secagg``: this round's :class:`~fwdllm.core.secagg.SecAggParams` plus
+    #: ``index``, the client's 1-based place; the result goes through ``SecAgg``
+    secagg: dict = field(default_factory=dict)
+    #: ``--dp-epsilon``: ``clip`` (per-example L2 bound), ``noise_std`` (the
+    #: device's share of the Gaussian, 0 when the server adds it): the device
+    #: Poisson-samples its batch and sends clipped per-seed sums (:mod:`fwdllm.core.dp`)
+    dp: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -242,10 +257,15 @@ class Result(Message):
     #: little-endian float32 (n_labels * n_embd), over ``head_rows`` examples
     head_grad: bytes = b""
     head_rows: int = 0
+    #: ``head_grad``'s encoding (:mod:`fwdllm.core.compress`)
+    head_codec: str = "f32"
     #: the batch loss at the current adapter, sent only by a task without
     #: seeds (a head-only round, ``--k 0``): there is no ``loss_minus`` to
     #: carry it, and it is the round's training loss
     base_loss: float = 0.0
+    #: a task with ``dp`` (and no ``secagg``): the client's contribution
+    #: vector (:func:`fwdllm.core.contribution.vector`) instead of losses
+    sums: np.ndarray = field(default_factory=lambda: np.zeros(0), metadata={"array": F64s})
 
 
 @dataclass(frozen=True)
@@ -269,20 +289,19 @@ class Update(Message):
     mask: dict = field(default_factory=dict)
     dist: str = "gaussian"
     head_grad: bytes = b""
+    #: ``head_grad``'s encoding: every replica applies the decoded bytes
+    head_codec: str = "f32"
 
 
-def head_array(raw: bytes, layout: LoraLayout) -> np.ndarray:
+def head_array(raw: bytes, layout: LoraLayout, codec: str = "f32") -> np.ndarray:
     """A ``head_grad`` field as a float32 array of the layout's head shape;
     ``ProtocolError`` when it does not fit or is not finite."""
     if layout.head is None:
         raise ProtocolError("head_grad sent for a layout without a head")
-    n = layout.head[0] * layout.head[1]
-    if len(raw) != 4 * n:
-        raise ProtocolError(f"head_grad has {len(raw)} bytes, want {4 * n}")
-    arr = np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(layout.head)
-    if not np.all(np.isfinite(arr)):
-        raise ProtocolError("head_grad has a non-finite value")
-    return arr
+    try:
+        return compress.decode(raw, codec, layout.head)
+    except ValueError as e:
+        raise ProtocolError(f"head_grad: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -300,6 +319,44 @@ class Snapshot(Message):
     version: int
     adapter_sha256: str
     state: bytes
+
+
+@dataclass(frozen=True)
+class CatchUp(Message):
+    """Client -> server: my replica is at ``version`` with this hash (the
+    init seed's adapter at 0); bring me to the current version, by replay of
+    the update history or by snapshot, whichever costs less."""
+
+    TYPE: ClassVar[str] = "catchup"
+    version: int
+    adapter_sha256: str
+
+
+@dataclass(frozen=True)
+class Replay(Message):
+    """Server -> client: the updates after the client's version
+    (:meth:`fwdllm.core.history.History.encode`); applied in order they must
+    land on ``adapter_sha256`` at ``version``."""
+
+    TYPE: ClassVar[str] = "replay"
+    version: int
+    adapter_sha256: str
+    history: bytes
+
+
+@dataclass(frozen=True)
+class SecAgg(Message):
+    """Either way, ``--secagg`` rounds: one stage's payload of the secure
+    aggregation state machines (:mod:`fwdllm.core.secagg`).  Stages: ``keys``,
+    ``shares``, ``masked``, ``reveal`` (client -> server); ``roster``, ``inbox``,
+    ``unmask`` (server -> client).  ``meta`` carries a masked result's clear
+    bookkeeping (``n_tokens``, ``seconds``)."""
+
+    TYPE: ClassVar[str] = "secagg"
+    round: int
+    stage: str
+    data: bytes
+    meta: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -39,11 +39,20 @@ class Replica:
         """Replay one step; returns the new hash (compare with the Update's)."""
         grad = combine(update.seeds, update.coeffs, self.layout, PerturbMask.from_dict(update.mask), update.dist)
         if self.layout.head is not None and update.head_grad:
-            grad[HEAD] = head_array(update.head_grad, self.layout)
+            grad[HEAD] = head_array(update.head_grad, self.layout, update.head_codec)
         self.optimizer.step(self.tensors, grad, update.lr)
         self.version = update.version
         self.sha = adapter_sha256(self.layout, self.tensors)
         return self.sha
+
+    def replay(self, updates: list[Update], sha: str) -> bool:
+        """Apply ``updates`` in order (a catch-up); True when the replica
+        lands on ``sha``.  Versions must follow on from this one."""
+        for u in updates:
+            if u.version != self.version + 1:
+                raise ValueError(f"replay of version {u.version} onto a replica at {self.version}")
+            self.apply(u)
+        return self.sha == sha
 
     def apply_if_finite(self, update: Update) -> str | None:
         """:meth:`apply`, unless the step would leave a non-finite value in the

@@ -106,6 +106,9 @@ class PerturbedResult:
     head_grad: np.ndarray | None = None  # float32 (n_labels, n_embd): exact head gradient (see module doc)
     head_rows: int = 0  # examples behind head_grad
     base_loss: float | None = None  # the one-sided base pass's loss (the only loss when there are no seeds)
+    #: ``per_example=True``: each example's loss, (seeds, examples), for DP's per-example clipping
+    example_plus: np.ndarray | None = None
+    example_minus: np.ndarray | None = None
 
     @property
     def projected(self) -> np.ndarray:
@@ -157,6 +160,15 @@ def label_token_ids(model: str | Path, task: TaskSpec) -> tuple[int, ...]:
 
     with closing(Vocab(model)) as vocab:
         return first_tokens(vocab.tokenize, task)
+
+
+def _per_example(rows: list, base: list | None, k: int, one_sided: bool) -> dict[str, np.ndarray]:
+    """``example_plus`` / ``example_minus`` (seeds x examples) from the passes' rows."""
+    arr = np.asarray(rows, dtype=np.float64).reshape(k, 1 if one_sided else 2, -1) if k else None
+    if arr is None:
+        return {}
+    minus = np.broadcast_to(np.asarray(base, dtype=np.float64), arr[:, 0].shape) if one_sided else arr[:, 1]
+    return {"example_plus": arr[:, 0], "example_minus": np.array(minus)}
 
 
 class EdgeSession:
@@ -319,10 +331,12 @@ class EdgeSession:
         return float((lse - z[np.arange(len(target)), target]).sum()), len(target), False
 
     def _run(
-        self, batch: Batch, adapters: list, progress: bool = False, head_grad: np.ndarray | None = None
+        self, batch: Batch, adapters: list, progress: bool = False, head_grad: np.ndarray | None = None,
+        per_example: list[float] | None = None,
     ) -> tuple[float, float]:
         """(mean loss, accuracy) of the batch under ``adapters``; sums the
-        per-example head gradients into ``head_grad`` when given."""
+        per-example head gradients into ``head_grad`` and appends each
+        example's own mean loss to ``per_example`` when given."""
         from tqdm import tqdm
 
         self.engine.set_adapters(adapters)
@@ -332,6 +346,8 @@ class EdgeSession:
             for i, logits in zip(chunk, self.engine.decode([batch.seqs[i] for i in chunk])):
                 a, b, c = self.nll(logits, batch.targets[i], head_grad)
                 nll, terms, correct = nll + a, terms + b, correct + c
+                if per_example is not None:
+                    per_example.append(a / max(1, b))
         self._decode_seconds += time.perf_counter() - t0
         self._decoded_tokens += batch.n_tokens
         return nll / terms, correct / len(batch.seqs)
@@ -357,8 +373,10 @@ class EdgeSession:
         mask: PerturbMask,
         dist: str = "gaussian",
         one_sided: bool = False,
+        per_example: bool = False,
     ) -> PerturbedResult:
-        """Losses at LoRA +- eps*direction(seed) for every seed (see module doc)."""
+        """Losses at LoRA +- eps*direction(seed) for every seed (see module doc);
+        ``per_example`` also keeps each example's loss (DP clips per example)."""
         if self.layout is None or self.tensors is None:
             raise UserError("perturbed scoring needs a LoRA layout (set_lora)")
         if not (eps > 0 and np.isfinite(eps)):
@@ -370,7 +388,9 @@ class EdgeSession:
         batch = self.prepare(examples)
         main = self.main_set()
         hg = np.zeros(self.layout.head) if self.layout.head is not None else None
-        base = self._run(batch, main, head_grad=hg)[0] if one_sided else None
+        ex: list[list[float]] | None = [] if per_example else None
+        base_ex: list[float] | None = [] if per_example else None
+        base = self._run(batch, main, head_grad=hg, per_example=base_ex)[0] if one_sided else None
         signs = (1,) if one_sided else (1, -1)
         losses = np.empty((len(seeds_arr), len(signs)))
         with closing(self._prefetch(seeds_arr, eps, mask, dist, signs)) as prefetched:
@@ -380,7 +400,11 @@ class EdgeSession:
                     while files:
                         adapters.append(self.load_file(files.pop(0)))
                     for j, ad in enumerate(adapters):
-                        losses[k, j] = self._run(batch, [(ad, 1.0)], head_grad=None if one_sided else hg)[0]
+                        row: list[float] | None = [] if ex is not None else None
+                        losses[k, j] = self._run(batch, [(ad, 1.0)], head_grad=None if one_sided else hg,
+                                                 per_example=row)[0]
+                        if ex is not None:
+                            ex.append(row)
                 finally:
                     for f in files:
                         Path(f).unlink(missing_ok=True)
@@ -402,6 +426,7 @@ class EdgeSession:
             head_grad=None if hg is None or not head_passes else (hg / (head_passes * len(batch.seqs))).astype(np.float32),
             head_rows=len(batch.seqs) if hg is not None else 0,
             base_loss=base,
+            **(_per_example(ex, base_ex, len(seeds_arr), one_sided) if per_example else {}),
         )
 
     def _prefetch(

@@ -23,6 +23,7 @@ from fwdllm.aggregator.checkpoint import RunConfig
 from fwdllm.aggregator.strategy import StrategySpec
 from fwdllm.core.directions import direction
 from fwdllm.core.layout import HEAD, LoraLayout, PerturbMask
+from fwdllm.core.lora import initial_tensors
 from fwdllm.core.optim import Optimizer, OptimizerSpec
 from fwdllm.core.protocol import Result, Task
 from fwdllm.core.replica import Replica
@@ -37,17 +38,15 @@ def synthetic_layout(n_layers: int = 2, dim: int = 16, rank: int = 4) -> LoraLay
 
 def synthetic_run(rounds: int, optimizer: OptimizerSpec, strategy: StrategySpec, layout: LoraLayout | None = None,
                   model_sha: str = FAKE_MODEL_SHA) -> tuple[RunConfig, Replica]:
-    """A RunConfig + round-0 Replica (A random, B zero) for a model-free run."""
+    """A RunConfig + round-0 Replica (the init seed 0's adapter: A random, B
+    zero) for a model-free run."""
     layout = layout or synthetic_layout()
-    rng = np.random.default_rng(0)
-    tensors = {n: (rng.standard_normal(s) * 0.1 if n.endswith("lora_a") else np.zeros(s)).astype(np.float32)
-               for n, s in layout.shapes().items()}
     cfg = RunConfig(
         run_id=uuid.uuid4().hex[:12], model="synthetic", model_sha256=model_sha, task="synthetic",
         task_name="synthetic", dev=None, dev_limit=None, rounds=rounds, eval_every=rounds,
-        layout=layout.to_dict(), optimizer=asdict(optimizer), strategy=strategy.to_dict(),
+        layout=layout.to_dict(), optimizer=asdict(optimizer), strategy=strategy.to_dict(), init_seed=0,
     )
-    return cfg, Replica(layout, tensors, Optimizer(optimizer), version=0)
+    return cfg, Replica(layout, initial_tensors(layout, 0), Optimizer(optimizer), version=0)
 
 
 @dataclass

@@ -150,13 +150,13 @@ def test_fields_at_their_default_stay_off_the_wire():
         [b"not json"],
         [b"[1,2]"],
         [b'{"v":99,"type":"hb"}'],
-        [b'{"v":1,"type":"nope"}'],
-        [b'{"v":1,"type":"join","client_id":"x"}'],  # missing fields
-        [b'{"v":1,"type":"refuse","reason":5}'],  # wrong type
-        [b'{"v":1,"type":"result","round":1,"loss_plus":"!!"}'],  # bad base64
-        [b'{"v":1,"type":"result","round":1,"loss_plus":"AAAAAAAA+H8="}'],  # NaN
-        [b'{"v":1,"type":"result","round":true}'],  # bool is not int
-        [b'{"v":1,"type":"snapshot","version":1,"adapter_sha256":"x","state":{"blob":3}}'],  # no frame
+        [b'{"v":2,"type":"nope"}'],
+        [b'{"v":2,"type":"join","client_id":"x"}'],  # missing fields
+        [b'{"v":2,"type":"refuse","reason":5}'],  # wrong type
+        [b'{"v":2,"type":"result","round":1,"loss_plus":"!!"}'],  # bad base64
+        [b'{"v":2,"type":"result","round":1,"loss_plus":"AAAAAAAA+H8="}'],  # NaN
+        [b'{"v":2,"type":"result","round":true}'],  # bool is not int
+        [b'{"v":2,"type":"snapshot","version":1,"adapter_sha256":"x","state":{"blob":3}}'],  # no frame
         [b"{" + b" " * 70000 + b"}"],  # oversized header
     ],
 )

@@ -58,7 +58,7 @@ def test_hostile_frames_get_errors_and_server_keeps_serving(tmp_path: Path) -> N
             [b"[1, 2, 3]"],
             [json.dumps({**join, "v": 99}).encode()],  # unknown version
             [json.dumps({**join, "type": "nope"}).encode()],
-            [json.dumps({"v": 1, "type": "join"}).encode()],  # missing fields
+            [json.dumps({"v": 2, "type": "join"}).encode()],  # missing fields
             [json.dumps({**join, "tokens_per_s": "fast"}).encode()],  # wrong type
             [b"{" + b" " * (100 * 1024) + b"}"],  # header over the 64 KiB limit
             [b"{}"] * 20,  # too many frames
@@ -166,7 +166,9 @@ def test_quorum_ends_rounds_without_the_straggler(tmp_path: Path) -> None:
     assert all(r["round_s"] < 3.0 for r in recs)
 
 
-def test_late_joiner_gets_snapshot_and_matches(tmp_path: Path) -> None:
+def test_late_joiner_catches_up_by_replay_and_matches(tmp_path: Path) -> None:
+    """Protocol v2: the late device builds version 0 from the init seed and
+    replays the history to the server's hash; no snapshot crosses the wire."""
     with serving(tmp_path, rounds=12, min_clients=1) as agg:
         first, t1 = start_worker(agg.opts.bind, "early", QuadraticScorer(delay_s=0.1))
         wait_until(lambda: len(checkpoint.read_metrics(tmp_path)) >= 2)
@@ -175,8 +177,10 @@ def test_late_joiner_gets_snapshot_and_matches(tmp_path: Path) -> None:
         t2.join(30)
     final = checkpoint.read_metrics(tmp_path)[-1]["adapter_sha256"]
     assert first.replica.sha == late.replica.sha == final
-    events = [json.loads(x)["event"] for x in (tmp_path / "late.jsonl").read_text().splitlines()]
-    assert "snapshot" in events
+    events = [json.loads(x) for x in (tmp_path / "late.jsonl").read_text().splitlines()]
+    assert [e["ok"] for e in events if e["event"] == "replay"] == [True]
+    assert "snapshot" not in [e["event"] for e in events]
+    assert agg.traffic["snapshot"] == 0 and agg.traffic["replay"] > 0
 
 
 def test_resume_is_bit_identical(tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ def test_worker_asks_a_restarted_aggregator_again_for_the_snapshot_the_old_one_n
     for; the worker's socket silently reconnects to the restarted one, which
     answers "join". The lost request must be asked again, or the worker
     heartbeats forever without ever scoring (CI once hung on exactly this)."""
+    import dataclasses
+
     import zmq
 
     from fwdllm.aggregator.server import welcome
@@ -32,7 +34,9 @@ def test_worker_asks_a_restarted_aggregator_again_for_the_snapshot_the_old_one_n
     try:
         assert dead.poll(10_000), "no Join"
         ident, *_ = dead.recv_multipart()
-        dead.send_multipart([ident, *welcome(cfg, replica, heartbeat_s=0.2).to_frames()])
+        # no init seed: the worker cannot build version 0 itself and must ask for the snapshot
+        no_seed = dataclasses.replace(cfg, init_seed=None)
+        dead.send_multipart([ident, *welcome(no_seed, replica, heartbeat_s=0.2).to_frames()])
         wait_until(lambda: dead.poll(0) and isinstance(Message.from_frames(dead.recv_multipart()[1:]),
                                                        SnapshotRequest), 10, "the SnapshotRequest")
     finally:

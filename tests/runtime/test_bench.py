@@ -100,13 +100,14 @@ def test_comm_bench_counts_encoded_messages(tiny_model: Path, tmp_path: Path) ->
     # (20 raw bytes; base64 in the JSON header adds a third)
     extra = fwdllm_bytes(64, 16)["result"] - fwdllm_bytes(16, 16)["result"]
     assert 48 * 20 <= extra <= 48 * 20 * 4 / 3 + 8
-    # --head adds its float32 gradient, raw, once each way, plus the few
-    # header bytes that name it (a run without a head sends no head fields)
-    head = rows["fwdllm --head (4 labels), 4 clients x 4 seeds"]
+    # --head adds its int8 gradient (a float32 scale and a byte an entry per
+    # row), raw, once each way, plus the few header bytes that name it and its
+    # codec (a run without a head sends no head fields)
+    head = rows["fwdllm --head (4 labels, int8), 4 clients x 4 seeds"]
     plain = rows["fwdllm, 4 clients x 4 seeds"]
     n_embd = int(read_header(tiny_model).field("llama.embedding_length"))
     for way in (1, 2):
-        assert 0 < head[way] - plain[way] - 4 * 4 * n_embd < 48
+        assert 0 < head[way] - plain[way] - 4 * (n_embd + 4) < 80
 
 
 def test_passes_to_counts_a_lucky_evaluation_only_without_smoothing() -> None:

@@ -66,7 +66,7 @@ def valid_headers() -> list[dict[str, Any]]:
         Welcome(run_id="r", heartbeat_s=1.0, config={}),
     ]
     return [json.loads(m.to_frames()[0]) for m in samples] + [
-        {"v": 1, "type": t} for t in ("snapreq", "bye", "refuse", "error", "update", "snapshot")]
+        {"v": 2, "type": t} for t in ("snapreq", "bye", "refuse", "error", "update", "snapshot")]
 
 
 HEADERS = valid_headers()
@@ -104,7 +104,7 @@ def lying_result(draw: st.DrawFn) -> Make:
                  "other": list(other.seeds) if other else foreign, "empty": [],
                  "longer": (list(base.seeds) if base else foreign) + foreign}[seeds_kind]
         n = len(seeds)
-        h = {"v": 1, "type": "result", "round": (base.round if base else 1) + round_shift, "seeds": b64(seeds, "<u4"),
+        h = {"v": 2, "type": "result", "round": (base.round if base else 1) + round_shift, "seeds": b64(seeds, "<u4"),
              "loss_plus": b64((plus + [0.0] * n)[:n]), "loss_minus": b64((minus + [0.0] * n)[:n])}
         return sock, [json.dumps(h).encode()]
 
@@ -121,9 +121,9 @@ def raw_frames(draw: st.DrawFn) -> Make:
         data = json.dumps(draw(st.sampled_from(HEADERS))).encode()
         frames = [data[: draw(st.integers(0, len(data) - 1))]]
     elif kind == "big_header":
-        frames = [b'{"v":1,"type":"hb","pad":"' + b"x" * draw(st.integers(60_000, 200_000)) + b'"}']
+        frames = [b'{"v":2,"type":"hb","pad":"' + b"x" * draw(st.integers(60_000, 200_000)) + b'"}']
     elif kind == "big_array":
-        frames = [json.dumps({"v": 1, "type": "result", "round": 1, "seeds": b64([1] * 70_000, "<u4"),
+        frames = [json.dumps({"v": 2, "type": "result", "round": 1, "seeds": b64([1] * 70_000, "<u4"),
                               "loss_plus": "", "loss_minus": ""}).encode()]
     else:
         frames = [b"{}"] * draw(st.integers(9, 40))
@@ -181,7 +181,7 @@ class Fuzzer:
         """Wait until the server has handled everything sent: a frame it must
         answer goes last on every socket, and per-connection order holds."""
         for i, s in enumerate(self.socks):
-            s.send_multipart([json.dumps({"v": 1, "type": f"probe-{i}"}).encode()])
+            s.send_multipart([json.dumps({"v": 2, "type": f"probe-{i}"}).encode()])
         pending = set(range(len(self.socks)))
         end = time.monotonic() + timeout_s
         while pending:
