@@ -9,6 +9,8 @@ the same bits everywhere with error feedback carrying what rounding lost.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -27,7 +29,7 @@ SPEC = OptimizerSpec(name="adam", lr=1e-3, ema=0.9)
 def _layout(head: bool = True) -> LoraLayout:
     shapes = {f"blk.{i}.attn_v.weight": (32, 64) for i in range(3)}
     lay = LoraLayout.for_base(shapes, 4, 8, ["v"])
-    return LoraLayout(lay.rank, lay.alpha, lay.targets, (2, 64) if head else None)
+    return dataclasses.replace(lay, head=(2, 64), head_ids=(3, 7), n_vocab=100) if head else lay
 
 
 def _run(rounds: int, codec: str = "int8") -> tuple[Replica, History]:

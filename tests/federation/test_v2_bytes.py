@@ -72,7 +72,7 @@ class WithHead(QuadraticScorer):
 def _smollm2_demo_layout(head: bool) -> LoraLayout:
     shapes = {f"blk.{i}.attn_v.weight": (192, 576) for i in range(2)}
     lay = LoraLayout.for_base(shapes, 8, 16, ["v"])
-    return dataclasses.replace(lay, head=(2, 576) if head else None)
+    return dataclasses.replace(lay, head=(2, 576), head_ids=(3, 7), n_vocab=100) if head else lay
 
 
 @pytest.mark.parametrize("head,budget", [(False, 100_000), (True, 250_000)])
