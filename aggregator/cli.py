@@ -242,7 +242,7 @@ def serve(ctx: click.Context, bind: str, model: str, rounds: int | None, out: Pa
 @click.command("simulate", cls=Command)
 @option("model")
 @option("clients", help="Client processes to start.")
-@option("rounds", help="Training rounds (default: --quick 50, --long 300).")
+@option("rounds", help="Training rounds (default: the recipe's schedule; without a recipe, --quick 50 and --long 300).")
 @option("out", required=True, help="Run directory (shards, logs, checkpoints, metrics, adapter.gguf).")
 @click.option("--dirichlet", type=click.FloatRange(min=0, min_open=True), default=None, metavar="ALPHA",
               help="Non-IID shards: each label is split over the clients in Dirichlet(ALPHA) proportions "

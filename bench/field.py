@@ -9,9 +9,8 @@
 * ``field-memory``: one device in a phone-sized memory cgroup with the model loaded
   without mmap; did its round complete, and its peak RSS.
 
-The devices are real processes (``fwdllm client run``; for ``memory`` the same
-Worker and Scorer with the engine's ``mmap`` off, which ``client run`` has no
-flag for); the aggregator is the real loop in a thread of this process, with
+The devices are real processes (``fwdllm client run``, with ``--no-mmap`` for
+``memory``); the aggregator is the real loop in a thread of this process, with
 no dev-set evaluation, so round times are training alone.  Rounds per hour and
 seconds per round come from ``metrics.jsonl``'s ``wall_s`` (round commit to round
 commit, so they include the Update broadcast); round 1 (joins, snapshots) is
@@ -80,7 +79,7 @@ def new_run(run_dir: Path, model: Path, sha: str, kw: dict[str, Any], strategy: 
 
 def federate(work: Path, name: str, model: Path, sha: str, kw: dict[str, Any], *, strategy: str = "zo-sgd",
              links: list[Any] | None = None, cpus: list[float | None] | None = None, mem_bytes: int | None = None,
-             device: list[str] | None = None) -> dict[str, Any]:
+             device_flags: tuple[str, ...] = ()) -> dict[str, Any]:
     """One run of ``kw["rounds"]`` rounds with ``len(shards)`` devices, each maybe behind
     ``links[i]`` and inside a cgroup of ``cpus[i]`` cores / ``mem_bytes``; its measurements."""
     from tqdm import tqdm
@@ -119,7 +118,7 @@ def federate(work: Path, name: str, model: Path, sha: str, kw: dict[str, Any], *
                 relays.append(stack.enter_context(Relay(("127.0.0.1", port_of(agg)), links[i])))
                 url = relays[-1].url
             cid = f"dev{i}"
-            cmd = [sys.executable, "-m", *(device or ["fwdllm.edge_client", "run"]), "--connect", url,
+            cmd = [sys.executable, "-m", "fwdllm.edge_client", "run", *device_flags, "--connect", url,
                    "--model", str(model), "--data", str(shard), "--task", kw["task"], "--threads", str(kw["threads"]),
                    "--client-id", cid, "--max-batch", str(kw["batch_size"]), "--events", str(run_dir / f"{cid}.jsonl"),
                    "--give-up", "60"]
@@ -366,7 +365,7 @@ def field_memory(model: str, synth: str | None, limit_gib: float, rounds: int, l
             spec = bench_task(kw["task"], label_words, kinds=None)
             (work / "task.json").write_text(json.dumps(spec.to_dict()))
             kw["task"] = str(work / "task.json")
-        r = federate(work, "memory", path, sha, kw, mem_bytes=limit, device=["fwdllm.bench.field"])
+        r = federate(work, "memory", path, sha, kw, mem_bytes=limit, device_flags=("--no-mmap",))
     rss = r["devices"]["dev0"]["peak_rss_bytes"]
     ok = r["rounds_done"] >= rounds and r["oom_kills"] == 0
     size = path.stat().st_size
@@ -383,38 +382,3 @@ def field_memory(model: str, synth: str | None, limit_gib: float, rounds: int, l
     ax.set_ylabel("GiB")
     ax.legend(fontsize=8)
     save_figure(fig, out, "field-memory")
-
-
-def no_mmap_device(argv: list[str]) -> None:
-    """``python -m fwdllm.bench.field`` + ``client run``'s flags: the same Worker and Scorer as
-    ``fwdllm client run``, with the model read into memory instead of mmapped (``--no-mmap``)."""
-    import argparse
-    import logging
-
-    from fwdllm.core.protocol import Join
-    from fwdllm.edge_client.worker import EventLog, Scorer, Worker
-    from fwdllm.runtime.log import quiet_llama
-    from fwdllm.runtime.session import EdgeSession
-    from fwdllm.runtime.tasks import load_task, read_examples
-
-    p = argparse.ArgumentParser()
-    for flag in ("connect", "model", "data", "task", "threads", "client-id", "max-batch", "events", "give-up"):
-        p.add_argument(f"--{flag}", required=True)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s client %(message)s")
-    quiet_llama()
-    model = Path(a.model)
-    spec = load_task(a.task)
-    session = EdgeSession(model, spec, n_threads=int(a.threads), max_batch=int(a.max_batch), mmap=False)
-    scorer = Scorer(session, read_examples(spec, Path(a.data)), spec.name)
-    sha = _model(str(model))[1]
-    join = Join(client_id=a.client_id, model_sha256=sha, tokens_per_s=float(session.tokens_per_second()),
-                mem_bytes=0, max_batch=int(a.max_batch), n_examples=len(scorer.examples))
-    try:
-        Worker(a.connect, a.client_id, lambda _: join, scorer, EventLog(Path(a.events)), float(a.give_up)).run()
-    finally:
-        session.close()
-
-
-if __name__ == "__main__":
-    no_mmap_device(sys.argv[1:])

@@ -247,6 +247,7 @@ def score_cmd(lora: Path, seeds: list[int], eps: float, one_sided: bool, dist: s
 @option("threads")
 @click.option("--client-id", default=None, help="Name of this device in logs and metrics (default: HOST-PID).")
 @option("max_batch")
+@option("no_mmap")
 @click.option("--events", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Append a JSONL trace (updates and adapter hashes per round) here.")
 @click.option("--give-up", "give_up_s", type=float, default=600.0, show_default=True,
@@ -260,6 +261,7 @@ def run_cmd(
     threads: int | None,
     client_id: str | None,
     max_batch: int,
+    no_mmap: bool,
     events: Path | None,
     give_up_s: float,
     curve_secret: Path | None,
@@ -277,4 +279,4 @@ def run_cmd(
           --data my_reviews.tsv --task sst2 --threads 2
     """
     run_device(connect, model, data, task, threads_for(threads), client_id, max_batch, events, give_up_s,
-               curve_secret, server_key)
+               curve_secret, server_key, no_mmap=no_mmap)

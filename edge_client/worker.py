@@ -526,6 +526,7 @@ def run_device(
     curve_secret: Path | None,
     server_key: Path | None,
     wrap: Callable[[Scorer], Scorer] | None = None,
+    no_mmap: bool = False,
 ) -> None:
     """``fwdllm client run``: load the model, join, train until the run ends.
 
@@ -546,7 +547,7 @@ def run_device(
     sha = model_sha256(model_path)
     cid = client_id or f"{socket.gethostname()}-{os.getpid()}"
     spec = load_task(task)
-    scorer = Scorer(EdgeSession(model_path, spec, n_threads=threads, max_batch=max_batch),
+    scorer = Scorer(EdgeSession(model_path, spec, n_threads=threads, max_batch=max_batch, mmap=not no_mmap),
                     read_examples(spec, data), spec.name)
     scorer = wrap(scorer) if wrap else scorer
 

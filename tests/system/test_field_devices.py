@@ -1,5 +1,6 @@
 """Devices of uneven speed and phone-sized memory: rounds complete under CPU quotas (1, 0.25,
-0.05 of a core), the adaptive split notices who is slow, and a memory limit is really enforced.
+0.05 of a core), the adaptive split notices who is slow, a memory limit is really enforced, and a
+`client run --no-mmap` device finishes its round inside one.
 
 The limits are cgroups made here (:mod:`fwdllm.testing.cgroups`); the devices are real Workers in
 their own processes (``python -m fwdllm.testing.fake``) doing CPU-bound fake work.  Skipped, with the
@@ -8,16 +9,18 @@ reason, on machines without root or writable cgroups (some CI runners).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from harness import free_url, wait_until
+from harness import TINY_BENCH, free_url, invoke, wait_until
 
 from fwdllm.aggregator import checkpoint
 from fwdllm.aggregator.server import ServerOptions
 from fwdllm.aggregator.strategy import StrategySpec
+from fwdllm.bench.field import field_memory
 from fwdllm.core.optim import OptimizerSpec
 from fwdllm.testing.cgroups import Cgroup, unavailable
 from fwdllm.testing.fake import synthetic_run
@@ -84,3 +87,15 @@ def test_rounds_complete_under_cpu_quotas_and_adaptive_sees_the_slow_device(tmp_
     assert [r["round"] for r in recs] == list(range(1, rounds + 1))
     tp = recs[-1]["throughput"]  # the strategy's estimate, seeds/s, after every round's measurements
     assert tp["fast"] > 2 * tp["slow"], tp
+
+
+@pytest.mark.timeout(120)
+def test_a_no_mmap_device_completes_a_round_inside_a_memory_limit(tiny_model: Path, tmp_path: Path) -> None:
+    """`bench field-memory`: a real `fwdllm client run --no-mmap` in a 512 MiB cgroup finishes its
+    round, and its peak RSS (the model read into memory, not mapped) is reported inside the limit."""
+    invoke(field_memory, ["--model", str(tiny_model), "--mem-limit", "0.5", "--k", "2", "--batch-size", "2",
+                          "--shard-size", "8", "--timeout", "90", *TINY_BENCH, "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "field-memory.json").read_text())
+    assert data["completed"], data["run"]
+    rss = data["run"]["devices"]["dev0"]["peak_rss_bytes"]
+    assert tiny_model.stat().st_size < rss < data["limit_bytes"]
