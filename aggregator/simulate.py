@@ -157,6 +157,7 @@ def run_simulation(*, model: str, clients: int, rounds: int | None, out: Path, d
         raise UserError(f"{out} already holds a run; pick another --out")
     output_dir(out)
     model_path = resolve_model(model)
+    eval_threads = threads_for(threads)  # the dev evaluation runs while every client waits for its next task
     threads = threads_for(threads, clients + 1)
     shards = write_shards(kw["task"], out / "shards", clients, shard_size, dirichlet, kw["seed"])
     port = port or free_port()
@@ -165,7 +166,7 @@ def run_simulation(*, model: str, clients: int, rounds: int | None, out: Path, d
     logs.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m"]
     agg_cmd = py + ["fwdllm.aggregator", "serve", "--bind", url, "--model", str(model_path), "--rounds", str(rounds),
-                    "--out", str(out), "--min-clients", str(clients), "--threads", str(threads)]
+                    "--out", str(out), "--min-clients", str(clients), "--threads", str(eval_threads)]
     agg_cmd += _option_args(kw, TRAINING_KEYS)
     procs: list[subprocess.Popen] = []
     # A plain `kill` of simulate must not orphan the processes it started.
