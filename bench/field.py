@@ -42,8 +42,21 @@ def _load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def _hwm(pid: int) -> int:
+    """The peak RSS of ``pid``'s current image (VmHWM, bytes; 0 once it has exited).  Not
+    ``ru_maxrss``: a child's starts at its parent's RSS when it forks (a test process with torch
+    loaded makes that gigabytes)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def _reap(proc: subprocess.Popen, timeout: float) -> Any:
-    """Wait for ``proc`` (kill it after ``timeout``) and return its rusage: its own peak RSS and CPU time."""
+    """Wait for ``proc`` (kill it after ``timeout``) and return its rusage: its CPU time."""
     end = time.monotonic() + timeout
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -131,16 +144,19 @@ def federate(work: Path, name: str, model: Path, sha: str, kw: dict[str, Any], *
             with open(run_dir / f"{cid}.log", "wb") as log:
                 procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
         stack.callback(lambda: [p.kill() for p in procs if p.returncode is None])
+        hwm = [0] * len(procs)
         with tqdm(total=rounds, desc=name, unit="round", file=sys.stderr, leave=False) as bar:
             while agg.replica.version < rounds and time.monotonic() - t0 < kw["timeout_s"]:
                 if all(_dead(p) for p in procs):
                     break
+                hwm = [max(h, _hwm(p.pid)) for h, p in zip(hwm, procs)]
                 bar.update(agg.replica.version - bar.n)
                 time.sleep(0.2)
         done = agg.replica.version
         if done < rounds:  # timed out, or every device died: end the run, the devices' give-up ends them
             agg.stop.set()
         for i, p in enumerate(procs):
+            hwm[i] = max(hwm[i], _hwm(p.pid))
             usage[f"dev{i}"] = _reap(p, 30)
         peaks = [(g.peak_bytes(), g.oom_kills()) for g in groups] if mem_bytes is not None else []
         link_stats = [vars(r.stats()) for r in relays]
@@ -155,7 +171,7 @@ def federate(work: Path, name: str, model: Path, sha: str, kw: dict[str, Any], *
         "rounds_per_hour": 3600 * len(steady) / (walls[-1] - walls[0]) if len(steady) else None,
         "perturbations": [r["perturbations"] for r in recs],
         "throughput": [r.get("throughput") for r in recs],
-        "devices": {cid: {"rc": p.returncode, "peak_rss_bytes": u.ru_maxrss * 1024,
+        "devices": {cid: {"rc": p.returncode, "peak_rss_bytes": hwm[i],
                           "cpu_s": u.ru_utime + u.ru_stime, "cores": cpus[i] if cpus else None,
                           # a device that failed says why here: the run directory goes with the workspace
                           "log_tail": None if p.returncode == 0 else
