@@ -380,7 +380,9 @@ class Aggregator:
             return
         if self.pending is None and self.replica.version < self.config.rounds:
             need = self.opts.min_clients if self.first_round else 1
-            if len(self.peers) >= need:
+            # a device still holding an expired task gets no work until it answers: a round
+            # begun with only such devices would end empty at once, again and again
+            if len(self.peers) >= need and any(p.expired is None for p in self.peers.values()):
                 self._begin_round(now)
 
     # ------------------------------------------------------------------ #
@@ -694,8 +696,8 @@ class Aggregator:
     def _end_round(self) -> None:
         rs = self.round
         assert rs is not None
-        for peer in self.peers.values():  # anything still out is late from now on
-            peer.work, peer.task = None, None
+        for peer in self.peers.values():  # anything still out is late from now on; a retried round deals anew
+            peer.work, peer.task, peer.benched = None, None, 0
         self.round = None
         agg, self.agg = self.agg, None
         if agg is not None:
