@@ -164,9 +164,9 @@ def label_token_ids(model: str | Path, task: TaskSpec) -> tuple[int, ...]:
 
 def _per_example(rows: list, base: list | None, k: int, one_sided: bool) -> dict[str, np.ndarray]:
     """``example_plus`` / ``example_minus`` (seeds x examples) from the passes' rows."""
-    arr = np.asarray(rows, dtype=np.float64).reshape(k, 1 if one_sided else 2, -1) if k else None
-    if arr is None:
+    if not k:
         return {}
+    arr = np.asarray(rows, dtype=np.float64).reshape(k, 1 if one_sided else 2, -1)
     minus = np.broadcast_to(np.asarray(base, dtype=np.float64), arr[:, 0].shape) if one_sided else arr[:, 1]
     return {"example_plus": arr[:, 0], "example_minus": np.array(minus)}
 

@@ -421,9 +421,7 @@ def _write_rows(path: Path, header: str, rows: Sequence[str]) -> None:
 
 def _headline_split(split: str) -> Path:
     """Materialise the fixed AG News headline splits as JSONL (see module docstring)."""
-    src = data_root() / ("ag_news/train.csv" if split == "train" else "ag_news/dev.csv")
-    if not src.is_file():
-        raise UserError(f"{src} not found (set FWDLLM_DATA to the shared data directory)")
+    src = _shared_file("ag_news/train.csv" if split == "train" else "ag_news/dev.csv")
     out = _cache_dir() / f"agnews-headline-{split}-{src.stat().st_size}.jsonl"
     if out.is_file():
         return out
@@ -431,8 +429,7 @@ def _headline_split(split: str) -> Path:
         rows = list(csv.DictReader(f))
     keep = range(len(rows))
     if split != "train":
-        ranked = sorted(keep, key=lambda i: hashlib.sha256(f"agnews-headline-test:{i}".encode()).digest())
-        test = set(ranked[:HEADLINE_TEST_ROWS])
+        test = set(_rank((f"agnews-headline-test:{i}" for i in keep), HEADLINE_TEST_ROWS))
         keep = [i for i in keep if (i in test) == (split == "test")]
     lines = []
     for i in keep:
