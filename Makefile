@@ -44,12 +44,13 @@ demo-long: install
 	$(BIN)/fwdllm simulate --model smollm2-135m --task sst2 --clients 4 --out runs/demo-long
 
 ## The whole suite (<= 5 minutes on 2 cores), and its inner-loop tier (<= 2 minutes):
-## every tier but tests/system (tests/README.md).
+## every tier but tests/system (tests/README.md). Two workers (pytest-xdist): most
+## federation tests wait on sockets and deadlines, so a second one fills that idle core.
 test: install
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q -n 2 --durations=10
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 ## The house rules (import-linter contracts in pyproject.toml; the suite runs them too).
 lint: install

