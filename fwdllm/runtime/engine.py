@@ -102,7 +102,11 @@ class Vocab:
 
 class Engine:
     """One model + one context, sized for batches of up to ``n_seq_max``
-    sequences of at most ``n_ctx_seq`` tokens, ``n_batch`` tokens per decode."""
+    sequences of at most ``n_ctx_seq`` tokens, ``n_batch`` tokens per decode,
+    computed ``n_ubatch`` tokens at a time.  llama.cpp sizes its compute buffer
+    for ``n_ubatch`` tokens that all want logits (n_ubatch x n_vocab floats:
+    98 MiB for SmolLM2 at 512), so a caller that scores many positions of a
+    short row asks for a smaller one."""
 
     def __init__(
         self,
@@ -112,6 +116,7 @@ class Engine:
         n_seq_max: int = 16,
         n_ctx_seq: int = 256,
         n_batch: int | None = None,
+        n_ubatch: int = 512,
         mmap: bool = True,
         repack: bool = True,
     ) -> None:
@@ -139,7 +144,7 @@ class Engine:
         cp.kv_unified = False
         cp.n_ctx = n_ctx_seq * n_seq_max
         cp.n_batch = self.n_batch
-        cp.n_ubatch = min(self.n_batch, 512)
+        cp.n_ubatch = min(self.n_batch, n_ubatch)
         cp.n_threads = cp.n_threads_batch = self.n_threads
         cp.no_perf = True
         self.ctx = ll.llama_init_from_model(self.model, cp)

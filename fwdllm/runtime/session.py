@@ -75,6 +75,10 @@ DEFAULT_CTX = {"classify": 256, "sft": 512}
 #: decode ran at the same tokens per CPU-second as eight, so sft decodes one
 #: (a batch still holds ``max_batch`` rows: they take turns).
 SEQS_PER_DECODE = {"classify": None, "sft": 1}
+#: Tokens llama.cpp computes at once.  Its compute buffer holds logits for all
+#: of them (24.6 MiB at 128 on SmolLM2, 98 MiB at 512), and an sft row (~65
+#: tokens) fits in 128; classify keeps 512, the size its logits were pinned at.
+UBATCH = {"classify": 512, "sft": 128}
 
 
 def default_ctx(task: TaskSpec) -> int:
@@ -196,6 +200,7 @@ class EdgeSession:
             n_threads=n_threads,
             n_seq_max=SEQS_PER_DECODE[task.kind] or max_batch,
             n_ctx_seq=n_ctx or default_ctx(task),
+            n_ubatch=UBATCH[task.kind],
             mmap=mmap,
             repack=repack,
         )
