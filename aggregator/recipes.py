@@ -16,6 +16,7 @@ reported on; docs/experiments has each measurement.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -46,33 +47,26 @@ class Recipe:
     tasks: tuple[str, ...] = field(default=())
 
 
-RECIPES: dict[str, Recipe] = {
-    r.name: r
-    for r in (
-        Recipe(
-            name="sst2",
-            tasks=("sst2",),
-            options={"head": True, "batch_size": 8},
-            stages="300:k=16:lr=0.05:head-lr=0:ema=0.98,100:k=0:lr=0:head-lr=1e-2",
-            quick_stages="50:k=16:lr=0.1:head-lr=3e-3:ema=0.9",
-            eval_every=100,
-            quick_eval_every=50,
-            head_only="400:k=0:lr=0:head-lr=1e-2",
-            zo_only="400:k=16:lr=0.05:ema=0.98",
-        ),
-        Recipe(
-            name="agnews",
-            tasks=("agnews",),
-            options={"head": True, "batch_size": 8},
-            stages="300:k=16:lr=0.05:head-lr=0:ema=0.98,100:k=0:lr=0:head-lr=3e-3",
-            quick_stages="50:k=16:lr=0.1:head-lr=3e-3:ema=0.9",
-            eval_every=100,
-            quick_eval_every=50,
-            head_only="400:k=0:lr=0:head-lr=3e-3",
-            zo_only="400:k=16:lr=0.05:ema=0.98",
-        ),
-    )
-}
+_SST2 = Recipe(
+    name="sst2",
+    tasks=("sst2",),
+    options={"head": True, "batch_size": 8},
+    stages="300:k=16:lr=0.05:head-lr=0:ema=0.98,100:k=0:lr=0:head-lr=1e-2",
+    quick_stages="50:k=16:lr=0.1:head-lr=3e-3:ema=0.9",
+    eval_every=100,
+    quick_eval_every=50,
+    head_only="400:k=0:lr=0:head-lr=1e-2",
+    zo_only="400:k=16:lr=0.05:ema=0.98",
+)
+# AG News: the same schedule but its own head rate (3e-3), measured as docs/experiments records
+_AGNEWS = dataclasses.replace(
+    _SST2,
+    name="agnews",
+    tasks=("agnews",),
+    stages="300:k=16:lr=0.05:head-lr=0:ema=0.98,100:k=0:lr=0:head-lr=3e-3",
+    head_only="400:k=0:lr=0:head-lr=3e-3",
+)
+RECIPES: dict[str, Recipe] = {r.name: r for r in (_SST2, _AGNEWS)}
 
 
 def recipe_for(name: str, task: str) -> Recipe | None:
