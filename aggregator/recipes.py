@@ -32,8 +32,9 @@ STAGE_KEYS = {"k": "k", "lr": "lr", "head-lr": "head_lr", "ema": "ema"}
 class Recipe:
     """Training defaults of one task: ``options`` (training-option parameter
     names), and ``stages``/``quick_stages`` for the full run and for
-    ``simulate --quick``; ``head_only`` and ``zo_only`` are the stages of its
-    ablations (``fwdllm bench quality``): the head alone, and the ZO part alone."""
+    ``simulate --quick``; ``head_only`` and ``zo_only`` are the stages of a
+    classify recipe's ablations (``fwdllm bench quality``): the head alone, and
+    the ZO part alone (an sft task has no head, so no ablations)."""
 
     name: str
     options: Mapping[str, Any]
@@ -41,8 +42,8 @@ class Recipe:
     quick_stages: str
     eval_every: int
     quick_eval_every: int
-    head_only: str
-    zo_only: str
+    head_only: str | None = None
+    zo_only: str | None = None
     #: the presets it serves (a task spec file has none)
     tasks: tuple[str, ...] = field(default=())
 
@@ -66,7 +67,18 @@ _AGNEWS = dataclasses.replace(
     stages="300:k=16:lr=0.05:head-lr=0:ema=0.98,100:k=0:lr=0:head-lr=3e-3",
     head_only="400:k=0:lr=0:head-lr=3e-3",
 )
-RECIPES: dict[str, Recipe] = {r.name: r for r in (_SST2, _AGNEWS)}
+# Headlines (sft): ZO on v's B alone, at the option defaults, ending on a 0.98 average (a
+# ~50-round window); 140 rounds, with the before/after evaluations, fit the hour here
+_HEADLINE = Recipe(
+    name="agnews-headline",
+    tasks=("agnews-headline",),
+    options={"batch_size": 8},
+    stages="140:k=16:lr=0.1:ema=0.98",
+    quick_stages="50:k=16:lr=0.1:ema=0.9",
+    eval_every=140,
+    quick_eval_every=50,
+)
+RECIPES: dict[str, Recipe] = {r.name: r for r in (_SST2, _AGNEWS, _HEADLINE)}
 
 
 def recipe_for(name: str, task: str) -> Recipe | None:
