@@ -97,6 +97,14 @@ def test_a_recipe_fills_only_what_the_user_left_out() -> None:
     assert quick["rounds"] == 50
 
 
+def test_the_headline_task_gets_its_sft_schedule_and_no_head() -> None:
+    kw = _kw(task="agnews-headline")
+    assert apply_recipe(kw, set(), quick=False) is RECIPES["agnews-headline"]
+    (stage,) = build_stages(kw["stages"], kw)
+    assert not kw["head"] and stage.ema == 0.98 and kw["rounds"] == kw["eval_every"] == stage.rounds
+    assert RECIPES["agnews-headline"].head_only is None  # nothing for bench quality to ablate
+
+
 @pytest.mark.parametrize("args, match", [
     (["--stages", "3:q=1"], "KEY=VALUE"),
     (["--stages", "x:k=1"], "not a number of rounds"),
