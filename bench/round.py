@@ -38,7 +38,8 @@ from fwdllm.bench.common import (
 from fwdllm.options import Command, option, parse_targets, shared, threads_for
 
 #: loading modes of fwdllm.runtime.engine.Engine: name -> (mmap, repack)
-MODES: dict[str, tuple[bool, bool]] = {"default": (True, True), "no-repack": (True, False), "no-mmap": (False, True)}
+MODES: dict[str, tuple[bool, bool]] = {"default": (True, True), "no-repack": (True, False), "no-mmap": (False, True),
+                                        "no-mmap-no-repack": (False, False)}
 
 
 def synth_cache() -> Path:
