@@ -89,7 +89,7 @@ def mem_available() -> int:
 @click.option("--synth", default=None, metavar="PRESET",
               help="Use this synthetic preset (e.g. llama2-7b, written on first use and cached) instead of --model.")
 @click.option("--modes", default="default,no-repack,no-mmap", show_default=True,
-              help="Edge loading modes, comma-separated.")
+              help=f"Edge loading modes, comma-separated, from {', '.join(MODES)}.")
 @option("k")
 @option("rounds", default=2, help="Perturbed rounds of the edge side.")
 @click.option("--steps", type=click.IntRange(1), default=2, show_default=True, help="Backprop steps of the torch side.")
