@@ -7,7 +7,8 @@ Each side runs in its own subprocess, so each VmHWM is that side's alone:
   with ``--batch-size`` sequences per decode of up to ``--n-ctx`` tokens each
   (the KV cache holds both); it also reports the RSS of the bare runtime
   (Python, numpy, llama_cpp imported, no model), which a small model's
-  footprint cannot hide;
+  footprint cannot hide, and the RSS once loaded (weights, KV cache, compute
+  buffer), so what the rounds add on top (adapter switches) shows apart;
 * torch - the backprop-LoRA baseline of :mod:`fwdllm.bench.baselines` (the GGUF
   dequantized to float32, PEFT LoRA on the same targets, AdamW) taking ``steps`` steps.
 
@@ -55,6 +56,7 @@ def edge_worker(args: dict[str, Any]) -> dict[str, Any]:
     session = EdgeSession(args["model"], task, n_threads=args["threads"], max_batch=args["batch"], n_ctx=args["n_ctx"],
                           mmap=mmap, repack=repack)
     load_s = time.perf_counter() - t0
+    loaded = current_rss_bytes()
     layout = layout_for_base(session.model_path, args["rank"], 2.0 * args["rank"], tuple(args["targets"]))
     session.set_lora(layout, random_lora(layout, 0))
     examples = read_examples(task, default_data(args["task"], "train"), limit=args["batch"])
@@ -66,7 +68,7 @@ def edge_worker(args: dict[str, Any]) -> dict[str, Any]:
     work_s = time.perf_counter() - t0
     session.close()
     return {"side": f"edge ({args['mode']})", "load_s": load_s, "work_s": work_s, "tok_s": tokens / work_s,
-            "runtime_rss_bytes": runtime, "n_ctx": session.engine.max_seq_tokens}
+            "runtime_rss_bytes": runtime, "loaded_rss_bytes": loaded, "n_ctx": session.engine.max_seq_tokens}
 
 
 def f32_weight_bytes(path: Path) -> int:
@@ -132,24 +134,25 @@ def memory(model, synth, modes, k, rounds, steps, batch_size, rank, targets, no_
     elif not no_torch:
         torch_note = f"torch backprop-LoRA skipped: float32 weights alone need {need / GIB:.1f} GiB"
     torch_rss = next((r["peak_rss_bytes"] for r in runs if r["side"].startswith("torch")), need)
-    rows = [[r["side"], r["peak_rss_bytes"] / GIB, r["peak_rss_bytes"] / size,
+    rows = [[r["side"], r["loaded_rss_bytes"] / GIB if "loaded_rss_bytes" in r else "-",
+             r["peak_rss_bytes"] / GIB, r["peak_rss_bytes"] / size,
              (r["peak_rss_bytes"] - r["runtime_rss_bytes"]) / size if "runtime_rss_bytes" in r else "-",
              torch_rss / r["peak_rss_bytes"], r["load_s"], r["work_s"]] for r in runs]
     if torch_note:
-        rows.append(["torch backprop-LoRA (f32 weights, lower bound, not run)", need / GIB, need / size, "-", 1.0,
+        rows.append(["torch backprop-LoRA (f32 weights, lower bound, not run)", "-", need / GIB, need / size, "-", 1.0,
                      "-", "-"])
     write_result(
         out,
         "memory",
         {"model": str(path), "size_bytes": size, "f32_weight_bytes": need, "runs": runs, "note": torch_note},
         {f"Peak RSS, {path.name} ({size / GIB:.3f} GiB file); goals: edge <= 1.15x file, >= 4x below torch": (
-            ["side", "peak RSS GiB", "RSS / file", "(RSS - Python runtime) / file", "torch / this", "load s",
+            ["side", "loaded RSS GiB", "peak RSS GiB", "RSS / file", "(RSS - Python runtime) / file", "torch / this", "load s",
              "work s"],
             rows,
         )},
     )
     fig, (ax,) = figure(1)
-    ax.bar([r[0] for r in rows], [r[1] for r in rows])
+    ax.bar([r[0] for r in rows], [r[2] for r in rows])
     ax.axhline(size / GIB, color="k", ls="--", label="GGUF size")
     ax.axhline(1.15 * size / GIB, color="r", ls=":", label="1.15x goal")
     ax.set_ylabel("peak RSS (GiB)")

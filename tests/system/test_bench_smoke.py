@@ -49,6 +49,8 @@ def test_memory_bench_smoke(tiny_model: Path, tmp_path: Path) -> None:
     sides = [r["side"] for r in data["runs"]]
     assert sides == ["edge (no-mmap)", "torch backprop-LoRA"]
     assert all(r["peak_rss_bytes"] > 0 for r in data["runs"])
+    edge = data["runs"][0]
+    assert 0 < edge["runtime_rss_bytes"] < edge["loaded_rss_bytes"] <= edge["peak_rss_bytes"]
 
 
 @pytest.mark.timeout(60)
