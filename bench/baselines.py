@@ -25,6 +25,7 @@ fwdllm installs without them.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,7 @@ def run_backprop(algo: str, tl: TorchLora, shards: list[list], dev: list, cfg: B
     (round, forward_passes, bytes per client down/up, wall seconds, dev accuracy
     or perplexity every ``eval_every`` rounds and at round 0)."""
     import torch
+    from tqdm import tqdm
 
     from fwdllm.core.batches import sample_batch
     from fwdllm.core.seeds import derive_seed
@@ -207,7 +209,7 @@ def run_backprop(algo: str, tl: TorchLora, shards: list[list], dev: list, cfg: B
     if on_record:
         on_record(records[0])
     wall = 0.0
-    for r in range(1, cfg.rounds + 1):
+    for r in tqdm(range(1, cfg.rounds + 1), desc=f"{algo} rounds", unit="round", file=sys.stderr):
         t0 = time.perf_counter()
 
         def batches(c: int) -> list:
