@@ -141,18 +141,18 @@ def memory(model, synth, modes, k, rounds, steps, batch_size, rank, targets, no_
     if torch_note:
         rows.append(["torch backprop-LoRA (f32 weights, lower bound, not run)", "-", need / GIB, need / size, "-", 1.0,
                      "-", "-"])
+    header = ["side", "loaded RSS GiB", "peak RSS GiB", "RSS / file", "(RSS - Python runtime) / file", "torch / this",
+              "load s", "work s"]
     write_result(
         out,
         "memory",
         {"model": str(path), "size_bytes": size, "f32_weight_bytes": need, "runs": runs, "note": torch_note},
         {f"Peak RSS, {path.name} ({size / GIB:.3f} GiB file); goals: edge <= 1.15x file, >= 4x below torch": (
-            ["side", "loaded RSS GiB", "peak RSS GiB", "RSS / file", "(RSS - Python runtime) / file", "torch / this", "load s",
-             "work s"],
-            rows,
-        )},
+            header, rows)},
     )
+    peak = header.index("peak RSS GiB")
     fig, (ax,) = figure(1)
-    ax.bar([r[0] for r in rows], [r[2] for r in rows])
+    ax.bar([r[0] for r in rows], [r[peak] for r in rows])
     ax.axhline(size / GIB, color="k", ls="--", label="GGUF size")
     ax.axhline(1.15 * size / GIB, color="r", ls=":", label="1.15x goal")
     ax.set_ylabel("peak RSS (GiB)")
