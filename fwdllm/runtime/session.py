@@ -322,18 +322,22 @@ class EdgeSession:
     ) -> tuple[float, int, bool]:
         """(summed NLL, number of loss terms, argmax correct) of one sequence;
         adds its head gradient to ``head_grad`` when given."""
-        z = logits.astype(np.float64)
         if self.task.kind == "classify":
-            z = z[0, self.label_ids]
+            z = logits[0, self.label_ids].astype(np.float64)
             lse = np.log(np.exp(z - z.max()).sum()) + z.max()
             if head_grad is not None:
                 p = np.exp(z - lse)
                 p[target[0]] -= 1.0
                 head_grad += np.outer(p, self._readout(logits)[0])
             return float(lse - z[target[0]]), 1, bool(np.argmax(z) == target[0])
-        m = z.max(axis=1, keepdims=True)
-        lse = np.log(np.exp(z - m).sum(axis=1)) + m[:, 0]
-        return float((lse - z[np.arange(len(target)), target]).sum()), len(target), False
+        # A row at a time: a whole completion's float64 logits, a few arrays of
+        # ~5 MB each, were an sft client's largest transient; the sums are the same bits.
+        terms = np.empty(len(target))
+        for j, (row, t) in enumerate(zip(logits, target)):
+            z = row.astype(np.float64)
+            m = z.max()
+            terms[j] = np.log(np.exp(z - m).sum()) + m - z[t]
+        return float(terms.sum()), len(target), False
 
     def _run(
         self, batch: Batch, adapters: list, progress: bool = False, head_grad: np.ndarray | None = None,

@@ -110,6 +110,24 @@ def test_bad_rows_reported_with_line_numbers(tmp_path: Path, capsys):
         read_examples(load_task("sst2"), f, strict=True)
 
 
+def test_sft_loss_is_the_completion_cross_entropy_of_llama_cpp_logits(tiny_model: Path) -> None:
+    """An sft row's loss is the mean cross-entropy of its completion tokens
+    under llama-cpp-python's own logits (``logits_all``), taken here in one array."""
+    import llama_cpp
+
+    ex = Example(prompt="Review: a fun and moving film\nSentiment:", completion=" great fun, and moving too")
+    with EdgeSession(tiny_model, load_task("sft"), n_threads=THREADS) as session:
+        got = session.evaluate([ex]).loss
+        prompt = session.engine.tokenize(ex.prompt, bos=True)
+        comp = session.engine.tokenize(ex.completion, bos=False)
+    llm = llama_cpp.Llama(model_path=str(tiny_model), n_ctx=256, n_threads=THREADS, logits_all=True, verbose=False)
+    llm.eval(prompt + comp)
+    z = np.asarray(llm.scores[len(prompt) - 1: len(prompt) + len(comp) - 1], dtype=np.float64)
+    lse = np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)) + z.max(axis=1)
+    want = float(np.mean(lse - z[np.arange(len(comp)), comp]))
+    assert len(comp) > 2 and np.isclose(got, want, rtol=1e-4)
+
+
 def test_custom_specs_overrides_and_sft(tmp_path: Path, capsys):
     (tmp_path / "d.csv").write_text("y,head,body\nno,Hi,there\nyes,,only body\n")
     (tmp_path / "t.json").write_text(json.dumps({
