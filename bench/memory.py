@@ -6,7 +6,7 @@ Each side runs in its own subprocess, so each VmHWM is that side's alone:
   ``--targets``, then ``rounds`` perturbed rounds of K seeds (what a device does),
   with ``--batch-size`` sequences per decode of up to ``--n-ctx`` tokens each
   (the KV cache holds both); it also reports the RSS of the bare runtime
-  (Python, numpy, llama_cpp imported, no model), which a small model's
+  (Python with the edge client's imports: numpy, llama_cpp, pyzmq, cryptography; no model), which a small model's
   footprint cannot hide, and the RSS once loaded (weights, KV cache, compute
   buffer), so what the rounds add on top (adapter switches) shows apart;
 * torch - the backprop-LoRA baseline of :mod:`fwdllm.bench.baselines` (the GGUF
@@ -43,6 +43,7 @@ from fwdllm.options import Command, option, parse_targets, shared, threads_for
 
 def edge_worker(args: dict[str, Any]) -> dict[str, Any]:
     """Load in ``mode``, then perturbed rounds; the parent reads VmHWM."""
+    import fwdllm.edge_client.worker  # noqa: F401 - a device's process holds its client's imports too
     from fwdllm.core.layout import PerturbMask
     from fwdllm.core.lora import layout_for_base
     from fwdllm.reference.torch_ref import random_lora
@@ -51,7 +52,7 @@ def edge_worker(args: dict[str, Any]) -> dict[str, Any]:
 
     mmap, repack = MODES[args["mode"]]
     task = bench_task(args["task"], args["label_words"], kinds=None)
-    runtime = current_rss_bytes()  # the interpreter with numpy and llama_cpp imported, before the model
+    runtime = current_rss_bytes()  # the interpreter with the client's imports (numpy, llama_cpp, zmq, ...), no model
     t0 = time.perf_counter()
     session = EdgeSession(args["model"], task, n_threads=args["threads"], max_batch=args["batch"], n_ctx=args["n_ctx"],
                           mmap=mmap, repack=repack)
