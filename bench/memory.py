@@ -6,9 +6,10 @@ Each side runs in its own subprocess, so each VmHWM is that side's alone:
   ``--targets``, then ``rounds`` perturbed rounds of K seeds (what a device does),
   with ``--batch-size`` sequences per decode of up to ``--n-ctx`` tokens each
   (the KV cache holds both); it also reports the RSS of the bare runtime
-  (Python with the edge client's imports: numpy, llama_cpp, pyzmq, cryptography; no model), which a small model's
-  footprint cannot hide, and the RSS once loaded (weights, KV cache, compute
-  buffer), so what the rounds add on top (adapter switches) shows apart;
+  (Python with the edge client's imports: numpy, llama_cpp, pyzmq,
+  cryptography; no model), which a small model's footprint cannot hide, and
+  the RSS once loaded (weights, KV cache, compute buffer), so what the rounds
+  add on top (adapter switches) shows apart;
 * torch - the backprop-LoRA baseline of :mod:`fwdllm.bench.baselines` (the GGUF
   dequantized to float32, PEFT LoRA on the same targets, AdamW) taking ``steps`` steps.
 

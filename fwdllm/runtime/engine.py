@@ -17,7 +17,6 @@ into anonymous memory, which llama.cpp frees after repacking.  See
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 from dataclasses import dataclass
@@ -51,11 +50,7 @@ M_MMAP_THRESHOLD = -3
 
 def _pin_mmap_threshold() -> None:
     """Pin glibc's mmap threshold (:data:`MMAP_THRESHOLD`); other C libraries have no ``mallopt`` and keep theirs."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    except OSError:  # pragma: no cover - no C library by that name
-        return
-    mallopt = getattr(libc, "mallopt", None)
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the process's own symbols: its C library's
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
